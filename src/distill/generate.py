@@ -1,0 +1,174 @@
+"""The generate stage: prompts -> teacher -> store, resumable, shardable over workers.
+
+Run as: `distill generate cfg.yaml [generate.top_k=20 ...] [--shard 0/4]`, or `distill.generate(config)`.
+
+Every prompt gets a key from (rendered prompt, teacher, generation parameters); keys already in the store are
+skipped, so a rerun after a crash, a kill or an API outage only does the missing work. Worker i of n (from
+`generate.shard` / `--shard i/n`, else RANK/WORLD_SIZE as set by torchrun and accelerate, else SLURM) takes
+every n-th prompt from i and writes its own shard files into the one store.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import Counter
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.text import Text
+
+from distill.config import Config, ConfigError, save_config
+from distill.data import Record, load_records, render_prompt
+from distill.store import Store, row_key
+from distill.teachers import Completion, Prompt, TeacherError, build_teacher, teacher_identity
+
+console = Console(stderr=True)
+
+
+def worker_shard(spec: str | None = None, env: dict | None = None) -> tuple[int, int]:
+    """(worker index, number of workers) from 'i/n', else the launcher's environment, else (0, 1)."""
+    env = os.environ if env is None else env
+    if spec:
+        try:
+            i, n = (int(x) for x in str(spec).split("/"))
+        except ValueError:
+            raise ConfigError(f"generate.shard: expected 'i/n' such as '0/4', got {spec!r}") from None
+        if n < 1 or not 0 <= i < n:
+            raise ConfigError(f"generate.shard: need 0 <= i < n, got {spec!r}")
+        return i, n
+    for rank_var, size_var in (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS")):
+        if env.get(size_var):
+            return int(env.get(rank_var, 0)), int(env[size_var])
+    return 0, 1
+
+
+def generation_params(config: Config) -> dict:
+    """The settings that change a teacher output: part of every key and of the store's identity."""
+    g = config.generate
+    params = {"max_new_tokens": g.max_new_tokens, "temperature": g.temperature, "top_p": g.top_p,
+              "stop": list(g.stop), "top_k": g.top_k, "reasoning": g.reasoning}
+    if g.temperature > 0:
+        params["seed"] = g.seed  # greedy outputs do not depend on the seed
+    if config.teacher.backend == "openai" and config.teacher.extra_body:
+        params["extra_body"] = config.teacher.extra_body
+    return params
+
+
+def _prompt_tokenizer(config: Config):
+    """The tokenizer whose chat template renders prompts (local backends), loaded without the model."""
+    if config.teacher.backend == "openai":
+        return None
+    if not config.teacher.model:
+        raise TeacherError("teacher.model is not set: give a hub id, a local directory or a .gguf file")
+    from distill.modeling import load_tokenizer_for
+
+    try:
+        return load_tokenizer_for(config.teacher.model, trust_remote_code=config.teacher.trust_remote_code)
+    except OSError as exc:
+        raise TeacherError(f"teacher.model '{config.teacher.model}': cannot load its tokenizer ({exc})") from exc
+
+
+def make_prompts(records: list[Record], config: Config, tokenizer=None) -> list[Prompt]:
+    """Rendered, keyed prompts for the whole corpus; repeats of one prompt are numbered so each gets a row."""
+    identity, params = teacher_identity(config.teacher), generation_params(config)
+    seen: Counter = Counter()
+    prompts = []
+    for i, record in enumerate(records):
+        text = render_prompt(record, tokenizer, config.data)
+        n = seen[(text, str(record.messages))]
+        seen[(text, str(record.messages))] += 1
+        prompts.append(Prompt(i, record, text, row_key(text, record.messages, identity, params, n)))
+    return prompts
+
+
+def store_row(prompt: Prompt, c: Completion, teacher: str) -> dict:
+    return {
+        "key": prompt.key, "index": prompt.index, "prompt": prompt.text, "messages": prompt.record.messages,
+        "reference": prompt.record.reference, "response": c.text, "reasoning": c.reasoning,
+        "prompt_ids": c.prompt_ids, "response_ids": c.token_ids, "response_tokens": c.tokens,
+        "topk_ids": c.topk_ids, "topk_logprobs": c.topk_logprobs, "topk_tokens": c.topk_tokens, "tail": c.tail,
+        "finish_reason": c.finish_reason, "teacher": teacher, "n_tokens": c.num_tokens(),
+    }
+
+
+class TokensPerSecond(ProgressColumn):
+    def render(self, task) -> Text:
+        elapsed = task.elapsed or 0.0
+        rate = task.fields.get("tokens", 0) / elapsed if elapsed > 0 else 0.0
+        return Text(f"{rate:,.0f} tok/s", style="cyan")
+
+
+def _device_for(rank: int, world: int, config: Config) -> str | None:
+    """One GPU per local rank when several workers share a machine and the device is 'auto'."""
+    if world == 1 or config.teacher.device != "auto" or config.teacher.backend != "hf":
+        return None
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    local = int(os.environ.get("LOCAL_RANK", rank))
+    return f"cuda:{local % torch.cuda.device_count()}"
+
+
+def generate(config: Config) -> Path:
+    """Fill the store with teacher outputs for every prompt of generate.input; returns the store path."""
+    g = config.generate
+    if not g.input:
+        raise ConfigError("generate.input: not set; give a .jsonl/.json/.parquet/.csv file or hf:DATASET")
+    rank, world = worker_shard(g.shard)
+    worker = f"w{rank:03d}of{world:03d}"
+    path = config.path(g.store)
+    identity = teacher_identity(config.teacher)
+    records = load_records(g.input, config.data, limit=g.limit)
+    tokenizer = _prompt_tokenizer(config)
+    prompts = make_prompts(records, config, tokenizer)[rank::world]
+    meta = {"teacher": identity, "params": generation_params(config)}
+    with Store(path, g.shard_rows, worker=worker, meta=meta) as store:
+        save_config(config, path / f"config.{worker}.yaml")
+        done = store.done_keys()
+        todo = [p for p in prompts if p.key not in done]
+        where = f" (worker {rank}/{world})" if world > 1 else ""
+        console.print(f"[bold]generate[/]{where}: {len(prompts)} prompts, {len(prompts) - len(todo)} already "
+                      f"in {path}, {len(todo)} to do", highlight=False)
+        if todo:
+            _run(config, todo, store, identity, _device_for(rank, world, config), tokenizer)
+    return path
+
+
+def _run(config: Config, todo: list[Prompt], store: Store, identity: str, device, tokenizer) -> None:
+    teacher = _build(config, device, tokenizer)
+    columns = (TextColumn("[bold]teacher"), BarColumn(), MofNCompleteColumn(), TextColumn("rows"),
+               TokensPerSecond(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
+    rows = tokens = 0
+    start = time.perf_counter()
+    try:
+        with Progress(*columns, console=console, transient=False) as progress:
+            task = progress.add_task("generate", total=len(todo), tokens=0)
+            for prompt, completion in teacher.generate(todo, config.generate):
+                store.add(store_row(prompt, completion, identity))
+                rows += 1
+                tokens += completion.num_tokens()
+                progress.update(task, advance=1, tokens=tokens)
+    finally:
+        teacher.close()
+    elapsed = time.perf_counter() - start
+    console.print(f"generated {rows} rows, {tokens} tokens in {elapsed:.1f}s "
+                  f"({tokens / max(elapsed, 1e-9):,.0f} tokens/s)", highlight=False)
+
+
+def _build(config: Config, device, tokenizer):
+    if config.teacher.backend == "hf":
+        from distill.teachers.hf import HFTeacher
+
+        return HFTeacher(config.teacher, config.data, tokenizer=tokenizer, device=device)
+    return build_teacher(config, device)

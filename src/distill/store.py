@@ -1,0 +1,436 @@
+"""The teacher store: Parquet shards of teacher outputs plus a manifest, resumable and safe against kill -9.
+
+Layout of a store directory:
+    store.json                      teacher identity + generation parameters (a store holds one setting)
+    shards/{worker}-{seq}-{rand}.parquet   finished shards; written to a hidden temp file, then renamed
+    manifest.{worker}.json          per-worker index of its shards (rows, tokens), replaced atomically
+
+The shard files are the source of truth: readers list `shards/*.parquet`, so a kill between a shard's
+rename and its manifest update loses nothing, and N workers (`--shard i/n`, torchrun ranks) never write
+the same file. Rows are keyed by a hash of (prompt, teacher, generation parameters); a rerun skips keys
+already in a shard, and a key present twice (two workers, an overlapping rerun) is read once.
+
+Sparse columns are compact: top-k ids int32 and logprobs float16, flattened per row with the row's `k`;
+`read_store` reshapes them to (n_tokens, k) arrays.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from typing_extensions import Self
+
+SCHEMA_VERSION = 1
+SPARSE_COLUMNS = ("topk_ids", "topk_logprobs", "topk_tokens")
+
+SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("index", pa.int64()),
+        ("prompt", pa.string()),
+        ("messages", pa.string()),  # JSON text of the chat messages, or null
+        ("reference", pa.string()),
+        ("response", pa.string()),
+        ("reasoning", pa.string()),
+        ("prompt_ids", pa.list_(pa.int32())),
+        ("response_ids", pa.list_(pa.int32())),
+        ("response_tokens", pa.list_(pa.string())),  # API backends: the sampled tokens as strings
+        ("n_tokens", pa.int32()),
+        ("k", pa.int16()),
+        ("topk_ids", pa.list_(pa.int32())),  # flattened (n_tokens * k); -1 where a slot is empty
+        ("topk_logprobs", pa.list_(pa.float16())),  # flattened (n_tokens * k); -inf where a slot is empty
+        ("topk_tokens", pa.list_(pa.string())),  # API backends without token ids: flattened token strings
+        ("tail", pa.list_(pa.float32())),  # (n_tokens,) = 1 - sum p_topk, clipped at 0
+        ("finish_reason", pa.string()),
+        ("teacher", pa.string()),
+    ]
+)
+
+ROW_KEYS = (
+    "key", "index", "prompt", "messages", "reference", "response", "reasoning", "prompt_ids", "response_ids",
+    "response_tokens", "topk_ids", "topk_logprobs", "topk_tokens", "tail", "finish_reason", "teacher",
+)
+
+
+class StoreError(RuntimeError):
+    """A store that cannot be used as asked (other generation settings, a bad row); says what to do."""
+
+
+def row_key(prompt: str, messages: Any, teacher: str, params: dict, occurrence: int = 0) -> str:
+    """Content hash of one teacher output: same prompt + teacher + parameters -> same key.
+
+    `occurrence` numbers repeats of one prompt in a corpus so duplicates each get a row, while reordering
+    the corpus keeps every key.
+    """
+    blob = json.dumps(
+        {"prompt": prompt, "messages": messages, "teacher": teacher, "params": params, "n": occurrence},
+        sort_keys=True, ensure_ascii=False,
+    )
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:32]
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def shard_files(path: str | Path) -> list[Path]:
+    """Finished shard files of a store, in a stable order (hidden temp files are never listed)."""
+    shards = Path(path) / "shards"
+    return sorted(p for p in shards.glob("*.parquet") if not p.name.startswith("."))
+
+
+# ---------------------------------------------------------------- writing
+
+
+def _as_2d(value: Any, dtype, n: int | None, name: str) -> np.ndarray | None:
+    if value is None:
+        return None
+    arr = np.asarray(value, dtype=dtype)
+    if arr.ndim != 2:
+        raise StoreError(f"row field '{name}' must be a (n_tokens, k) array, got shape {arr.shape}")
+    if n is not None and arr.shape[0] != n:
+        raise StoreError(f"row field '{name}' has {arr.shape[0]} rows but the response has {n} tokens")
+    return arr
+
+
+def _to_record(row: dict) -> dict:
+    """Normalise one row dict into the flat Parquet record (validating shapes)."""
+    missing = [k for k in ("key", "index", "prompt", "response", "finish_reason", "teacher") if row.get(k) is None]
+    if missing:
+        raise StoreError(f"store row is missing {missing}")
+    ids = row.get("response_ids")
+    tokens = row.get("response_tokens")
+    n = len(ids) if ids is not None else (len(tokens) if tokens is not None else None)
+    topk_ids = _as_2d(row.get("topk_ids"), np.int32, n, "topk_ids")
+    topk_lp = _as_2d(row.get("topk_logprobs"), np.float32, n, "topk_logprobs")
+    topk_tok = row.get("topk_tokens")
+    k = 0
+    for arr in (topk_ids, topk_lp):
+        if arr is not None:
+            k = arr.shape[1]
+            n = arr.shape[0] if n is None else n
+    if topk_tok is not None:
+        topk_tok = [list(map(str, r)) for r in topk_tok]
+        k = len(topk_tok[0]) if topk_tok else k
+        if any(len(r) != k for r in topk_tok):
+            raise StoreError("row field 'topk_tokens' must have k entries per token")
+    tail = row.get("tail")
+    messages = row.get("messages")
+    return {
+        "key": str(row["key"]),
+        "index": int(row["index"]),
+        "prompt": str(row["prompt"]),
+        "messages": None if messages is None else json.dumps(messages, ensure_ascii=False),
+        "reference": row.get("reference"),
+        "response": str(row["response"]),
+        "reasoning": row.get("reasoning"),
+        "prompt_ids": None if row.get("prompt_ids") is None else [int(i) for i in row["prompt_ids"]],
+        "response_ids": None if ids is None else [int(i) for i in ids],
+        "response_tokens": None if tokens is None else [str(t) for t in tokens],
+        "n_tokens": int(n if n is not None else (row.get("n_tokens") or 0)),  # API usage when no tokens
+        "k": k,
+        "topk_ids": None if topk_ids is None else topk_ids.reshape(-1),
+        "topk_logprobs": None if topk_lp is None else topk_lp.astype(np.float16).reshape(-1),
+        "topk_tokens": None if topk_tok is None else [t for r in topk_tok for t in r],
+        "tail": None if tail is None else np.clip(np.asarray(tail, dtype=np.float32), 0.0, None).reshape(-1),
+        "finish_reason": str(row["finish_reason"]),
+        "teacher": str(row["teacher"]),
+    }
+
+
+def _records_table(records: list[dict]) -> pa.Table:
+    columns = {}
+    for field in SCHEMA:
+        values = [r[field.name] for r in records]
+        if pa.types.is_list(field.type) and field.type.value_type in (pa.int32(), pa.float16(), pa.float32()):
+            np_dtype = {pa.int32(): np.int32, pa.float16(): np.float16, pa.float32(): np.float32}[field.type.value_type]
+            columns[field.name] = _numpy_list_array(values, np_dtype, field.type)
+        else:
+            columns[field.name] = pa.array(values, type=field.type)
+    return pa.table(columns, schema=SCHEMA)
+
+
+def _numpy_list_array(values: list, np_dtype, pa_type: pa.DataType) -> pa.Array:
+    """A list<number> array built from numpy buffers (fast, and float16 without a Python detour)."""
+    lengths = [0 if v is None else len(v) for v in values]
+    offsets = np.zeros(len(values) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    parts = [np.asarray(v, dtype=np_dtype) for v in values if v is not None]
+    flat = np.concatenate(parts) if parts else np.zeros(0, dtype=np_dtype)
+    mask = pa.array([v is None for v in values], type=pa.bool_())
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, type=pa_type.value_type), mask=mask)
+
+
+class Store:
+    """Writer side of a store: `add()` rows as they finish; every `shard_rows` rows become one shard file.
+
+    with Store(path, shard_rows=256, worker="w000of002", meta={...}) as store:
+        todo = [p for p in prompts if p.key not in store.done_keys()]
+        for row in ...: store.add(row)      # flushed in shards; close() flushes the rest
+
+    `meta` (teacher identity + generation parameters) is written to store.json on first use; opening a store
+    written with different settings is an error, so one store never mixes two teachers or settings.
+    """
+
+    def __init__(self, path: str | Path, shard_rows: int = 256, worker: str = "w000of001",
+                 meta: dict | None = None):
+        if shard_rows < 1:
+            raise StoreError(f"shard_rows must be >= 1, got {shard_rows}")
+        if not worker or any(c in worker for c in "/\\-. "):
+            raise StoreError(f"worker id '{worker}' must be non-empty without '/', '-', '.', spaces")
+        self.path = Path(path)
+        self.shard_rows = shard_rows
+        self.worker = worker
+        self.shards_dir = self.path / "shards"
+        self.shards_dir.mkdir(parents=True, exist_ok=True)
+        self._buffer: list[dict] = []
+        self._done: set[str] | None = None
+        self.rows_written = 0
+        self.tokens_written = 0
+        self._clean_own_temp_files()
+        self._seq = self._next_seq()
+        if meta is not None:
+            self._check_meta(meta)
+
+    # -- identity
+    def _check_meta(self, meta: dict) -> None:
+        meta_path = self.path / "store.json"
+        wanted = {"schema_version": SCHEMA_VERSION, **meta}
+        if meta_path.exists():
+            try:
+                have = json.loads(meta_path.read_text())
+            except json.JSONDecodeError:
+                have = None  # a torn write cannot happen (atomic), but a hand edit can: rewrite it
+            if have is not None and {k: have.get(k) for k in wanted} != wanted:
+                diff = sorted(k for k in wanted if have.get(k) != wanted[k])
+                raise StoreError(
+                    f"{self.path}: this store was written with other settings ({', '.join(diff)} differ: "
+                    f"{ {k: have.get(k) for k in diff} } vs { {k: wanted[k] for k in diff} }); "
+                    "set generate.store to a new directory, or delete the old store to regenerate"
+                )
+            if have is not None:
+                return
+        _atomic_write_text(meta_path, json.dumps(wanted, indent=2, sort_keys=True))
+
+    def _clean_own_temp_files(self) -> None:
+        # Only this worker's: another worker may be writing its own temp file right now.
+        for tmp in self.shards_dir.glob(f".{self.worker}-*.tmp"):
+            tmp.unlink(missing_ok=True)
+
+    def _next_seq(self) -> int:
+        seqs = [int(p.name.split("-")[1]) for p in shard_files(self.path) if p.name.startswith(self.worker + "-")]
+        return max(seqs, default=-1) + 1
+
+    # -- reading what is done
+    def done_keys(self) -> set[str]:
+        """Keys of every finished row in the store (all workers), plus rows buffered in this writer."""
+        if self._done is None:
+            self._done = set()
+            for f in shard_files(self.path):
+                self._done.update(pq.read_table(f, columns=["key"]).column("key").to_pylist())
+        return self._done | {r["key"] for r in self._buffer}
+
+    # -- writing
+    def add(self, row: dict) -> None:
+        """Buffer one finished row; a full buffer is written as a shard at once."""
+        self._buffer.append(_to_record(row))
+        if len(self._buffer) >= self.shard_rows:
+            self.flush()
+
+    def flush(self) -> Path | None:
+        """Write buffered rows as one shard: temp file, fsync, atomic rename, then the manifest."""
+        if not self._buffer:
+            return None
+        table = _records_table(self._buffer)
+        name = f"{self.worker}-{self._seq:06d}-{secrets.token_hex(3)}.parquet"
+        tmp = self.shards_dir / f".{self.worker}-{self._seq:06d}.tmp"
+        pq.write_table(table, tmp, compression="zstd")
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        final = self.shards_dir / name
+        os.replace(tmp, final)
+        _fsync_dir(self.shards_dir)
+        tokens = int(sum(r["n_tokens"] for r in self._buffer))
+        if self._done is not None:
+            self._done.update(r["key"] for r in self._buffer)
+        self.rows_written += len(self._buffer)
+        self.tokens_written += tokens
+        self._buffer = []
+        self._seq += 1
+        self._update_manifest(final, table.num_rows, tokens)
+        return final
+
+    def _update_manifest(self, shard: Path, rows: int, tokens: int) -> None:
+        mpath = self.path / f"manifest.{self.worker}.json"
+        entries = []
+        if mpath.exists():
+            try:
+                entries = json.loads(mpath.read_text()).get("shards", [])
+            except json.JSONDecodeError:
+                entries = []
+        entries.append({"file": f"shards/{shard.name}", "rows": rows, "tokens": tokens,
+                        "bytes": shard.stat().st_size, "time": time.time()})
+        _atomic_write_text(mpath, json.dumps({"worker": self.worker, "shards": entries}, indent=1))
+
+    def close(self) -> None:
+        self.flush()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()  # also on errors: finished rows are never dropped
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------- reading
+
+
+def manifest(path: str | Path) -> list[dict]:
+    """Every finished shard with its row count and size, derived from the shard files themselves.
+
+    The per-worker manifest files may lag a killed writer by one shard; deriving it here means a kill -9
+    between a shard's rename and its manifest update loses nothing."""
+    out = []
+    for f in shard_files(path):
+        meta = pq.ParquetFile(f).metadata
+        out.append({"file": f"shards/{f.name}", "rows": meta.num_rows, "bytes": f.stat().st_size})
+    return out
+
+
+def _split(flat: np.ndarray | None, offsets: np.ndarray, valid: np.ndarray) -> list[np.ndarray | None]:
+    if flat is None:
+        return [None] * len(valid)
+    return [flat[offsets[i]:offsets[i + 1]] if valid[i] else None for i in range(len(valid))]
+
+
+def _list_column(table: pa.Table, name: str, dtype) -> list[np.ndarray | None]:
+    arr = table.column(name).combine_chunks()
+    valid = ~np.asarray(arr.is_null().to_numpy(zero_copy_only=False))
+    offsets = np.asarray(arr.offsets.to_numpy())
+    flat = np.asarray(arr.values.to_numpy(zero_copy_only=False)).astype(dtype, copy=False)
+    return _split(flat, offsets, valid) if len(arr) else []  # offsets index .values, slices included
+
+
+def _rows_of(table: pa.Table) -> list[dict]:
+    plain = {name: table.column(name).to_pylist() for name in
+             ("key", "index", "prompt", "messages", "reference", "response", "reasoning", "response_tokens",
+              "topk_tokens", "n_tokens", "k", "finish_reason", "teacher")}
+    prompt_ids = _list_column(table, "prompt_ids", np.int64)
+    response_ids = _list_column(table, "response_ids", np.int64)
+    topk_ids = _list_column(table, "topk_ids", np.int32)
+    topk_lp = _list_column(table, "topk_logprobs", np.float32)
+    tail = _list_column(table, "tail", np.float32)
+    rows = []
+    for i in range(table.num_rows):
+        n, k = plain["n_tokens"][i], plain["k"][i]
+        tok = plain["topk_tokens"][i]
+        rows.append({
+            "key": plain["key"][i],
+            "index": plain["index"][i],
+            "prompt": plain["prompt"][i],
+            "messages": None if plain["messages"][i] is None else json.loads(plain["messages"][i]),
+            "reference": plain["reference"][i],
+            "response": plain["response"][i],
+            "reasoning": plain["reasoning"][i],
+            "prompt_ids": None if prompt_ids[i] is None else prompt_ids[i].tolist(),
+            "response_ids": None if response_ids[i] is None else response_ids[i].tolist(),
+            "response_tokens": plain["response_tokens"][i],
+            "topk_ids": None if topk_ids[i] is None else topk_ids[i].reshape(n, k),
+            "topk_logprobs": None if topk_lp[i] is None else topk_lp[i].reshape(n, k),
+            "topk_tokens": None if tok is None else [tok[j * k:(j + 1) * k] for j in range(n)],
+            "tail": tail[i],
+            "finish_reason": plain["finish_reason"][i],
+            "teacher": plain["teacher"][i],
+        })
+    return rows
+
+
+def read_store(path: str | Path) -> list[dict]:
+    """All finished rows of a store, merged over shards and workers, each key once, in prompt order.
+
+    Each row: key, index, prompt, messages, reference, response, reasoning, prompt_ids, response_ids,
+    response_tokens, topk_ids (n_tokens, k) int32, topk_logprobs (n_tokens, k) float32, topk_tokens,
+    tail (n_tokens,) float32, finish_reason, teacher. Row i of topk_* predicts response_ids[i].
+    """
+    path = Path(path)
+    if not (path / "shards").is_dir():
+        raise FileNotFoundError(f"{path}: not a teacher store (no shards/ directory); run `distill generate`")
+    seen: set[str] = set()
+    rows: list[dict] = []
+    for f in shard_files(path):
+        for row in _rows_of(pq.read_table(f)):
+            if row["key"] in seen:
+                continue
+            seen.add(row["key"])
+            rows.append(row)
+    rows.sort(key=lambda r: (r["index"], r["key"]))
+    return rows
+
+
+def store_stats(path: str | Path) -> dict:
+    """rows, tokens, k, bytes on disk and bytes per (token, k) top-k entry (ids + logprobs, compressed)."""
+    files = shard_files(path)
+    keys: set[str] = set()
+    tokens = entries = sparse_bytes = total_bytes = 0
+    k_seen: set[int] = set()
+    for f in files:
+        total_bytes += f.stat().st_size
+        t = pq.read_table(f, columns=["key", "n_tokens", "k"])
+        for key, n, k in zip(*(t.column(c).to_pylist() for c in ("key", "n_tokens", "k"))):
+            if key in keys:
+                continue
+            keys.add(key)
+            tokens += n
+            entries += n * k
+            if k:
+                k_seen.add(k)
+        md = pq.ParquetFile(f).metadata
+        for g in range(md.num_row_groups):
+            rg = md.row_group(g)
+            for c in range(rg.num_columns):
+                col = rg.column(c)
+                if col.path_in_schema.split(".")[0] in SPARSE_COLUMNS:
+                    sparse_bytes += col.total_compressed_size
+    return {
+        "rows": len(keys),
+        "tokens": tokens,
+        "k": max(k_seen) if k_seen else 0,
+        "shards": len(files),
+        "bytes": total_bytes,
+        "sparse_bytes": sparse_bytes,
+        "bytes_per_entry": (sparse_bytes / entries) if entries else None,
+    }
+
+
+def iter_keys(path: str | Path) -> Iterable[str]:
+    """Every key in every shard, duplicates included (for checks and tests of crash safety)."""
+    for f in shard_files(path):
+        yield from pq.read_table(f, columns=["key"]).column("key").to_pylist()

@@ -1,0 +1,190 @@
+"""A local transformers teacher: batched generation (left padding, KV cache, length-sorted batches), then one
+forward pass over prompt + response that records the top-k next-token distribution of every response token.
+
+The capture pass is separate from generation on purpose: it gives the raw temperature-1 distribution (no
+sampling temperature, top-p or penalties) that offline logit distillation needs, whatever was used to sample.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+
+import torch
+
+from distill.config import DataConfig, GenerateConfig, TeacherConfig
+from distill.data import Record, render_prompt
+from distill.modeling import load_model, load_tokenizer_for
+from distill.teachers.base import (
+    Completion,
+    Prompt,
+    TeacherError,
+    teacher_identity,
+    topk_from_logprobs,
+    truncate_at_stop,
+)
+
+CAPTURE_BUDGET = 1 << 27  # logits elements per capture forward (512 MiB in fp32): bounds memory at large vocab
+
+
+class HFTeacher:
+    """`Teacher` over a local model; `model`/`tokenizer` can be passed in (tests, benchmarks)."""
+
+    def __init__(self, tcfg: TeacherConfig, dcfg: DataConfig | None = None, model=None, tokenizer=None,
+                 device: str | None = None):
+        if model is None and not tcfg.model:
+            raise TeacherError("teacher.model is not set: give a hub id, a local directory or a .gguf file")
+        self.dcfg = dcfg or DataConfig()
+        self.identity = teacher_identity(tcfg)
+        try:
+            self.tokenizer = tokenizer or load_tokenizer_for(tcfg.model, trust_remote_code=tcfg.trust_remote_code)
+            self.model = model or load_model(tcfg.model, tcfg.dtype, device or tcfg.device, tcfg.trust_remote_code)
+        except OSError as exc:
+            raise TeacherError(f"teacher.model '{tcfg.model}': cannot load it ({exc})") from exc
+        self.model.eval()
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.templated = bool(self.dcfg.chat_template and getattr(self.tokenizer, "chat_template", None))
+        eos = self.model.generation_config.eos_token_id
+        eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        if self.tokenizer.eos_token_id is not None:
+            eos.append(self.tokenizer.eos_token_id)
+        self.eos_ids = sorted(set(eos))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def render(self, record: Record) -> str:
+        return render_prompt(record, self.tokenizer, self.dcfg)
+
+    def encode(self, text: str) -> list[int]:
+        # A chat template already writes the special tokens (BOS); plain prompts get the tokenizer's own.
+        return self.tokenizer(text, add_special_tokens=not self.templated)["input_ids"]
+
+    def close(self) -> None:
+        self.model = None
+
+    # ------------------------------------------------------------ generation
+
+    def generate(self, prompts: list[Prompt], params: GenerateConfig) -> Iterator[tuple[Prompt, Completion]]:
+        """Longest prompts first (an out-of-memory error shows in the first batch, and padding stays low)."""
+        encoded = [(p, self.encode(p.text)) for p in prompts]
+        encoded.sort(key=lambda pe: -len(pe[1]))
+        if params.temperature > 0:
+            torch.manual_seed(params.seed)
+        for start in range(0, len(encoded), params.batch_size):
+            batch = encoded[start:start + params.batch_size]
+            completions = self.generate_ids([ids for _, ids in batch], params)
+            for (prompt, _), completion in zip(batch, completions):
+                yield prompt, completion
+
+    def _left_pad(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            if s:
+                ids[i, width - len(s):] = torch.tensor(s)
+                mask[i, width - len(s):] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    def _generation_config(self, params: GenerateConfig):
+        cfg = copy.deepcopy(self.model.generation_config)
+        sampling = params.temperature > 0
+        cfg.update(
+            max_new_tokens=params.max_new_tokens,
+            do_sample=sampling,
+            # Sampling: top_p is the only truncation (a checkpoint's saved top_k would silently add one).
+            temperature=params.temperature if sampling else None,
+            top_p=params.top_p if sampling else None,
+            top_k=0 if sampling else None,
+            min_p=None,
+            pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=self.eos_ids or None,
+            stop_strings=list(params.stop) or None,
+        )
+        return cfg
+
+    @torch.inference_mode()
+    def generate_ids(self, prompt_ids: list[list[int]], params: GenerateConfig) -> list[Completion]:
+        """One batch: generate, cut at EOS / stop strings, then capture top-k when params.top_k > 0."""
+        input_ids, mask = self._left_pad(prompt_ids)
+        kwargs = {"tokenizer": self.tokenizer} if params.stop else {}
+        out = self.model.generate(input_ids=input_ids, attention_mask=mask,
+                                  generation_config=self._generation_config(params), **kwargs)
+        new = out[:, input_ids.shape[1]:].tolist()
+        completions = [self._finish(ids, row, params) for ids, row in zip(prompt_ids, new)]
+        if params.top_k > 0:
+            self.capture(completions, params.top_k)
+        return completions
+
+    def _finish(self, prompt_ids: list[int], new: list[int], params: GenerateConfig) -> Completion:
+        eos = set(self.eos_ids)
+        cut = next((i for i, t in enumerate(new) if t in eos), None)
+        ids = new if cut is None else new[: cut + 1]
+        finish = "length" if cut is None else "stop"
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        if params.stop:
+            kept, hit = truncate_at_stop(text, params.stop)
+            if hit:
+                ids = self._prefix_ids(ids, kept)
+                text = self.tokenizer.decode(ids, skip_special_tokens=True)
+                finish = "stop"
+        return Completion(text=text, finish_reason=finish, token_ids=ids, prompt_ids=list(prompt_ids))
+
+    def _prefix_ids(self, ids: list[int], text: str) -> list[int]:
+        """The longest prefix of `ids` whose text is a prefix of `text` (binary search: decodes are costly)."""
+        lo, hi = 0, len(ids)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if text.startswith(self.tokenizer.decode(ids[:mid], skip_special_tokens=True)):
+                lo = mid
+            else:
+                hi = mid - 1
+        return ids[:lo]
+
+    # ------------------------------------------------------------ top-k capture
+
+    @torch.inference_mode()
+    def capture(self, completions: list[Completion], k: int) -> None:
+        """Fill topk_ids / topk_logprobs / tail of each completion from one forward over prompt + response.
+
+        Layout: prompts left-padded to one width P, responses right-padded to R, so every response starts at
+        column P and `logits_to_keep=R+1` computes only the response positions; position ids follow the mask
+        so padded rows see the positions an unpadded forward would.
+        """
+        vocab = self.model.get_output_embeddings().weight.shape[0]
+        rows = [c for c in completions if c.token_ids]
+        for c in completions:
+            if not c.token_ids:
+                c.topk_ids = torch.zeros((0, k), dtype=torch.int32).numpy()
+                c.topk_logprobs = torch.zeros((0, k)).numpy()
+                c.tail = torch.zeros(0).numpy()
+        r_max = max((len(c.token_ids) for c in rows), default=0)
+        per_chunk = max(1, CAPTURE_BUDGET // max(1, (r_max + 1) * vocab))
+        for start in range(0, len(rows), per_chunk):
+            self._capture_chunk(rows[start:start + per_chunk], k)
+
+    def _capture_chunk(self, rows: list[Completion], k: int) -> None:
+        prompt_ids, prompt_mask = self._left_pad([c.prompt_ids for c in rows])
+        width_r = max(len(c.token_ids) for c in rows)
+        resp = torch.full((len(rows), width_r), self.tokenizer.pad_token_id, dtype=torch.long)
+        resp_mask = torch.zeros((len(rows), width_r), dtype=torch.long)
+        for i, c in enumerate(rows):
+            resp[i, : len(c.token_ids)] = torch.tensor(c.token_ids)
+            resp_mask[i, : len(c.token_ids)] = 1
+        ids = torch.cat([prompt_ids, resp.to(self.device)], dim=1)
+        mask = torch.cat([prompt_mask, resp_mask.to(self.device)], dim=1)
+        positions = (mask.cumsum(-1) - 1).clamp_min(0)
+        try:
+            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                                logits_to_keep=width_r + 1).logits
+        except TypeError:  # models whose forward has no logits_to_keep
+            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+            logits = logits[:, -(width_r + 1):]
+        logits = logits[:, :width_r]  # position P-1+i predicts response token i
+        for i, c in enumerate(rows):
+            n = len(c.token_ids)
+            logprobs = torch.log_softmax(logits[i, :n].float(), dim=-1)
+            c.topk_ids, c.topk_logprobs, c.tail = topk_from_logprobs(logprobs, k)
