@@ -1,0 +1,332 @@
+"""Shared machinery of the logit losses: token selection, normalisation, temperature, sparse buckets, chunking.
+
+Every logit loss is a per-token divergence between two log-distributions over the same support
+("buckets"), summed over the counted tokens:
+
+- dense teacher: the buckets are the (aligned) vocabulary: log_softmax(logits / T) on both sides;
+- sparse teacher, ``sparse_mode="tail"``: k + 1 buckets, the teacher's top-k ids plus one tail bucket holding
+  the mass outside them (teacher: its stored tail, or 1 - sum p_topk; student: the exact log-sum-exp of its
+  log-probs outside the top-k ids, so no ``1 - sum`` cancellation);
+- sparse teacher, ``sparse_mode="renormalize"``: k buckets, both sides renormalised over the teacher's top-k.
+
+Rules kept here so that each loss module is only its formula: fp32 log-softmax, masked tokens dropped before
+any arithmetic (garbage or inf logits there can't reach the value or the gradient), `torch.where` guards
+wherever -inf meets -inf, the sum divided by the global token count (``num_items_in_batch``) or this call's
+count, and T^2 scaling. The chunked path (`chunk_size`) runs the same per-token function on `chunk_size`
+tokens at a time inside one autograd.Function that stores only the gradient w.r.t. the student logits.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+from distill.losses.vocab import align_vocab, check_sparse_ids, student_vocab
+from distill.signals import SparseSignal
+
+NEG_INF = float("-inf")
+SPARSE_MODES = ("tail", "renormalize")
+# Smallest teacher tail mass used when the top-k does not cover the vocabulary: a stored tail of exactly 0
+# (rounding of fp16 logprobs) would make reverse-KL-like losses infinite wherever the student has tail mass.
+TAIL_FLOOR = 1e-8
+LOG_TAIL_FLOOR = math.log(TAIL_FLOOR)
+# log q below this counts as this (about 1e-44, under float32's normal range): see kl_terms.
+LOG_Q_FLOOR = -100.0
+
+# (student rows (n, vocab) any dtype, *teacher payload rows) -> per-token loss (n,) float32
+TokenFn = Callable[..., torch.Tensor]
+# (student log-probs (n, C), teacher log-probs (n, C)) -> per-token divergence (n,)
+Divergence = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+# ----------------------------------------------------------------------------------------- safe log-space ops
+
+
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """At least float32 (bf16/fp16 logits lose too much in log-softmax); float64 stays (gradcheck)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def kl_terms(lp: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
+    """Elementwise p * (log p - log q), 0 where p == 0, with no NaN in value or gradient.
+
+    `kl_div(lq, lp, log_target=True)` gives 0 * (-inf - -inf) = NaN where both are -inf, and even a
+    `where` on its output leaks NaN gradients; so the -inf slots are replaced before any arithmetic.
+    log q is floored at LOG_Q_FLOOR: where q has no mass (a teacher that bans a token, as the q of reverse
+    KL) the loss is then large and finite with a strong gradient away from the token, instead of inf/NaN.
+    """
+    valid = lp > NEG_INF
+    lp0 = torch.where(valid, lp, 0.0)
+    lq0 = torch.where(valid, lq, 0.0).clamp(min=LOG_Q_FLOOR)
+    return torch.where(valid, lp0.exp() * (lp0 - lq0), 0.0)
+
+
+def kl(lp: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) per row of log-probs (n, C) -> (n,)."""
+    return kl_terms(lp, lq).sum(-1)
+
+
+def log_mix(la: torch.Tensor, lb: torch.Tensor, weight_a: float) -> torch.Tensor:
+    """log(w * a + (1 - w) * b) from log a, log b, NaN-free where both are -inf (value -inf, gradient 0)."""
+    if weight_a >= 1.0:
+        return la
+    if weight_a <= 0.0:
+        return lb
+    a = la + torch.log(torch.tensor(weight_a, dtype=la.dtype, device=la.device))
+    b = lb + torch.log1p(-torch.tensor(weight_a, dtype=lb.dtype, device=lb.device))
+    both = (a == NEG_INF) & (b == NEG_INF)
+    mixed = torch.logaddexp(torch.where(both, 0.0, a), torch.where(both, 0.0, b))
+    return torch.where(both, NEG_INF, mixed)
+
+
+def safe_log_softmax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """log_softmax that returns -inf (not NaN) for rows that are all -inf, with zero gradient there."""
+    empty = (x == NEG_INF).all(dim=dim, keepdim=True)
+    out = torch.log_softmax(torch.where(empty, 0.0, x), dim=dim)
+    return torch.where(empty, NEG_INF, out)
+
+
+# ------------------------------------------------------------------------------------------ validation, vocab
+
+
+def check_temperature(temperature: float) -> None:
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+
+
+def check_fraction(name: str, value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {value}")
+
+
+def select_tokens(mask: torch.Tensor | None, shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
+    """(batch idx, seq idx) of counted tokens; mask: (batch, seq) bool/0-1, True = counted, None = all."""
+    batch, seq = shape[0], shape[1]
+    if mask is None:
+        mask = torch.ones(batch, seq, dtype=torch.bool)
+    elif tuple(mask.shape) != (batch, seq):
+        raise ValueError(f"mask has shape {tuple(mask.shape)}, expected (batch, seq) = {(batch, seq)}")
+    b_idx, s_idx = mask.bool().nonzero(as_tuple=True)
+    return b_idx, s_idx
+
+
+def normalise(total: torch.Tensor, count: int, num_items_in_batch: int | torch.Tensor | None) -> torch.Tensor:
+    """Sum over counted tokens / the global count (across grad accumulation and processes) or this call's."""
+    if num_items_in_batch is None:
+        return total / max(count, 1)
+    if isinstance(num_items_in_batch, torch.Tensor):
+        num_items_in_batch = num_items_in_batch.to(total.device)
+    return total / num_items_in_batch
+
+
+# ----------------------------------------------------------------------------------------------- buckets
+
+
+def dense_buckets(
+    student: torch.Tensor, teacher: torch.Tensor, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """student: (n, V), teacher: (n, V) logits -> fp32 log-probs at temperature T, both (n, V)."""
+    s, t = upcast(student), upcast(teacher.detach())
+    if temperature != 1.0:
+        s, t = s / temperature, t / temperature
+    return torch.log_softmax(s, dim=-1), torch.log_softmax(t, dim=-1)
+
+
+def sparse_buckets(
+    student: torch.Tensor,
+    ids: torch.Tensor,
+    logprobs: torch.Tensor,
+    log_tail: torch.Tensor,
+    temperature: float,
+    mode: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reduce both sides to the teacher's support. student: (n, V) logits; ids, logprobs: (n, k); log_tail: (n,).
+
+    renormalize: (n, k) log-probs, each side renormalised over the valid top-k ids (logits / T).
+    tail: (n, k + 1) log-probs: the top-k ids and a tail bucket, both taken at T = 1 (the student's tail
+    exactly, as log-sum-exp over its non-top-k ids) and then tempered alike as a (k + 1)-way distribution,
+    log p / T renormalised. With k = vocab this is exactly the dense loss; for k < vocab at T != 1 the tail is
+    tempered as one category (a sparse signal does not say how the tail mass is spread), the same on both sides
+    so that equal distributions still give 0.
+    """
+    s = upcast(student)
+    lp = logprobs.detach().to(s.dtype)
+    valid = lp > NEG_INF
+    ids = torch.where(valid, ids, 0)  # padding slots may hold any id (even -1): never index with them
+    gathered = torch.where(valid, s.gather(-1, ids), NEG_INF)
+    if mode == "renormalize":
+        return (
+            safe_log_softmax(gathered / temperature),
+            safe_log_softmax(lp / temperature),
+        )
+    vocab = s.shape[-1]
+    lse = torch.logsumexp(s, dim=-1, keepdim=True)
+    covered = torch.zeros(s.shape, dtype=torch.uint8, device=s.device)
+    covered.scatter_reduce_(-1, ids, valid.to(torch.uint8), reduce="amax")
+    s_tail = torch.logsumexp(torch.where(covered.bool(), NEG_INF, s), dim=-1, keepdim=True) - lse
+    has_tail = valid.sum(-1, keepdim=True) < vocab
+    t_tail = log_tail.detach().to(s.dtype).unsqueeze(-1)
+    t_tail = torch.where(has_tail, t_tail.clamp(min=LOG_TAIL_FLOOR), NEG_INF)
+    ls = torch.cat([gathered - lse, s_tail], dim=-1)
+    lt = torch.cat([lp, t_tail], dim=-1)
+    if temperature != 1.0:
+        ls, lt = ls / temperature, lt / temperature
+    return safe_log_softmax(ls), safe_log_softmax(lt)
+
+
+def teacher_log_tail(signal: SparseSignal) -> torch.Tensor:
+    """log of the teacher's mass outside its top-k: the stored tail, else log(1 - sum p_topk) (b, s)."""
+    if signal.tail is not None:
+        return torch.log(upcast(signal.tail.detach()).clamp(min=0.0))
+    lse = torch.logsumexp(upcast(signal.logprobs.detach()), dim=-1).clamp(max=0.0)
+    return torch.log1p(-torch.exp(lse))
+
+
+# ---------------------------------------------------------------------------------------------- reduction
+
+
+class _ChunkedTokenSum(torch.autograd.Function):
+    """Sum of token_fn over counted tokens, `chunk_size` tokens at a time.
+
+    Forward computes each chunk's loss and, when the student needs a gradient, that chunk's gradient at once
+    (as Liger's fused losses do), writing it into one buffer shaped like the student logits; the chunk's
+    fp32 intermediates are freed before the next chunk. Backward only scales that buffer.
+    """
+
+    @staticmethod
+    def forward(ctx, student, b_idx, s_idx, vocab, chunk_size, token_fn, *payload):  # type: ignore[override]
+        needs_grad = ctx.needs_input_grad[0]
+        grad = torch.zeros_like(student) if needs_grad else None
+        total = torch.zeros(
+            (),
+            dtype=torch.float64 if student.dtype == torch.float64 else torch.float32,
+            device=student.device,
+        )
+        for start in range(0, b_idx.numel(), chunk_size):
+            b, s = b_idx[start : start + chunk_size], s_idx[start : start + chunk_size]
+            rows = student[b, s, :vocab]
+            rest = [p[b, s] for p in payload]
+            if needs_grad:
+                with torch.enable_grad():
+                    rows = rows.detach().requires_grad_(True)
+                    loss = token_fn(rows, *rest).sum()
+                    (g,) = torch.autograd.grad(loss, rows)
+                grad[b, s, :vocab] = g
+            else:
+                loss = token_fn(rows, *rest).sum()
+            total += loss.detach()
+            del rows, rest, loss
+        ctx.grad, ctx.applied = grad, None
+        ctx.n_payload = len(payload)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        # The first backward scales the stored gradient in place (no second tokens x vocab buffer); a repeat
+        # (retain_graph, gradcheck) rescales from the factor applied then.
+        grad, applied = ctx.grad, ctx.applied
+        if applied is None and bool(grad_out != 0):
+            grad.mul_(grad_out.to(grad.dtype))
+            ctx.applied = grad_out.detach().clone()
+            out = grad
+        elif applied is None:
+            out = torch.zeros_like(grad)
+        else:
+            out = grad * (grad_out / applied).to(grad.dtype)
+        return (out, None, None, None, None, None, *([None] * ctx.n_payload))
+
+
+def token_sum(
+    token_fn: TokenFn,
+    student_logits: torch.Tensor,
+    payload: tuple[torch.Tensor, ...],
+    mask: torch.Tensor | None,
+    vocab: int,
+    chunk_size: int | None,
+) -> tuple[torch.Tensor, int]:
+    """Sum token_fn over counted tokens -> (scalar fp32 sum, number of counted tokens).
+
+    student_logits: (batch, seq, vocab_full); payload: teacher tensors shaped (batch, seq, ...), indexed with
+    the same tokens; only the first `vocab` student rows are used. Masked tokens are dropped before anything
+    is computed on them.
+    """
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}")
+    b_idx, s_idx = select_tokens(mask, student_logits.shape)
+    b_idx, s_idx = b_idx.to(student_logits.device), s_idx.to(student_logits.device)
+    payload = tuple(p.detach() for p in payload)
+    if chunk_size is None:
+        rows = student_logits[b_idx, s_idx, :vocab]
+        total = token_fn(rows, *[p[b_idx, s_idx] for p in payload]).sum()
+    else:
+        total = _ChunkedTokenSum.apply(student_logits, b_idx, s_idx, vocab, chunk_size, token_fn, *payload)
+    return total, int(b_idx.numel())
+
+
+def divergence_loss(
+    divergence: Divergence,
+    student_logits: torch.Tensor,
+    teacher: torch.Tensor | SparseSignal,
+    mask: torch.Tensor | None,
+    *,
+    temperature: float,
+    scale_temperature: bool,
+    num_items_in_batch: int | torch.Tensor | None,
+    sparse_mode: str,
+    chunk_size: int | None,
+    vocab_size: int | None,
+) -> torch.Tensor:
+    """The shared body of every logit divergence: buckets per teacher shape, token sum, normalise, T^2.
+
+    student_logits: (batch, seq, vocab); teacher: dense (batch, seq, vocab_t) logits or a SparseSignal with
+    (batch, seq, k) ids/logprobs; mask: (batch, seq). Returns a scalar.
+    """
+    check_temperature(temperature)
+    if student_logits.dim() != 3:
+        raise ValueError(
+            f"student_logits must be (batch, seq, vocab), got shape {tuple(student_logits.shape)}"
+        )
+    lead = tuple(student_logits.shape[:2])
+    if isinstance(teacher, SparseSignal):
+        if sparse_mode not in SPARSE_MODES:
+            raise ValueError(f"sparse_mode must be one of {SPARSE_MODES}, got {sparse_mode!r}")
+        if tuple(teacher.ids.shape[:2]) != lead or teacher.ids.shape != teacher.logprobs.shape:
+            raise ValueError(
+                f"sparse teacher ids {tuple(teacher.ids.shape)} / logprobs {tuple(teacher.logprobs.shape)} "
+                f"do not match the student's (batch, seq) = {lead}"
+            )
+        if sparse_mode == "renormalize" and teacher.k == 1:
+            raise ValueError(
+                "sparse_mode='renormalize' with a top-1 teacher renormalises both sides to probability 1 and "
+                "gives a zero loss; use sparse_mode='tail' (keeps the mass outside the top-k) or cross_entropy"
+            )
+        vocab = student_vocab(student_logits, vocab_size)
+        check_sparse_ids(teacher, vocab)
+        payload = (teacher.ids, teacher.logprobs, teacher_log_tail(teacher))
+
+        def token_fn(s, ids, lp, lt_tail):
+            return divergence(*sparse_buckets(s, ids, lp, lt_tail, temperature, sparse_mode))
+
+    elif isinstance(teacher, torch.Tensor) and teacher.is_floating_point():
+        if teacher.dim() != 3 or tuple(teacher.shape[:2]) != lead:
+            raise ValueError(
+                f"teacher logits have shape {tuple(teacher.shape)}, expected (batch, seq, vocab) with "
+                f"(batch, seq) = {lead}"
+            )
+        _, teacher_cut = align_vocab(student_logits, teacher, vocab_size)
+        vocab = teacher_cut.shape[-1]
+        payload = (teacher_cut,)
+
+        def token_fn(s, t):
+            return divergence(*dense_buckets(s, t, temperature))
+
+    else:
+        raise TypeError(
+            f"teacher must be dense float logits or a SparseSignal, got {type(teacher).__name__}"
+            + (f" of dtype {teacher.dtype}" if isinstance(teacher, torch.Tensor) else "")
+        )
+    total, count = token_sum(token_fn, student_logits, payload, mask, vocab, chunk_size)
+    loss = normalise(total, count, num_items_in_batch)
+    return loss * temperature**2 if scale_temperature else loss
