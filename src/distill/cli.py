@@ -79,5 +79,52 @@ def train(config: Path = CONFIG_ARG, overrides: Optional[List[str]] = OVERRIDES_
         console.print(f"[green]student written:[/] {out}")
 
 
+@app.command()
+@main_guard
+def serve(
+    model_dir: Path = typer.Argument(..., help="student directory (HF format, or a LoRA adapter dir)"),
+    host: str = typer.Option("127.0.0.1", help="interface to bind; 0.0.0.0 exposes it to the network"),
+    port: int = typer.Option(8000, help="TCP port"),
+    api_key: Optional[str] = typer.Option(None, help="required bearer key (default: $DISTILL_API_KEY; none if unset)"),
+    served_model_name: Optional[str] = typer.Option(None, help="the `model` clients send (default: dir name)"),
+    max_batch_size: int = typer.Option(8, help="most rows (prompt x n) generated together"),
+    batch_wait_ms: float = typer.Option(5.0, help="how long the batcher waits for more requests"),
+    max_prompt_tokens: Optional[int] = typer.Option(None, help="prompt length limit (default: context length)"),
+    max_tokens_limit: int = typer.Option(1024, help="largest max_tokens a request may ask for"),
+    max_body_bytes: int = typer.Option(1_000_000, help="request body size limit (413 above)"),
+    dtype: str = typer.Option("auto", help="auto | float32 | bfloat16 | float16"),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
+) -> None:
+    """Serve MODEL_DIR behind an OpenAI-compatible API (/v1/completions, /v1/chat/completions, /v1/models)."""
+    from distill.serve import serve as run_serve
+
+    run_serve(model_dir, host=host, port=port, api_key=api_key, served_model_name=served_model_name,
+              max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms, max_prompt_tokens=max_prompt_tokens,
+              max_tokens_limit=max_tokens_limit, max_body_bytes=max_body_bytes, dtype=dtype, device=device)
+
+
+@app.command()
+@main_guard
+def export(
+    model_dir: Path = typer.Argument(..., help="student directory (HF format, or a LoRA adapter dir)"),
+    out: Path = typer.Option(..., "--out", help="output directory"),
+    quantize: Optional[str] = typer.Option(None, help="int8: dynamic int8 copy in OUT/int8 + parity report"),
+    onnx: bool = typer.Option(False, "--onnx", help="also write OUT/onnx/model.onnx, checked with onnxruntime"),
+    prompts: Optional[Path] = typer.Option(None, help="held-out prompts file for the int8 parity report"),
+    limit: int = typer.Option(32, help="at most this many held-out prompts"),
+) -> None:
+    """Merged HF model + model card in OUT; optional int8 (with parity and sizes) and ONNX; OUT/export_report.json."""
+    from distill.export import export as run_export
+
+    report = run_export(model_dir, out, quantize=quantize, onnx=onnx, prompts=prompts, limit=limit)
+    if "int8" in report:
+        p = report["int8"]["parity"]
+        console.print(f"int8: {report['int8']['size_ratio']:.0%} of the size, greedy-token agreement "
+                      f"{p['greedy_token_agreement']:.1%}, top-1 agreement {p['top1_agreement']:.1%}")
+    if "onnx" in report:
+        console.print(f"onnx: max abs diff vs torch {report['onnx']['max_abs_diff']:.2e}")
+    print(Path(out) / "export_report.json")
+
+
 if __name__ == "__main__":
     app()

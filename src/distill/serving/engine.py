@@ -1,0 +1,328 @@
+"""The generation engine behind the server: one worker thread that batches rows from all requests.
+
+Requests put *rows* (one prompt, one sample) on a queue. The worker takes the first row, waits up to
+`batch_wait_ms` for more (up to `max_batch_size`), left-pads them and decodes them together with the KV
+cache in one loop. A hand-written loop instead of `model.generate` lets every row keep its own
+temperature, top_p, seed, stop strings, max_tokens and logprobs count inside the same batch, and
+report raw (temperature 1) logprobs, the teacher signal distillation wants. Each row streams events
+(text delta + its tokens) back through a callback, so streaming and plain requests share one path.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import torch
+
+
+@dataclass(frozen=True)
+class Alt:
+    """One token: id, its text, its exact bytes and its logprob."""
+
+    id: int
+    text: str
+    bytes: bytes
+    logprob: float
+
+
+@dataclass(frozen=True)
+class TokenInfo(Alt):
+    top: tuple[Alt, ...] = ()
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    logprobs: int | None = None  # None: none reported; k >= 0: chosen token + k alternatives
+    seed: int | None = None
+
+
+@dataclass
+class RowEvent:
+    text: str = ""
+    tokens: list[TokenInfo] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop" | "length" when the row is done
+    error: str | None = None
+
+
+@dataclass
+class Row:
+    prompt_ids: list[int]
+    params: SamplingParams
+    sink: Callable[[RowEvent], None]  # called on the worker thread
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass
+class EngineStats:
+    batches: int = 0
+    rows: int = 0
+    max_rows_in_batch: int = 0
+    generated_tokens: int = 0
+
+
+def _bytes_decoder() -> dict[str, int]:
+    """Inverse of GPT-2's byte-to-unicode table used by byte-level BPE tokenizers."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
+        range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+class Pieces:
+    """Text and exact bytes of single tokens (cached); byte-level BPE pieces map back to raw bytes,
+    so a token holding half of a UTF-8 character still reports its true bytes."""
+
+    def __init__(self, tokenizer):
+        self.tok = tokenizer
+        decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+        self.byte_level = type(decoder).__name__ == "ByteLevel"
+        self.byte_map = _bytes_decoder() if self.byte_level else {}
+        self.get = lru_cache(maxsize=65536)(self._piece)
+
+    def _piece(self, token_id: int) -> tuple[str, bytes]:
+        text = self.tok.decode([token_id], skip_special_tokens=False)
+        if self.byte_level and token_id not in self.tok.all_special_ids:
+            raw = self.tok.convert_ids_to_tokens(token_id)
+            if isinstance(raw, str) and all(c in self.byte_map for c in raw):
+                return text, bytes(self.byte_map[c] for c in raw)
+        return text, text.encode("utf-8")
+
+
+class RowState:
+    """Decoding state of one row: turns tokens into text deltas, holding back text that could still
+    become a stop string (or an incomplete UTF-8 character) so streamed text never has to be taken back."""
+
+    def __init__(self, row: Row, tokenizer, pieces: Pieces, eos_ids: set[int]):
+        self.row, self.tok, self.pieces, self.eos_ids = row, tokenizer, pieces, eos_ids
+        self.p = row.params
+        self.ids: list[int] = []
+        self.infos: list[TokenInfo] = []
+        self.prefix_lens = [0]  # prefix_lens[k] = len(decode(ids[:k]))
+        self.sent_chars = 0
+        self.sent_tokens = 0
+        self.finished = False
+        self.max_stop = max((len(s) for s in self.p.stop), default=0)
+        self.generator = None
+        if self.p.seed is not None:
+            self.generator = torch.Generator().manual_seed(int(self.p.seed))
+
+    def _emit(self, text_end: int, token_end: int, text: str, finish: str | None = None) -> None:
+        ev = RowEvent(text=text[self.sent_chars:text_end], tokens=self.infos[self.sent_tokens:token_end],
+                      finish_reason=finish)
+        self.sent_chars, self.sent_tokens = max(self.sent_chars, text_end), max(self.sent_tokens, token_end)
+        if finish:
+            self.finished = True
+        if ev.text or ev.tokens or finish:
+            self.row.sink(ev)
+
+    def push(self, info: TokenInfo) -> None:
+        if self.finished:
+            return
+        if self.row.cancelled.is_set():
+            self.finished = True
+            return
+        self.ids.append(info.id)
+        self.infos.append(info)
+        text = self.tok.decode(self.ids, skip_special_tokens=True)
+        self.prefix_lens.append(len(text))
+        if info.id in self.eos_ids:
+            self._emit(len(text), len(self.ids), text, "stop")
+            return
+        if self.p.stop:
+            hit = self._find_stop(text)
+            if hit is not None:
+                # smallest token prefix covering the kept text; a token straddling the stop is kept
+                k = next(k for k in range(len(self.prefix_lens)) if self.prefix_lens[k] >= hit)
+                self._emit(hit, max(k, self.sent_tokens), text, "stop")
+                return
+        if len(self.ids) >= self.p.max_tokens:
+            self._emit(len(text), len(self.ids), text, "length")
+            return
+        safe = len(text)
+        while safe > self.sent_chars and text[safe - 1] == "\ufffd":
+            safe -= 1
+        for s in self.p.stop:
+            for n in range(min(len(s) - 1, safe - self.sent_chars), 0, -1):
+                if text[safe - n:safe] == s[:n]:
+                    safe -= n
+                    break
+        k = next(k for k in range(len(self.prefix_lens) - 1, -1, -1) if self.prefix_lens[k] <= safe)
+        if safe > self.sent_chars or k > self.sent_tokens:
+            self._emit(safe, max(k, self.sent_tokens), text)
+
+    def _find_stop(self, text: str) -> int | None:
+        start = max(0, self.sent_chars - self.max_stop)
+        hits = [i for i in (text.find(s, start) for s in self.p.stop) if i >= 0]
+        return min(hits) if hits else None
+
+
+class Engine:
+    """Owns the model; `submit(rows)` from any thread, events come back through each row's sink."""
+
+    def __init__(self, model, tokenizer, max_batch_size: int = 8, batch_wait_ms: float = 5.0):
+        self.model, self.tok = model.eval(), tokenizer
+        self.max_batch_size, self.batch_wait = max(1, max_batch_size), batch_wait_ms / 1000.0
+        self.device = next(model.parameters()).device
+        self.pieces = Pieces(tokenizer)
+        self.eos_ids = _eos_ids(model, tokenizer)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_ids, default=0)
+        self.context_length = int(getattr(model.config, "max_position_embeddings", 0) or 0) or None
+        self.cache_kw = cache_kwarg(model)
+        self.stats = EngineStats()
+        self._queue: queue.Queue[Row] = queue.Queue()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # ---- lifecycle -------------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._loop, name="distill-batcher", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        self._thread = None
+
+    def submit(self, rows: list[Row]) -> None:
+        for row in rows:
+            self._queue.put(row)
+
+    # ---- batching --------------------------------------------------------------------------------
+    def _collect(self) -> list[Row]:
+        try:
+            first = self._queue.get(timeout=0.1)
+        except queue.Empty:
+            return []
+        batch = [first]
+        deadline = time.monotonic() + self.batch_wait
+        while len(batch) < self.max_batch_size:
+            try:
+                batch.append(self._queue.get_nowait())
+                continue
+            except queue.Empty:
+                pass
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                batch.append(self._queue.get(timeout=remaining))
+            except queue.Empty:
+                break
+        return [r for r in batch if not r.cancelled.is_set()]
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            batch = self._collect()
+            if not batch:
+                continue
+            self.stats.batches += 1
+            self.stats.rows += len(batch)
+            self.stats.max_rows_in_batch = max(self.stats.max_rows_in_batch, len(batch))
+            try:
+                self.generate(batch)
+            except Exception as exc:  # noqa: BLE001  (a failed batch answers its rows, never hangs them)
+                for row in batch:
+                    row.sink(RowEvent(error=f"{type(exc).__name__}: {exc}", finish_reason="error"))
+
+    # ---- decoding --------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate(self, rows: list[Row]) -> None:
+        """Decode `rows` together: left padding, explicit positions, KV cache; rows finish independently."""
+        states = [RowState(r, self.tok, self.pieces, self.eos_ids) for r in rows]
+        width = max(len(r.prompt_ids) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids, dtype=torch.long)
+            mask[i, width - len(r.prompt_ids):] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        k = max((r.params.logprobs or 0) for r in rows)
+        want_lp = any(r.params.logprobs is not None for r in rows)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+        cache, logits = cache_of(out), out.logits[:, -1, :]
+        for _ in range(max(r.params.max_tokens for r in rows)):
+            logp = torch.log_softmax(logits.float(), dim=-1)
+            nxt = self._choose(logits, states)
+            chosen = logp.gather(-1, nxt[:, None])[:, 0].tolist() if want_lp else [0.0] * len(rows)
+            tops = logp.topk(k, dim=-1) if k else None
+            top_lp, top_id = (tops.values.tolist(), tops.indices.tolist()) if tops is not None else (None, None)
+            for i, (st, tid) in enumerate(zip(states, nxt.tolist())):
+                if st.finished:
+                    continue
+                text, raw = self.pieces.get(tid)
+                alts: tuple[Alt, ...] = ()
+                n_alt = st.p.logprobs or 0
+                if n_alt:
+                    alts = tuple(Alt(j, *self.pieces.get(j), lp) for j, lp in zip(top_id[i][:n_alt], top_lp[i][:n_alt]))
+                st.push(TokenInfo(tid, text, raw, chosen[i], alts))
+                self.stats.generated_tokens += 1
+            if all(st.finished for st in states):
+                return
+            mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=-1)
+            pos = pos[:, -1:] + 1
+            out = self.model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos,
+                             use_cache=True, **{self.cache_kw: cache})
+            cache, logits = cache_of(out), out.logits[:, -1, :]
+        for st in states:  # every row hit max_tokens by now; this is only a guard
+            if not st.finished:
+                st._emit(st.prefix_lens[-1], len(st.ids), self.tok.decode(st.ids, skip_special_tokens=True),
+                         "length")
+
+    def _choose(self, logits: torch.Tensor, states: list[RowState]) -> torch.Tensor:
+        """Greedy for temperature 0, else nucleus sampling per row (each row may carry its own seed)."""
+        nxt = logits.argmax(dim=-1)
+        for i, st in enumerate(states):
+            if st.finished or st.p.temperature <= 0:
+                continue
+            probs = torch.softmax(logits[i].float() / st.p.temperature, dim=-1)
+            if st.p.top_p < 1.0:
+                sp, si = probs.sort(descending=True)
+                keep = sp.cumsum(-1) - sp < st.p.top_p  # always keeps the most likely token
+                probs = torch.zeros_like(probs).scatter(0, si[keep], sp[keep])
+            gen = st.generator
+            if gen is not None and gen.device != probs.device:
+                probs = probs.cpu()
+            nxt[i] = torch.multinomial(probs, 1, generator=gen).item()
+        return nxt
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    ids: set[int] = set()
+    for source in (getattr(model, "generation_config", None), model.config):
+        eos = getattr(source, "eos_token_id", None) if source is not None else None
+        if eos is not None:
+            ids.update(eos if isinstance(eos, (list, tuple)) else [eos])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return {int(i) for i in ids}
+
+
+def cache_kwarg(model) -> str:
+    """transformers >= 5.2x names the KV cache argument `cache`; older versions `past_key_values`."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def cache_of(out):
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else getattr(out, "past_key_values", None)

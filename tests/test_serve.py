@@ -1,0 +1,276 @@
+"""`distill serve` against the official openai client on a live uvicorn server (tiny random Llama)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+import torch
+from conftest import make_llama, make_tokenizer
+
+KEY = "test-key"
+NAME = "tiny-student"
+LIMITS = {"max_prompt_tokens": 64, "max_tokens_limit": 32, "max_body_bytes": 20_000}
+
+
+@pytest.fixture(scope="module")
+def student_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("student")
+    tok = make_tokenizer(chat_template=True)
+    make_llama(len(tok), hidden=64, layers=2, seed=1).save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(student_dir):
+    """A uvicorn server on a free 127.0.0.1 port in a background thread; yields (base_url, app)."""
+    import uvicorn
+
+    from distill.serve import build_app
+
+    app = build_app(student_dir, served_model_name=NAME, api_key=KEY, max_batch_size=8, batch_wait_ms=20,
+                    device="cpu", **LIMITS)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not srv.started and time.time() < deadline:
+        time.sleep(0.05)
+    assert srv.started, "server did not start"
+    yield f"http://127.0.0.1:{port}", app
+    srv.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server[0] + "/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def ref(server):
+    """The served model and tokenizer, for reference computations outside the server."""
+    engine = server[1].state.engine
+    return engine.model, engine.tok
+
+
+def hf_greedy(ref, ids: list[int], n: int) -> list[int]:
+    model, tok = ref
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             max_new_tokens=n, do_sample=False, pad_token_id=tok.pad_token_id)
+    return out[0, len(ids):].tolist()
+
+
+def test_models_and_health(client, server):
+    assert [m.id for m in client.models.list().data] == [NAME]
+    health = httpx.get(server[0] + "/health").json()
+    assert health["status"] == "ok" and health["model"] == NAME
+
+
+def test_completion_matches_hf_greedy_and_counts_usage(client, ref):
+    prompt = "Q: Tom has 12 apples. He eats 5. How many"
+    r = client.completions.create(model=NAME, prompt=prompt, max_tokens=8, temperature=0, logprobs=0)
+    ids = ref[1](prompt).input_ids
+    want = hf_greedy(ref, ids, 8)
+    choice = r.choices[0]
+    assert choice.logprobs.model_extra["token_ids"] == want
+    assert choice.text == ref[1].decode(want, skip_special_tokens=True)
+    assert choice.finish_reason == ("stop" if want[-1] == 2 else "length")
+    assert r.usage.prompt_tokens == len(ids)
+    assert r.usage.completion_tokens == len(want)
+    assert r.usage.total_tokens == len(ids) + len(want)
+    assert r.object == "text_completion" and r.model == NAME
+
+
+def test_completion_logprobs_are_raw_model_logprobs(client, ref):
+    prompt = "The quick brown fox"
+    r = client.completions.create(model=NAME, prompt=prompt, max_tokens=6, temperature=0, logprobs=3)
+    lp = r.choices[0].logprobs
+    extra = lp.model_extra
+    ids = ref[1](prompt).input_ids
+    full = torch.tensor([ids + extra["token_ids"]])
+    with torch.no_grad():
+        logp = ref[0](full).logits[0, len(ids) - 1:-1].float().log_softmax(-1)
+    for i, tid in enumerate(extra["token_ids"]):
+        assert lp.token_logprobs[i] == pytest.approx(float(logp[i, tid]), abs=1e-4)
+        top = logp[i].topk(3)
+        assert extra["top_token_ids"][i] == top.indices.tolist()
+        assert extra["top_token_logprobs"][i] == pytest.approx(top.values.tolist(), abs=1e-4)
+        assert extra["top_token_ids"][i][0] == tid  # greedy picks the top-1
+        assert len(lp.top_logprobs[i]) <= 3
+    assert len(lp.tokens) == len(lp.text_offset) == r.usage.completion_tokens
+
+
+def test_chat_applies_template_and_reports_chat_logprobs(client, ref):
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}]
+    r = client.chat.completions.create(model=NAME, messages=messages, max_tokens=6, temperature=0,
+                                       logprobs=True, top_logprobs=2)
+    tok = ref[1]
+    ids = tok(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False),
+              add_special_tokens=False).input_ids
+    want = hf_greedy(ref, ids, 6)
+    choice = r.choices[0]
+    assert r.object == "chat.completion" and choice.message.role == "assistant"
+    assert choice.message.content == tok.decode(want, skip_special_tokens=True)
+    content = choice.logprobs.content
+    assert [c.model_extra["token_id"] for c in content] == want
+    for c in content:
+        assert len(c.top_logprobs) == 2 and c.top_logprobs[0].logprob >= c.top_logprobs[1].logprob
+        assert c.top_logprobs[0].model_extra["token_id"] == c.model_extra["token_id"]
+        assert c.logprob == pytest.approx(c.top_logprobs[0].logprob) and c.bytes is not None
+    assert r.usage.prompt_tokens == len(ids) and r.usage.completion_tokens == len(want)
+
+
+def test_streaming_equals_non_streaming(client):
+    kw = {"model": NAME, "max_tokens": 12, "temperature": 0}
+    plain = client.completions.create(prompt="Distillation trains", **kw).choices[0]
+    chunks = list(client.completions.create(prompt="Distillation trains", stream=True, **kw))
+    assert "".join(c.choices[0].text for c in chunks) == plain.text
+    assert chunks[-1].choices[0].finish_reason == plain.finish_reason
+
+    messages = [{"role": "user", "content": "hi"}]
+    chat = client.chat.completions.create(messages=messages, **kw).choices[0]
+    stream = list(client.chat.completions.create(messages=messages, stream=True, logprobs=True, top_logprobs=1,
+                                                 stream_options={"include_usage": True}, **kw))
+    assert stream[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert text == chat.message.content
+    finals = [c.choices[0].finish_reason for c in stream if c.choices and c.choices[0].finish_reason]
+    assert finals == [chat.finish_reason]
+    n_lp = sum(len(c.choices[0].logprobs.content) for c in stream if c.choices and c.choices[0].logprobs)
+    assert stream[-1].usage is not None and stream[-1].usage.completion_tokens == n_lp
+
+
+def test_raw_sse_format(server):
+    body = {"model": NAME, "prompt": "hello", "max_tokens": 3, "temperature": 0, "stream": True}
+    r = httpx.post(server[0] + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    events = [e for e in r.text.split("\n\n") if e]
+    assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
+    assert json.loads(events[0][6:])["object"] == "text_completion"
+
+
+def test_n_choices_and_prompt_lists(client):
+    r = client.completions.create(model=NAME, prompt=["a", "b"], n=3, max_tokens=5, temperature=1.0, seed=7)
+    assert sorted(c.index for c in r.choices) == list(range(6))
+    again = client.completions.create(model=NAME, prompt=["a", "b"], n=3, max_tokens=5, temperature=1.0, seed=7)
+    assert [c.text for c in r.choices] == [c.text for c in again.choices]  # seeded sampling reproduces
+    chat = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "hi"}], n=2,
+                                          max_tokens=4, temperature=0.8, top_p=0.9)
+    assert [c.index for c in chat.choices] == [0, 1]
+    assert chat.usage.completion_tokens >= 2
+
+
+def _stop_inside(text: str) -> str:
+    """A 2-character stop string taken from the middle of `text` (no replacement characters)."""
+    for i in range(2, len(text) - 1):
+        s = text[i:i + 2]
+        if "\ufffd" not in s and text.find(s) == i:
+            return s
+    pytest.skip("greedy output too short for a stop test")
+
+
+def test_stop_strings_cut_text_in_plain_and_streaming(client):
+    kw = {"model": NAME, "prompt": "The quick brown fox", "temperature": 0, "max_tokens": 24}
+    full = client.completions.create(**kw).choices[0].text
+    stop = _stop_inside(full)
+    want = full[:full.find(stop)]
+    cut = client.completions.create(stop=[stop], **kw).choices[0]
+    assert cut.text == want and cut.finish_reason == "stop"
+    chunks = list(client.completions.create(stop=stop, stream=True, **kw))
+    assert "".join(c.choices[0].text for c in chunks) == want
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_wrong_or_missing_api_key_is_401(server):
+    bad = openai.OpenAI(base_url=server[0] + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as err:
+        bad.completions.create(model=NAME, prompt="hi", max_tokens=2)
+    assert err.value.status_code == 401
+    r = httpx.get(server[0] + "/v1/models")
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+
+
+def _post(server, body, raw: bytes | None = None, path="/v1/completions"):
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    content = raw if raw is not None else json.dumps(body).encode()
+    return httpx.post(server[0] + path, content=content, headers=headers)
+
+
+def _assert_openai_error(r, status: int, code: str | None = None, param: str | None = None):
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    if code:
+        assert err["code"] == code
+    if param:
+        assert err["param"] == param
+
+
+def test_oversized_body_is_413(server):
+    r = _post(server, {"model": NAME, "prompt": "x" * (LIMITS["max_body_bytes"] + 10)})
+    _assert_openai_error(r, 413, "request_too_large")
+
+
+def test_limits_are_400(client, server):
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model=NAME, prompt="word " * 200, max_tokens=2)
+    assert err.value.status_code == 400 and err.value.code == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model=NAME, prompt="hi", max_tokens=LIMITS["max_tokens_limit"] + 1)
+    assert err.value.param == "max_tokens"
+    _assert_openai_error(_post(server, {"model": NAME, "prompt": "hi", "logprobs": 21}), 400, param="logprobs")
+    _assert_openai_error(_post(server, {"model": NAME, "prompt": "hi", "n": 99}), 400, param="n")
+
+
+def test_malformed_and_invalid_requests_are_4xx_in_openai_shape(server):
+    _assert_openai_error(_post(server, None, raw=b'{"model": "x", "prompt": '), 400, "invalid_json")
+    _assert_openai_error(_post(server, None, raw=b"[1, 2]"), 400, "invalid_json")
+    _assert_openai_error(_post(server, None, raw=b"\xff\xfe"), 400, "invalid_json")
+    _assert_openai_error(_post(server, {"model": NAME}), 400, param="prompt")
+    _assert_openai_error(_post(server, {"model": NAME, "prompt": "hi", "temperature": "hot"}), 400,
+                         param="temperature")
+    _assert_openai_error(_post(server, {"model": NAME, "prompt": "hi", "max_tokens": 0}), 400, param="max_tokens")
+    _assert_openai_error(_post(server, {"model": NAME, "prompt": [[99999]]}), 400, param="prompt")
+    _assert_openai_error(_post(server, {"model": NAME, "prompt": "hi", "stop": ["a"] * 5}), 400, param="stop")
+    _assert_openai_error(_post(server, {"model": NAME, "prompt": "hi", "presence_penalty": 1}), 400,
+                         param="presence_penalty")
+    _assert_openai_error(_post(server, {"model": "other", "prompt": "hi"}), 404, "model_not_found")
+    chat = "/v1/chat/completions"
+    _assert_openai_error(_post(server, {"model": NAME, "messages": []}, path=chat), 400, param="messages")
+    _assert_openai_error(_post(server, {"model": NAME, "messages": [{"role": "bot", "content": "x"}]}, path=chat),
+                         400)
+    _assert_openai_error(_post(server, {"model": NAME, "messages": [{"role": "user", "content": "x"}],
+                                        "top_logprobs": 2}, path=chat), 400, param="top_logprobs")
+    _assert_openai_error(httpx.get(server[0] + "/v1/nothing"), 404)
+    _assert_openai_error(httpx.get(server[0] + "/v1/completions"), 405)
+
+
+def test_concurrent_requests_are_batched_and_correct(client, server, ref):
+    engine = server[1].state.engine
+    prompts = [f"Q: Tom has {a} apples. He eats {b}. How many" for a, b in
+               [(12, 5), (20, 3), (9, 4), (15, 7), (30, 11), (8, 2), (44, 13), (17, 9)]]
+    before = engine.stats.batches
+
+    def ask(p):
+        return client.completions.create(model=NAME, prompt=p, max_tokens=8, temperature=0, logprobs=0)
+
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        answers = list(pool.map(ask, prompts))
+    batches = engine.stats.batches - before
+    assert len(answers) == len(prompts)
+    assert batches < len(prompts), "the batcher never merged concurrent requests"
+    assert engine.stats.max_rows_in_batch > 1
+    for p, a in zip(prompts, answers):  # left padding inside a batch must not change greedy outputs
+        assert a.choices[0].logprobs.model_extra["token_ids"] == hf_greedy(ref, ref[1](p).input_ids, 8)
