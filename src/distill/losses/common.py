@@ -218,24 +218,23 @@ class _ChunkedTokenSum(torch.autograd.Function):
                 loss = token_fn(rows, *rest).sum()
             total += loss.detach()
             del rows, rest, loss
-        ctx.grad, ctx.applied = grad, None
+        ctx.grad = grad
         ctx.n_payload = len(payload)
         return total
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
-        # The first backward scales the stored gradient in place (no second tokens x vocab buffer); a repeat
-        # (retain_graph, gradcheck) rescales from the factor applied then.
-        grad, applied = ctx.grad, ctx.applied
-        if applied is None and bool(grad_out != 0):
-            grad.mul_(grad_out.to(grad.dtype))
-            ctx.applied = grad_out.detach().clone()
-            out = grad
-        elif applied is None:
-            out = torch.zeros_like(grad)
-        else:
-            out = grad * (grad_out / applied).to(grad.dtype)
-        return (out, None, None, None, None, None, *([None] * ctx.n_payload))
+        # Scale the stored gradient in place and hand it over (dropping our reference, so autograd can take
+        # it as the leaf's .grad without a copy): one tokens x vocab buffer in all, at the price of a single
+        # backward pass through this node.
+        grad, ctx.grad = ctx.grad, None
+        if grad is None:
+            raise RuntimeError(
+                "the chunked loss supports one backward pass (its stored gradient is handed over); "
+                "use chunk_size=None for retain_graph, double backward or gradcheck"
+            )
+        grad.mul_(grad_out.to(grad.dtype))
+        return (grad, None, None, None, None, None, *([None] * ctx.n_payload))
 
 
 def token_sum(
