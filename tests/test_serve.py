@@ -274,3 +274,38 @@ def test_concurrent_requests_are_batched_and_correct(client, server, ref):
     assert engine.stats.max_rows_in_batch > 1
     for p, a in zip(prompts, answers):  # left padding inside a batch must not change greedy outputs
         assert a.choices[0].logprobs.model_extra["token_ids"] == hf_greedy(ref, ref[1](p).input_ids, 8)
+
+
+@pytest.mark.parametrize("api", ["completions", "chat"])
+def test_serves_as_the_openai_teacher_of_another_distill_run(server, ref, api, monkeypatch):
+    """distill's own openai teacher backend reads exact top-k ids from this server ('token_id:N' tokens)."""
+    from distill.config import GenerateConfig, TeacherConfig
+    from distill.data import Record
+    from distill.teachers.base import Prompt
+    from distill.teachers.openai import OpenAITeacher
+
+    monkeypatch.setenv("DISTILL_TEST_KEY", KEY)
+    tcfg = TeacherConfig(backend="openai", model=NAME, base_url=server[0] + "/v1", api_key_env="DISTILL_TEST_KEY",
+                         api=api, max_concurrency=3, extra_body={"return_tokens_as_token_ids": True})
+    texts = ["Q: Tom has 9 apples. He eats 4. How many", "hello", "The quick brown fox"]
+    prompts = [Prompt(index=i, record=Record(prompt=t), text=t) for i, t in enumerate(texts)]
+    teacher = OpenAITeacher(tcfg)
+    try:
+        outs = list(teacher.generate(prompts, GenerateConfig(max_new_tokens=6, temperature=0.0, top_k=3)))
+    finally:
+        teacher.close()
+    assert len(outs) == len(prompts)
+    model, tok = ref
+    for prompt, c in outs:
+        assert c.topk_ids is not None and c.topk_ids.shape == (len(c.token_ids), 3)
+        assert c.topk_ids[:, 0].tolist() == c.token_ids  # greedy: the sampled token is the top-1
+        if api == "completions":
+            ids = tok(prompt.text).input_ids
+        else:
+            ids = tok(tok.apply_chat_template([{"role": "user", "content": prompt.text}], add_generation_prompt=True,
+                                              tokenize=False), add_special_tokens=False).input_ids
+        with torch.no_grad():
+            logp = model(torch.tensor([ids + c.token_ids])).logits[0, len(ids) - 1:-1].float().log_softmax(-1)
+        top = logp.topk(3)
+        assert c.topk_ids.tolist() == top.indices.tolist()
+        assert c.topk_logprobs == pytest.approx(top.values.numpy(), abs=1e-4)

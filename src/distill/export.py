@@ -16,9 +16,7 @@ import time
 import warnings
 from pathlib import Path
 
-import torch
-
-from distill.modeling import count_parameters, load_model, load_tokenizer_for, save_model
+# torch, transformers and peft are imported inside the functions: `import distill` stays light.
 
 INT8_WEIGHTS = "model.int8.safetensors"
 ONNX_HINT = 'ONNX export needs onnx and onnxruntime: pip install "distill[onnx]"'
@@ -37,6 +35,8 @@ HELD_OUT_PROMPTS = [  # a small built-in held-out set when the user gives none
 # ---- loading ---------------------------------------------------------------------------------------
 def load_student(model_dir: str | Path, dtype: str = "auto", device: str = "auto"):
     """(model, tokenizer, info) for a full HF model dir, or a LoRA adapter dir merged into its base."""
+    from distill.modeling import load_model, load_tokenizer_for
+
     path = Path(str(model_dir))
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such model directory")
@@ -68,6 +68,7 @@ def _dynamic_linear():
 def quantize_int8(model, skip: tuple[str, ...] = ("lm_head",)):
     """Dynamic int8 (per-channel weights, activations quantized on the fly) on every nn.Linear except
     `skip` (the output head is kept in float: it is cheap to keep and costs agreement when quantized)."""
+    import torch
     import torch.ao.quantization as tq
 
     names = [n for n, m in model.named_modules()
@@ -81,6 +82,7 @@ def quantize_int8(model, skip: tuple[str, ...] = ("lm_head",)):
 
 def save_int8(qmodel, names: list[str], tokenizer, out_dir: str | Path) -> Path:
     """Plain tensors in safetensors (no pickle): int8 weights + per-channel scales/zero points."""
+    import torch
     from safetensors.torch import save_file
 
     out = Path(out_dir)
@@ -113,6 +115,7 @@ def save_int8(qmodel, names: list[str], tokenizer, out_dir: str | Path) -> Path:
 
 def load_int8(int8_dir: str | Path):
     """Rebuild the architecture from config.json, quantize the same modules, then load the int8 tensors."""
+    import torch
     import torch.ao.quantization as tq
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -147,7 +150,6 @@ def load_int8(int8_dir: str | Path):
 
 
 # ---- parity ----------------------------------------------------------------------------------------
-@torch.no_grad()
 def parity(reference, candidate, tokenizer, prompts: list[str], max_new_tokens: int = 16) -> dict:
     """How closely `candidate` (e.g. int8) follows `reference` (full precision) on `prompts`.
 
@@ -155,6 +157,15 @@ def parity(reference, candidate, tokenizer, prompts: list[str], max_new_tokens: 
     top1_agreement: teacher-forced on the reference continuation, candidate argmax == reference token;
     mean_kl: KL(reference || candidate) per continuation position; greedy_exact_match: whole sequences equal.
     """
+    import torch
+
+    with torch.no_grad():
+        return _parity(reference, candidate, tokenizer, prompts, max_new_tokens)
+
+
+def _parity(reference, candidate, tokenizer, prompts: list[str], max_new_tokens: int) -> dict:
+    import torch
+
     same = total = top1 = exact = 0
     kl_sum, max_diff = 0.0, 0.0
     for prompt in prompts:
@@ -177,8 +188,10 @@ def parity(reference, candidate, tokenizer, prompts: list[str], max_new_tokens: 
             "mean_kl": kl_sum / max(total, 1), "max_abs_logit_diff": max_diff}
 
 
-def _greedy(model, ids: torch.Tensor, n: int) -> torch.Tensor:
+def _greedy(model, ids, n: int):
     """n greedy tokens (EOS not special: both models are compared on the same number of positions)."""
+    import torch
+
     from distill.serving.engine import cache_kwarg, cache_of
 
     out, past, step, kw = [], None, ids, cache_kwarg(model)
@@ -191,15 +204,19 @@ def _greedy(model, ids: torch.Tensor, n: int) -> torch.Tensor:
 
 
 # ---- ONNX ------------------------------------------------------------------------------------------
-class _LogitsOnly(torch.nn.Module):
+def _logits_only(model):
     """(input_ids, attention_mask) -> logits, no cache: the graph ONNX runtimes can run as is."""
+    import torch
 
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
+    class LogitsOnly(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
 
-    def forward(self, input_ids, attention_mask):
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        def forward(self, input_ids, attention_mask):
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+    return LogitsOnly(model).eval()
 
 
 def export_onnx(model, tokenizer, out_dir: str | Path, atol: float = 1e-3) -> dict:
@@ -208,14 +225,16 @@ def export_onnx(model, tokenizer, out_dir: str | Path, atol: float = 1e-3) -> di
     try:
         import onnx  # noqa: F401
         import onnxruntime as ort
+        import onnxscript  # noqa: F401  (torch.onnx's dynamo exporter needs it)
     except ImportError as exc:
-        raise ImportError(ONNX_HINT) from exc
+        raise ImportError(f"{ONNX_HINT} ({exc})") from exc
+    import torch
     from torch.export import Dim
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "model.onnx"
-    wrapper = _LogitsOnly(model.float().cpu().eval())
+    wrapper = _logits_only(model.float().cpu().eval())
     vocab = model.config.vocab_size
     ids = torch.randint(3, vocab, (2, 8))
     batch, seq = Dim("batch"), Dim("seq")
@@ -249,6 +268,8 @@ def export(model_dir: str | Path, out_dir: str | Path, quantize: str | None = No
 
     `prompts`: held-out prompts for the int8 parity report, as texts or a prompts file (JSONL, Parquet,
     CSV: rendered with the student's chat template like every other stage); default: a built-in set."""
+    from distill.modeling import count_parameters, save_model
+
     if quantize not in (None, "int8"):
         raise ValueError(f"--quantize '{quantize}': only 'int8' is supported")
     t0 = time.time()

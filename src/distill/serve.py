@@ -3,7 +3,9 @@
 Routes: /v1/models, /v1/completions, /v1/chat/completions (SSE with `stream: true`), /health.
 Concurrent requests are batched by one worker (see distill.serving.engine). Logprobs are raw
 (temperature 1) and also carry token ids (`token_ids`, `top_token_ids` in completions; `token_id` in each
-chat entry), so another distill run can use this server as its openai teacher.
+chat entry); with `return_tokens_as_token_ids` (per request, vLLM's extension, or `--return-tokens-as-token-ids`)
+the token strings themselves are "token_id:N", which is what distill's openai teacher reads into ids, so
+another distill run can use this server as its teacher.
 
 Run as: `distill serve runs/demo/students/small --port 8000 --api-key $KEY`
 """
@@ -27,11 +29,13 @@ def build_app(
     max_prompt_tokens: int | None = None,
     max_tokens_limit: int = 1024,
     max_body_bytes: int = 1_000_000,
+    return_tokens_as_token_ids: bool = False,
     dtype: str = "auto",
     device: str = "auto",
 ):
     """Load MODEL_DIR (a full model or a LoRA adapter dir, merged) and wrap it in the app."""
     from distill.export import load_student
+    from distill.serving import Engine, ServeOptions, create_app
 
     model, tokenizer, _ = load_student(model_dir, dtype=dtype, device=device)
     engine = Engine(model, tokenizer, max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms)
@@ -41,6 +45,7 @@ def build_app(
         max_prompt_tokens=max_prompt_tokens,
         max_tokens_limit=max_tokens_limit,
         max_body_bytes=max_body_bytes,
+        return_tokens_as_token_ids=return_tokens_as_token_ids,
     )
     return create_app(engine, options)
 

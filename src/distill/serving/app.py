@@ -45,6 +45,7 @@ class ServeOptions:
     max_body_bytes: int = 1_000_000
     max_n: int = 16
     max_logprobs: int = 20
+    return_tokens_as_token_ids: bool = False  # default for requests that do not say
 
 
 def create_app(engine: Engine, options: ServeOptions | None = None) -> FastAPI:
@@ -267,9 +268,12 @@ async def _respond(engine: Engine, opts: ServeOptions, req, prompts: list[list[i
     head = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
             "model": opts.served_model_name, "system_fingerprint": None}
     prompt_tokens = sum(len(p) for p in prompts)
+    as_ids = req.return_tokens_as_token_ids
+    as_ids = opts.return_tokens_as_token_ids if as_ids is None else as_ids
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return StreamingResponse(_stream(sub, head, chat, logprobs is not None, prompt_tokens, include_usage),
+        lp_mode = None if logprobs is None else as_ids
+        return StreamingResponse(_stream(sub, head, chat, lp_mode, prompt_tokens, include_usage),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     n_choices = len(sub.rows)
     texts, tokens, reasons = [[] for _ in range(n_choices)], [[] for _ in range(n_choices)], [None] * n_choices
@@ -285,7 +289,7 @@ async def _respond(engine: Engine, opts: ServeOptions, req, prompts: list[list[i
         text = "".join(texts[i])
         lp = None
         if logprobs is not None:
-            lp = chat_logprobs(tokens[i]) if chat else completion_logprobs(tokens[i])
+            lp = chat_logprobs(tokens[i], as_ids) if chat else completion_logprobs(tokens[i], 0, as_ids)
         if chat:
             choices.append({"index": i, "message": {"role": "assistant", "content": text}, "logprobs": lp,
                             "finish_reason": reasons[i]})
@@ -300,9 +304,10 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-async def _stream(sub: _Submission, head: dict, chat: bool, with_lp: bool, prompt_tokens: int,
+async def _stream(sub: _Submission, head: dict, chat: bool, lp_mode: Optional[bool], prompt_tokens: int,
                   include_usage: bool) -> AsyncIterator[str]:
-    """SSE: `data: {chunk}\\n\\n` per event, an optional usage chunk, then `data: [DONE]`."""
+    """SSE: `data: {chunk}\\n\\n` per event, an optional usage chunk, then `data: [DONE]`.
+    `lp_mode`: None (no logprobs), else whether token strings are "token_id:N"."""
     head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
     extra = {"usage": None} if include_usage else {}
     offsets = [0] * len(sub.rows)
@@ -320,8 +325,9 @@ async def _stream(sub: _Submission, head: dict, chat: bool, with_lp: bool, promp
             return
         completion_tokens += len(ev.tokens)
         lp = None
-        if with_lp and ev.tokens:
-            lp = chat_logprobs(ev.tokens) if chat else completion_logprobs(ev.tokens, offsets[index])
+        if lp_mode is not None and ev.tokens:
+            lp = (chat_logprobs(ev.tokens, lp_mode) if chat
+                  else completion_logprobs(ev.tokens, offsets[index], lp_mode))
         offsets[index] += len(ev.text)
         if chat:
             delta = {"content": ev.text} if ev.text or not ev.finish_reason else {}

@@ -63,6 +63,9 @@ class _Common(BaseModel):
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
     user: str | None = None
+    # vLLM's extension: logprob token strings become "token_id:N" (exact ids; what distill's openai
+    # teacher reads when its extra_body sets it). None: the server's default.
+    return_tokens_as_token_ids: bool | None = None
 
     @field_validator("stop")
     @classmethod
@@ -155,7 +158,11 @@ def _lp(x: float) -> float:
     return max(float(x), LOGPROB_FLOOR)
 
 
-def completion_logprobs(tokens: list, start_offset: int = 0) -> dict:
+def _name(t, as_ids: bool) -> str:
+    return f"token_id:{t.id}" if as_ids else t.text
+
+
+def completion_logprobs(tokens: list, start_offset: int = 0, as_ids: bool = False) -> dict:
     """OpenAI's legacy completions shape, plus `token_ids` / `top_token_ids` / `top_token_logprobs`:
     the exact ids behind each string (two ids can decode to the same string, which would collide as
     keys of the `top_logprobs` dicts)."""
@@ -163,11 +170,11 @@ def completion_logprobs(tokens: list, start_offset: int = 0) -> dict:
                  "token_ids": [], "top_token_ids": [], "top_token_logprobs": []}
     offset = start_offset
     for t in tokens:
-        out["tokens"].append(t.text)
+        out["tokens"].append(_name(t, as_ids))
         out["token_logprobs"].append(_lp(t.logprob))
         top: dict[str, float] = {}
         for alt in t.top:
-            top.setdefault(alt.text, _lp(alt.logprob))
+            top.setdefault(_name(alt, as_ids), _lp(alt.logprob))
         out["top_logprobs"].append(top)
         out["text_offset"].append(offset)
         out["token_ids"].append(t.id)
@@ -177,13 +184,13 @@ def completion_logprobs(tokens: list, start_offset: int = 0) -> dict:
     return out
 
 
-def chat_logprobs(tokens: list) -> dict:
+def chat_logprobs(tokens: list, as_ids: bool = False) -> dict:
     """OpenAI's chat shape; each entry (and each alternative) also carries its `token_id`."""
     content = []
     for t in tokens:
         content.append({
-            "token": t.text, "logprob": _lp(t.logprob), "bytes": list(t.bytes), "token_id": t.id,
-            "top_logprobs": [{"token": a.text, "logprob": _lp(a.logprob), "bytes": list(a.bytes),
+            "token": _name(t, as_ids), "logprob": _lp(t.logprob), "bytes": list(t.bytes), "token_id": t.id,
+            "top_logprobs": [{"token": _name(a, as_ids), "logprob": _lp(a.logprob), "bytes": list(a.bytes),
                               "token_id": a.id} for a in t.top],
         })
     return {"content": content, "refusal": None}
