@@ -11,7 +11,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest
 import torch
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+torch.set_num_threads(1)  # tiny models: one thread is as fast and immune to core contention
 
 CORPUS = [
     "Q: Lily has 43 cards. She finds 19 more. How many cards now? A: 43 + 19 = 62. The answer is 62.",

@@ -139,7 +139,7 @@ def generate(config: Config) -> Path:
         todo = [p for p in prompts if p.key not in done]
         where = f" (worker {rank}/{world})" if world > 1 else ""
         console.print(f"[bold]generate[/]{where}: {len(prompts)} prompts, {len(prompts) - len(todo)} already "
-                      f"in {path}, {len(todo)} to do", highlight=False)
+                      f"in {path}, {len(todo)} to do", highlight=False, soft_wrap=True)
         if todo:
             _run(config, todo, store, identity, _device_for(rank, world, config), tokenizer)
     return path
@@ -163,7 +163,7 @@ def _run(config: Config, todo: list[Prompt], store: Store, identity: str, device
         teacher.close()
     elapsed = time.perf_counter() - start
     console.print(f"generated {rows} rows, {tokens} tokens in {elapsed:.1f}s "
-                  f"({tokens / max(elapsed, 1e-9):,.0f} tokens/s)", highlight=False)
+                  f"({tokens / max(elapsed, 1e-9):,.0f} tokens/s)", highlight=False, soft_wrap=True)
 
 
 def _build(config: Config, device, tokenizer):

@@ -1,0 +1,181 @@
+"""DistillationTrainer: plain `transformers.Trainer` with a distillation `compute_loss`.
+
+Everything TrainingArguments gives keeps working (gradient accumulation, checkpoints and resume, report_to,
+`accelerate launch` / torchrun with DDP or FSDP) because only the loss changes. The objective is a weighted
+sum of registered losses (`distill.losses.LOSSES`), each component logged as `loss/<name>`.
+
+Normalisation: every component is a sum over counted completion tokens divided by `num_items_in_batch`, the
+token count of the whole global batch (all gradient-accumulation micro-batches and all processes) that the
+Trainer computes from the labels, so the gradient equals one big batch's regardless of how it is split.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+from transformers import Trainer
+
+from distill.losses import HIDDEN_LOSSES, LOSSES
+from distill.signals import SparseSignal
+
+
+@dataclass
+class LossSpec:
+    """One weighted loss component, resolved from config."""
+
+    name: str
+    weight: float = 1.0
+    temperature: float = 1.0
+    params: dict | None = None
+
+    @property
+    def key(self) -> str:
+        return self.name
+
+
+class DistillationTrainer(Trainer):
+    """Trainer whose loss mixes divergences to a teacher signal (online dense logits or offline top-k).
+
+    teacher: a frozen model for online distillation (kept in eval mode, no grad, in its own dtype), or None
+    when batches carry a sparse signal (`topk_ids`, `topk_logprobs`, `topk_tail`) or for labels-only training.
+    """
+
+    def __init__(
+        self,
+        *args,
+        teacher: torch.nn.Module | None = None,
+        losses: list[LossSpec] | None = None,
+        sparse_mode: str = "tail",
+        scale_temperature: bool = True,
+        chunk_size: int | None = None,
+        vocab_size: int | None = None,
+        projections: torch.nn.Module | None = None,
+        **kwargs,
+    ):
+        super().__init__(*args, **kwargs)
+        self.teacher = teacher
+        if teacher is not None:
+            teacher.eval()
+            teacher.requires_grad_(False)
+            # Device placement follows the student (FSDP/DeepSpeed sharding of the teacher is left to the
+            # caller through accelerate; a replicated teacher is the default).
+            teacher.to(self.args.device)
+        self.loss_specs = losses or [LossSpec("forward_kl")]
+        self.sparse_mode = sparse_mode
+        self.scale_temperature = scale_temperature
+        self.chunk_size = chunk_size
+        self.vocab_size = vocab_size
+        self.projections = projections
+        if projections is not None:
+            projections.to(self.args.device)
+        self._component_sums: dict[str, list[float]] = defaultdict(list)
+        # Our loss is always normalised by the global token count, so let the Trainer count it (over shifted
+        # labels) and not divide again by the accumulation steps.
+        self.model_accepts_loss_kwargs = True
+        self._loss_shifts_labels = True
+        self.loss_is_scaled_for_ga = True
+
+    # ----------------------------------------------------------------- optimiser: learned projections too
+    def create_optimizer(self, *args, **kwargs):
+        optimizer = super().create_optimizer(*args, **kwargs)
+        if self.projections is not None and not getattr(self, "_projections_added", False):
+            optimizer.add_param_group({"params": list(self.projections.parameters()), "weight_decay": 0.0})
+            self._projections_added = True
+        return optimizer
+
+    # ----------------------------------------------------------------- the loss
+    def _needs(self) -> tuple[bool, bool]:
+        names = {s.name for s in self.loss_specs}
+        needs_hidden = bool(names & HIDDEN_LOSSES)
+        needs_teacher = any(n != "cross_entropy" for n in names)
+        return needs_hidden, needs_teacher
+
+    def _teacher_signal(self, inputs: dict, needs_hidden: bool):
+        """Dense logits from the live teacher, or the sparse top-k carried by the batch."""
+        if "topk_ids" in inputs:
+            return SparseSignal(inputs["topk_ids"], inputs["topk_logprobs"], inputs.get("topk_tail")), None
+        if self.teacher is None:
+            return None, None
+        with torch.no_grad():
+            out = self.teacher(
+                input_ids=inputs["input_ids"],
+                attention_mask=inputs.get("attention_mask"),
+                output_hidden_states=needs_hidden,
+                use_cache=False,
+            )
+        return out.logits[:, :-1], (out.hidden_states if needs_hidden else None)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = dict(inputs)
+        labels = inputs.pop("labels")
+        sparse_keys = {k: inputs.pop(k) for k in ("topk_ids", "topk_logprobs", "topk_tail") if k in inputs}
+        needs_hidden, needs_teacher = self._needs()
+        outputs = model(
+            input_ids=inputs["input_ids"],
+            attention_mask=inputs.get("attention_mask"),
+            output_hidden_states=needs_hidden,
+            use_cache=False,
+        )
+        logits = outputs.logits[:, :-1]
+        targets = labels[:, 1:]
+        mask = targets != -100
+        if num_items_in_batch is None:  # evaluation, or a caller outside the Trainer loop
+            num_items_in_batch = mask.sum()
+        num_items = num_items_in_batch.to(logits.device) if torch.is_tensor(num_items_in_batch) else num_items_in_batch
+
+        signal, teacher_hidden = (None, None)
+        if needs_teacher:
+            signal, teacher_hidden = self._teacher_signal({**inputs, **sparse_keys}, needs_hidden)
+            if signal is None:
+                raise ValueError(
+                    "train.losses asks for a teacher divergence but there is no teacher signal: use "
+                    "train.signal=online (a local teacher) or offline (a store with top-k), or only cross_entropy"
+                )
+
+        total = logits.new_zeros((), dtype=torch.float32)
+        for spec in self.loss_specs:
+            fn = LOSSES[spec.name]
+            params = dict(spec.params or {})
+            if spec.name in HIDDEN_LOSSES:
+                if teacher_hidden is None:
+                    raise ValueError(f"{spec.name} needs an online teacher (train.signal=online)")
+                value = fn(
+                    outputs.hidden_states, teacher_hidden, attention_mask_for_hidden(inputs, labels),
+                    projections=self.projections, num_items_in_batch=None, **params,
+                )
+            else:
+                teacher = targets if spec.name == "cross_entropy" else signal
+                kwargs = dict(temperature=spec.temperature, num_items_in_batch=num_items, **params)
+                if spec.name != "cross_entropy":
+                    kwargs.update(scale_temperature=self.scale_temperature, sparse_mode=self.sparse_mode)
+                    if self.vocab_size is not None:
+                        kwargs.setdefault("vocab_size", self.vocab_size)
+                if self.chunk_size is not None:
+                    kwargs["chunk_size"] = self.chunk_size
+                value = fn(logits, teacher, mask, **kwargs)
+            total = total + spec.weight * value
+            if model.training:
+                # Logged per micro-batch as the share of the global batch; summed back in `log`.
+                self._component_sums[spec.name].append(float(value.detach()))
+
+        if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1 and num_items_in_batch is not None:
+            # DDP averages gradients over processes; our loss is already divided by the global count.
+            total = total * self.accelerator.num_processes
+        return (total, outputs) if return_outputs else total
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        """Add the mean per-step value of each loss component to the Trainer's log line."""
+        if "loss" in logs and self._component_sums:
+            steps = max(1, self.args.gradient_accumulation_steps)
+            for name, values in self._component_sums.items():
+                # each optimiser step contributes `steps` micro-batch shares that add up to the step's value
+                logs[f"loss/{name}"] = round(sum(values) / max(1, len(values) / steps), 6)
+            self._component_sums.clear()
+        super().log(logs, *args, **kwargs)
+
+
+def attention_mask_for_hidden(inputs: dict, labels: torch.Tensor) -> torch.Tensor:
+    """Hidden states are compared on completion tokens (unshifted positions with a label)."""
+    return labels != -100

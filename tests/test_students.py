@@ -1,0 +1,52 @@
+import torch
+
+from conftest import make_llama
+from distill.config import StudentConfig
+from distill.modeling import count_parameters
+from distill.students import build_student, evenly_spaced, prune_layers
+
+
+def test_evenly_spaced_keeps_ends():
+    assert evenly_spaced(12, 6) == [0, 2, 4, 7, 9, 11]
+    assert evenly_spaced(4, 2) == [0, 3]
+    assert evenly_spaced(4, 4) == [0, 1, 2, 3]
+    assert evenly_spaced(4, 1) == [3]
+
+
+def test_prune_copies_kept_layers_and_matches_identity_prune():
+    teacher = make_llama(300, layers=4)
+    full = prune_layers(teacher, [0, 1, 2, 3])
+    x = torch.randint(3, 300, (2, 9))
+    torch.testing.assert_close(full(x).logits, teacher(x).logits)
+    student = prune_layers(teacher, [0, 3])
+    assert student.config.num_hidden_layers == 2
+    sd_t, sd_s = teacher.state_dict(), student.state_dict()
+    torch.testing.assert_close(sd_s["model.layers.1.mlp.up_proj.weight"], sd_t["model.layers.3.mlp.up_proj.weight"])
+    torch.testing.assert_close(sd_s["lm_head.weight"], sd_t["lm_head.weight"])
+    # generation with the KV cache works on the re-indexed layers
+    out = student.generate(x[:, :4], max_new_tokens=3, do_sample=False)
+    assert out.shape == (2, 7)
+
+
+def test_build_student_modes(teacher_dir):
+    s, info = build_student(StudentConfig(init="prune", num_layers=2), teacher_path=str(teacher_dir))
+    assert info.kept_layers == [0, 3] and info.teacher_params > info.student_params
+    assert info.compression > 1
+    s2, info2 = build_student(
+        StudentConfig(init="config", config={"num_hidden_layers": 1, "hidden_size": 32, "intermediate_size": 64}),
+        teacher_path=str(teacher_dir),
+    )
+    assert s2.config.hidden_size == 32 and info2.student_params == count_parameters(s2)
+    s3, info3 = build_student(StudentConfig(init="lora", model=str(teacher_dir)), teacher_path=str(teacher_dir))
+    assert 0 < info3.trainable_params < info3.student_params
+
+
+def test_build_student_errors(teacher_dir):
+    import pytest
+
+    with pytest.raises(ValueError, match="no field 'hiden_size'"):
+        build_student(StudentConfig(init="config", config={"hiden_size": 8}), teacher_path=str(teacher_dir))
+    with pytest.raises(ValueError, match="between 1 and"):
+        build_student(StudentConfig(init="prune", num_layers=9), teacher_path=str(teacher_dir))
+    with pytest.raises(ValueError, match="student.model"):
+        build_student(StudentConfig(init="lora"), teacher_path=str(teacher_dir))
