@@ -99,7 +99,7 @@ def measure(model_dir: Path, args, max_batch_size: int) -> dict:
     lat = sorted(x for x, _ in results)
     tokens = sum(t for _, t in results)
     return {"requests": len(results), "wall_s": wall, "req_per_s": len(results) / wall, "tokens_per_s": tokens / wall,
-            "p50_s": statistics.median(lat), "p95_s": lat[min(len(lat) - 1, int(round(0.95 * (len(lat) - 1))))],
+            "p50_s": statistics.median(lat), "p95_s": lat[min(len(lat) - 1, round(0.95 * (len(lat) - 1)))],
             "batches": batches, "mean_rows_per_batch": rows / max(batches, 1)}
 
 

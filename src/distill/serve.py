@@ -15,8 +15,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from distill.serving import Engine, ServeOptions, create_app
-
 API_KEY_ENV = "DISTILL_API_KEY"
 
 

@@ -304,7 +304,7 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-async def _stream(sub: _Submission, head: dict, chat: bool, lp_mode: Optional[bool], prompt_tokens: int,
+async def _stream(sub: _Submission, head: dict, chat: bool, lp_mode: bool | None, prompt_tokens: int,
                   include_usage: bool) -> AsyncIterator[str]:
     """SSE: `data: {chunk}\\n\\n` per event, an optional usage chunk, then `data: [DONE]`.
     `lp_mode`: None (no logprobs), else whether token strings are "token_id:N"."""
