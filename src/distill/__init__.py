@@ -3,7 +3,6 @@
 Public API (each stage also runs from the CLI as `distill STAGE CONFIG [key=value ...]`):
     load_config(path, overrides)     the typed config
     generate(config)                 teacher outputs into the resumable store (distill.store.read_store)
-    generate(config)                 teacher outputs into the resumable store (distill.store.read_store)
     train(config)                    student training (online logits, offline top-k, or labels)
     export(model_dir, out_dir, ...)  merged HF model + model card, int8 with parity report, ONNX
     serve(model_dir, host, port)     OpenAI-compatible server (distill.serve.build_app for the app alone)
@@ -11,7 +10,6 @@ Public API (each stage also runs from the CLI as `distill STAGE CONFIG [key=valu
 
 from distill.config import Config, ConfigError, load_config, save_config
 from distill.signals import SparseSignal
-from distill.generate import generate  # eager (no torch import): binds the function over the submodule name
 from distill.generate import generate  # eager (no torch import): binds the function over the submodule name
 from distill.export import export  # eager: `distill.export` stays the function (module loads no torch)
 from distill.serve import serve  # eager for the same reason

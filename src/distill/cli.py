@@ -64,31 +64,6 @@ def generate(
     s = store_stats(path)
     per = f"{s['bytes_per_entry']:.2f} bytes per (token, k) entry (k={s['k']})" if s["bytes_per_entry"] else "no top-k"
     console.print(f"store: {s['rows']} rows, {s['tokens']} tokens, {s['bytes'] / 1e6:.2f} MB in {s['shards']} "
-                  f"shards; {per}", highlight=False)
-    print(path)
-
-
-@app.command()
-@main_guard
-def generate(
-    config: Path = CONFIG_ARG,
-    overrides: Optional[List[str]] = OVERRIDES_ARG,
-    shard: Optional[str] = typer.Option(None, "--shard", help="'i/n': this worker takes every n-th prompt from i"),
-) -> None:
-    """Teacher outputs for generate.input into the store (resumable); prints the store path and its stats."""
-    from distill.generate import generate as run_generate
-    from distill.store import StoreError, store_stats
-    from distill.teachers import TeacherError
-
-    cfg = _config(config, [*(overrides or []), *([f"generate.shard={shard}"] if shard else [])])
-    try:
-        path = run_generate(cfg)
-    except (TeacherError, StoreError) as exc:
-        console.print(f"[bold red]error:[/] {exc}", highlight=False)
-        raise typer.Exit(1) from None
-    s = store_stats(path)
-    per = f"{s['bytes_per_entry']:.2f} bytes per (token, k) entry (k={s['k']})" if s["bytes_per_entry"] else "no top-k"
-    console.print(f"store: {s['rows']} rows, {s['tokens']} tokens, {s['bytes'] / 1e6:.2f} MB in {s['shards']} "
                   f"shards; {per}", highlight=False, soft_wrap=True)
     print(path)
 
