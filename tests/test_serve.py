@@ -309,3 +309,62 @@ def test_serves_as_the_openai_teacher_of_another_distill_run(server, ref, api, m
         top = logp.topk(3)
         assert c.topk_ids.tolist() == top.indices.tolist()
         assert c.topk_logprobs == pytest.approx(top.values.numpy(), abs=1e-4)
+
+
+def test_engine_one_batch_of_mixed_lengths_equals_unbatched_generate(ref):
+    """Rows of very different lengths and max_tokens decoded in one batch give HF's unbatched greedy ids."""
+    from distill.serving.engine import Engine, Row, SamplingParams
+
+    model, tok = ref
+    engine = Engine(model, tok, max_batch_size=8)
+    prompts = ["hi", "Q: Lily has 43 cards. She finds 19 more. How many cards now? A: 43 + 19 = 62.",
+               "The quick brown fox jumps over the lazy dog. 0123456789 + - * / = ? ! , . Distillation trains"]
+    got: dict[int, list] = {i: [] for i in range(len(prompts))}
+    rows = [Row(tok(p).input_ids, SamplingParams(max_tokens=4 + 3 * i, temperature=0.0, logprobs=0),
+                lambda ev, i=i: got[i].append(ev)) for i, p in enumerate(prompts)]
+    engine.generate(rows)
+    for i, p in enumerate(prompts):
+        ids = [t.id for ev in got[i] for t in ev.tokens]
+        assert ids == hf_greedy(ref, tok(p).input_ids, 4 + 3 * i)
+        assert got[i][-1].finish_reason in ("stop", "length")
+
+
+def test_streaming_with_n_and_token_id_prompts(client, ref):
+    ids = ref[1]("The quick brown").input_ids
+    by_ids = client.completions.create(model=NAME, prompt=ids, max_tokens=5, temperature=0)
+    by_text = client.completions.create(model=NAME, prompt="The quick brown", max_tokens=5, temperature=0)
+    assert by_ids.choices[0].text == by_text.choices[0].text
+    chunks = list(client.completions.create(model=NAME, prompt="hi", n=2, max_tokens=5, temperature=0.9, seed=1,
+                                            stream=True))
+    done = {c.choices[0].index for c in chunks if c.choices[0].finish_reason}
+    assert done == {0, 1}
+
+
+def test_chat_without_template_uses_role_transcript():
+    from distill.serving.app import _chat_prompt
+    from distill.serving.protocol import ChatMessage
+
+    tok = make_tokenizer()  # no chat template
+    ids = _chat_prompt([ChatMessage(role="user", content=[{"type": "text", "text": "hello"}])], tok)
+    assert tok.decode(ids) == "user: hello\nassistant:"
+
+
+@pytest.mark.parametrize("text,stop", [("hello world. bye now", "o w"), ("hello world. bye now", "bye"),
+                                       ("é€ 中文 and more", None), ("Q: 43 + 19 = 62.", "= 6")])
+def test_row_state_streams_text_that_is_never_taken_back(text, stop):
+    """Streamed deltas hold back possible stop prefixes and half UTF-8 characters; they add up to the final text."""
+    from distill.serving.engine import Pieces, Row, RowState, SamplingParams, TokenInfo
+
+    tok = make_tokenizer()
+    ids = tok(text).input_ids
+    events = []
+    params = SamplingParams(max_tokens=len(ids), stop=(stop,) if stop else ())
+    st = RowState(Row([1], params, events.append), tok, Pieces(tok), eos_ids={2})
+    for tid in ids:
+        st.push(TokenInfo(tid, *Pieces(tok).get(tid), 0.0))
+    want = text[:text.find(stop)] if stop else text
+    assert "".join(ev.text for ev in events) == want
+    assert all("\ufffd" not in ev.text for ev in events)
+    assert events[-1].finish_reason == ("stop" if stop else "length")
+    kept = [t.id for ev in events for t in ev.tokens]
+    assert tok.decode(kept).startswith(want) and kept == ids[:len(kept)]

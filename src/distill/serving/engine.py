@@ -259,15 +259,14 @@ class Engine:
         want_lp = any(r.params.logprobs is not None for r in rows)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
         cache, logits = cache_of(out), out.logits[:, -1, :]
+        live = states  # the rows still in the batch, in batch order
         for _ in range(max(r.params.max_tokens for r in rows)):
             logp = torch.log_softmax(logits.float(), dim=-1)
-            nxt = self._choose(logits, states)
-            chosen = logp.gather(-1, nxt[:, None])[:, 0].tolist() if want_lp else [0.0] * len(rows)
+            nxt = self._choose(logits, live)
+            chosen = logp.gather(-1, nxt[:, None])[:, 0].tolist() if want_lp else [0.0] * len(live)
             tops = logp.topk(k, dim=-1) if k else None
             top_lp, top_id = (tops.values.tolist(), tops.indices.tolist()) if tops is not None else (None, None)
-            for i, (st, tid) in enumerate(zip(states, nxt.tolist())):
-                if st.finished:
-                    continue
+            for i, (st, tid) in enumerate(zip(live, nxt.tolist())):
                 text, raw = self.pieces.get(tid)
                 alts: tuple[Alt, ...] = ()
                 n_alt = st.p.logprobs or 0
@@ -275,9 +274,16 @@ class Engine:
                     alts = tuple(Alt(j, *self.pieces.get(j), lp) for j, lp in zip(top_id[i][:n_alt], top_lp[i][:n_alt]))
                 st.push(TokenInfo(tid, text, raw, chosen[i], alts))
                 self.stats.generated_tokens += 1
-            if all(st.finished for st in states):
+            keep = [i for i, st in enumerate(live) if not st.finished]
+            if not keep:
                 return
-            mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=-1)
+            if len(keep) < len(live) and hasattr(cache, "batch_select_indices"):
+                # finished rows leave the batch: later steps only pay for rows still generating
+                idx = torch.tensor(keep, device=self.device)
+                cache.batch_select_indices(idx)
+                nxt, mask, pos = nxt[idx], mask[idx], pos[idx]
+                live = [live[i] for i in keep]
+            mask = torch.cat([mask, mask.new_ones((len(live), 1))], dim=-1)
             pos = pos[:, -1:] + 1
             out = self.model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos,
                              use_cache=True, **{self.cache_kw: cache})
