@@ -4,6 +4,8 @@ Public API (each stage also runs from the CLI as `distill STAGE CONFIG [key=valu
     load_config(path, overrides)     the typed config
     generate(config)                 teacher outputs into the resumable store (distill.store.read_store)
     train(config)                    student training (online logits, offline top-k, or labels)
+    evaluate(config)                 teacher vs students: score, fidelity, cost -> run_dir/eval/results.json
+    report(config)                   report.md / report.html with plots, model card in each student dir
     export(model_dir, out_dir, ...)  merged HF model + model card, int8 with parity report, ONNX
     serve(model_dir, host, port)     OpenAI-compatible server (distill.serve.build_app for the app alone)
 """
@@ -11,10 +13,12 @@ Public API (each stage also runs from the CLI as `distill STAGE CONFIG [key=valu
 from distill.config import Config, ConfigError, load_config, save_config
 from distill.signals import SparseSignal
 from distill.generate import generate  # eager (no torch import): binds the function over the submodule name
+from distill.evaluate import evaluate  # eager for the same reason: `distill.evaluate` stays the function
+from distill.report import report
 from distill.export import export  # eager: `distill.export` stays the function (module loads no torch)
 from distill.serve import serve  # eager for the same reason
 
 __version__ = "0.1.0"
 
-__all__ = ["Config", "ConfigError", "SparseSignal", "export", "generate", "load_config", "save_config", "serve",
-           "__version__"]
+__all__ = ["Config", "ConfigError", "SparseSignal", "evaluate", "export", "generate", "load_config", "report",
+           "save_config", "serve", "__version__"]

@@ -79,6 +79,27 @@ def train(config: Path = CONFIG_ARG, overrides: Optional[List[str]] = OVERRIDES_
         console.print(f"[green]student written:[/] {out}")
 
 
+@app.command("eval")
+@main_guard
+def eval_(config: Path = CONFIG_ARG, overrides: Optional[List[str]] = OVERRIDES_ARG) -> None:
+    """Teacher and students on eval.input: score, % of teacher kept, agreement, KL, speed, memory, $/M tokens."""
+    from distill.evaluate import evaluate as run_eval
+
+    cfg = _config(config, overrides)
+    run_eval(cfg)
+    print(Path(cfg.run_dir) / "eval" / "results.json")
+
+
+@app.command()
+@main_guard
+def report(config: Path = CONFIG_ARG, overrides: Optional[List[str]] = OVERRIDES_ARG) -> None:
+    """report.md + self-contained report.html (tables, plots, samples) and a model card in each student dir."""
+    from distill.report import report as run_report
+
+    cfg = _config(config, overrides)
+    print(run_report(cfg))
+
+
 @app.command()
 @main_guard
 def serve(

@@ -163,6 +163,11 @@ class EvalConfig(Section):
     batch_size: int = Field(16, ge=1)
     latency_requests: int = Field(10, ge=1, description="batch-1 generations timed for p50/p95")
     cost_per_hour: float = Field(1.0, ge=0, description="$ per hour of the serving machine")
+    latency_new_tokens: int = Field(32, ge=1, description="fixed new tokens per timed generation (latency, tokens/s)")
+    measure_memory: bool = Field(True, description="peak memory (CPU: RSS in a fresh subprocess; CUDA: allocator)")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N for every evaluated model")
+    dtype: str = Field("auto", description="auto | float32 | bfloat16 | float16 for every evaluated model")
+    samples: int = Field(5, ge=0, description="prompts whose outputs are kept in results.json and the report")
 
 
 class Config(Section):

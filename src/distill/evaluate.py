@@ -1,0 +1,420 @@
+"""`distill eval`: teacher and every student on the same held-out prompts: task score, fidelity, cost.
+
+Run as: `distill eval cfg.yaml eval.limit=200` (writes run_dir/eval/results.json and outputs.jsonl).
+
+Per model: the task score (`eval.metric`), the % of the teacher's score a student keeps, token agreement and
+KL(teacher || student) under teacher forcing on the teacher's greedy outputs (same tokenizer only), and cost:
+parameters, bytes on disk, latency p50/p95 at batch 1, tokens/s at `eval.batch_size`, peak memory and $ per
+million generated tokens. Timed generations always produce exactly `eval.latency_new_tokens` tokens, so
+models that stop early are not flattered.
+
+Peak memory: on CUDA, the allocator's peak (`torch.cuda.max_memory_allocated`) during the throughput batch
+minus what was allocated before the model was loaded (weights + activations + KV cache); on CPU, the peak
+RSS increase of loading the model and generating that batch in a separate process (see
+distill.peak_memory for why and how).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from distill.config import Config, ConfigError, load_config
+from distill.data import load_records, render_prompt
+from distill.metrics import get_metric, percent_retained, score_outputs, token_fidelity
+from distill.peak_memory import measure_cpu
+
+if TYPE_CHECKING:
+    import torch
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
+# ---------------------------------------------------------------- loading
+
+
+def is_adapter(path: str | Path) -> bool:
+    return (Path(path) / "adapter_config.json").exists()
+
+
+def load_for_eval(path: str | Path, device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False):
+    """(model, tokenizer) in eval mode; a LoRA adapter directory is loaded with peft and merged, so it is
+    timed the way it would be served."""
+    from distill.modeling import load_model, load_tokenizer, load_tokenizer_for, resolve_device, resolve_dtype
+
+    if is_adapter(path):
+        from peft import AutoPeftModelForCausalLM
+
+        dev = resolve_device(device)
+        model = AutoPeftModelForCausalLM.from_pretrained(str(path), dtype=resolve_dtype(dtype, str(dev)))
+        model = model.merge_and_unload().to(dev)
+        try:
+            tok = load_tokenizer(path)
+        except (OSError, ValueError):  # adapters often ship without a tokenizer: use the base model's
+            tok = load_tokenizer(model.config._name_or_path)
+    else:
+        model = load_model(path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+        tok = load_tokenizer_for(path, trust_remote_code=trust_remote_code)
+    model.eval()
+    return model, tok
+
+
+def bytes_on_disk(path: str | Path) -> int | None:
+    """Size of the weight files (safetensors/bin/gguf) of a local model or adapter; None when the model is
+    not on local disk (a hub id not in the local cache)."""
+    p = Path(str(path))
+    if p.is_file():
+        return p.stat().st_size
+    if not p.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            p = Path(snapshot_download(str(path), local_files_only=True))
+        except Exception:  # not cached locally: the size is unknown, not zero
+            return None
+    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file() and f.suffix in WEIGHT_SUFFIXES) or None
+
+
+def same_vocabulary(tok_a, tok_b) -> bool:
+    """Tokenizers are compared by their vocabularies (token -> id), not by vocab_size."""
+    return tok_a.get_vocab() == tok_b.get_vocab()
+
+
+# ---------------------------------------------------------------- generation
+
+
+@dataclass
+class Generation:
+    """Greedy outputs in prompt order: decoded text, prompt token ids and generated ids (cut after EOS)."""
+
+    texts: list[str]
+    prompt_ids: list[list[int]]
+    output_ids: list[list[int]]
+
+
+def encode_prompts(tokenizer, prompts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
+    return [tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"] for p in prompts]
+
+
+def _left_pad(batch: list[list[int]], pad_id: int, device) -> tuple["torch.Tensor", "torch.Tensor"]:
+    import torch
+
+    width = max(len(ids) for ids in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for i, row in enumerate(batch):
+        ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
+        mask[i, width - len(row):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _generate_ids(model, tokenizer, batch: list[list[int]], max_new_tokens: int, fixed: bool):
+    import torch
+    from transformers import GenerationConfig
+
+    # A fresh config: a checkpoint's sampling defaults (temperature, top_p) must not leak into greedy eval.
+    gen_cfg = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=max_new_tokens if fixed else None,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+    )
+    ids, mask = _left_pad(batch, tokenizer.pad_token_id, model.device)
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg)
+    return out[:, ids.shape[1]:].tolist()
+
+
+def generate_batch(
+    model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int, *,
+    add_special_tokens: bool = True, label: str = "generating",
+) -> Generation:
+    """Batched greedy generation with left padding; prompts are sorted by length so batches pad little, and
+    results come back in the original order."""
+    from rich.progress import Progress
+
+    prompt_ids = encode_prompts(tokenizer, prompts, add_special_tokens)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompt_ids[i]))
+    outputs: list[list[int]] = [[] for _ in prompts]
+    eos = tokenizer.eos_token_id
+    with Progress(transient=True) as progress:
+        task = progress.add_task(label, total=len(prompts))
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            for i, new in zip(idx, _generate_ids(model, tokenizer, [prompt_ids[i] for i in idx], max_new_tokens, False)):
+                outputs[i] = new[: new.index(eos) + 1] if eos is not None and eos in new else new
+            progress.advance(task, len(idx))
+    texts = [tokenizer.decode(o, skip_special_tokens=True) for o in outputs]
+    return Generation(texts=texts, prompt_ids=prompt_ids, output_ids=outputs)
+
+
+# ---------------------------------------------------------------- fidelity
+
+
+def fidelity(student, teacher, gen: Generation, pad_id: int, batch_size: int) -> dict[str, Any]:
+    """Token agreement and mean KL(teacher || student) over the teacher's generated tokens, both models
+    teacher-forced on prompt + teacher output (one forward pass each per batch)."""
+    import torch
+
+    rows = [(p, o) for p, o in zip(gen.prompt_ids, gen.output_ids) if o]
+    agree = count = 0
+    kl = 0.0
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        seqs = [p + o for p, o in chunk]
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+        attn = torch.zeros_like(ids)
+        counted = torch.zeros((len(seqs), width - 1), dtype=torch.bool)
+        for i, ((p, o), s) in enumerate(zip(chunk, seqs)):
+            ids[i, : len(s)] = torch.tensor(s)
+            attn[i, : len(s)] = 1
+            counted[i, len(p) - 1: len(s) - 1] = True  # logits at t predict token t+1: the response tokens
+        with torch.inference_mode():
+            s_logits = student(input_ids=ids.to(student.device), attention_mask=attn.to(student.device)).logits
+            t_logits = teacher(input_ids=ids.to(teacher.device), attention_mask=attn.to(teacher.device)).logits
+        a, n, k = token_fidelity(s_logits[:, :-1].cpu(), t_logits[:, :-1].cpu(), ids[:, 1:], counted)
+        agree, count, kl = agree + a, count + n, kl + k
+    if count == 0:
+        return {"agreement": None, "kl": None, "fidelity_tokens": 0, "fidelity_note": "the teacher generated no tokens"}
+    return {"agreement": agree / count, "kl": kl / count, "fidelity_tokens": count, "fidelity_note": None}
+
+
+# ---------------------------------------------------------------- cost
+
+
+def _sync(device) -> None:
+    import torch
+
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Linear-interpolated percentile (q in 0..100), as numpy's default."""
+    xs = sorted(values)
+    pos = (len(xs) - 1) * q / 100
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def measure_latency(model, tokenizer, prompt_ids: list[list[int]], requests: int, new_tokens: int) -> list[float]:
+    """Seconds per batch-1 request of exactly `new_tokens` new tokens, cycling through the prompts, after
+    one untimed warm-up request."""
+    _generate_ids(model, tokenizer, [prompt_ids[0]], new_tokens, True)
+    times = []
+    for i in range(requests):
+        _sync(model.device)
+        t0 = time.perf_counter()
+        _generate_ids(model, tokenizer, [prompt_ids[i % len(prompt_ids)]], new_tokens, True)
+        _sync(model.device)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def _throughput_batch(prompt_ids: list[list[int]], batch_size: int) -> list[list[int]]:
+    return [prompt_ids[i % len(prompt_ids)] for i in range(batch_size)]
+
+
+def measure_throughput(model, tokenizer, prompt_ids: list[list[int]], batch_size: int, new_tokens: int,
+                       repeats: int = 2) -> float:
+    """Generated tokens per second for a batch of `batch_size` prompts, each making exactly `new_tokens`
+    tokens, after a warm-up of the same shape."""
+    batch = _throughput_batch(prompt_ids, batch_size)
+    _generate_ids(model, tokenizer, batch, new_tokens, True)
+    _sync(model.device)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        _generate_ids(model, tokenizer, batch, new_tokens, True)
+    _sync(model.device)
+    return repeats * len(batch) * new_tokens / (time.perf_counter() - t0)
+
+
+def measure_cost(model, tokenizer, prompt_ids: list[list[int]], cfg: Config, *, path: str | Path,
+                 trust_remote_code: bool, cuda_base: int = 0) -> dict[str, Any]:
+    """Parameters, disk size, latency, throughput, peak memory and $ per million generated tokens."""
+    import torch
+
+    from distill.modeling import count_parameters
+
+    ev = cfg.eval
+    lat = measure_latency(model, tokenizer, prompt_ids, ev.latency_requests, ev.latency_new_tokens)
+    on_cuda = str(model.device).startswith("cuda")
+    if on_cuda:
+        torch.cuda.reset_peak_memory_stats(model.device)
+    tps = measure_throughput(model, tokenizer, prompt_ids, ev.batch_size, ev.latency_new_tokens)
+    memory, method = None, "off (eval.measure_memory=false)"
+    if ev.measure_memory and on_cuda:
+        memory = torch.cuda.max_memory_allocated(model.device) - cuda_base
+        method = "cuda: max_memory_allocated during the throughput batch minus allocation before loading"
+    elif ev.measure_memory:
+        method = "pending: measured in a separate process after all models (distill.peak_memory)"
+    return {
+        "params": count_parameters(model),
+        "bytes_on_disk": bytes_on_disk(path),
+        "adapter": is_adapter(path),
+        "latency_ms_p50": 1000 * percentile(lat, 50),
+        "latency_ms_p95": 1000 * percentile(lat, 95),
+        "latency_new_tokens": ev.latency_new_tokens,
+        "tokens_per_s": tps,
+        "throughput_batch_size": ev.batch_size,
+        "peak_memory_bytes": memory,
+        "memory_method": method,
+        "cost_per_million_tokens": ev.cost_per_hour / 3600 / tps * 1e6,
+    }
+
+
+def relative_to_teacher(student: dict[str, Any], teacher: dict[str, Any]) -> dict[str, float | None]:
+    """Speed and size ratios, each > 1 when the student is better (faster, smaller)."""
+
+    def ratio(a, b):
+        return a / b if a and b else None
+
+    return {
+        "percent_of_teacher": percent_retained(student["score"], teacher["score"]),
+        "speedup": ratio(teacher["latency_ms_p50"], student["latency_ms_p50"]),
+        "throughput_ratio": ratio(student["tokens_per_s"], teacher["tokens_per_s"]),
+        "size_ratio": ratio(teacher["params"], student["params"]),
+        "disk_ratio": ratio(teacher["bytes_on_disk"], student["bytes_on_disk"]),
+        "memory_ratio": ratio(teacher["peak_memory_bytes"], student["peak_memory_bytes"]),
+    }
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def student_dirs(cfg: Config) -> dict[str, Path]:
+    """run_dir/students/NAME for every configured student; a missing one is a clear error."""
+    out = {}
+    for s in cfg.all_students():
+        d = Path(cfg.run_dir) / "students" / s.name
+        if not (d / "config.json").exists() and not is_adapter(d):
+            raise FileNotFoundError(f"student '{s.name}': no model at {d} (train it first: `distill train CONFIG`)")
+        out[s.name] = d
+    return out
+
+
+def _eval_input(cfg: Config) -> Path | str:
+    if cfg.eval.input is None:
+        raise ConfigError("eval.input: set the held-out prompts file (JSONL/JSON/CSV/Parquet with references)")
+    given = cfg.eval.input
+    if given.startswith("hf:") or Path(given).exists():
+        return given
+    in_run = cfg.path(given)
+    return in_run if in_run is not None and in_run.exists() else given
+
+
+def _release_memory() -> None:
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def evaluate(config: Config | str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Evaluate the teacher and every student of `config`; writes run_dir/eval/results.json and returns it."""
+    import torch
+
+    cfg = config if isinstance(config, Config) else load_config(config, overrides)
+    threads = torch.get_num_threads()
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    try:
+        return _evaluate(cfg)
+    finally:
+        torch.set_num_threads(threads)  # a library call must not leave the process's thread count changed
+
+
+def _evaluate(cfg: Config) -> dict[str, Any]:
+    import torch
+    from rich.console import Console
+
+    from distill.modeling import resolve_device
+
+    ev = cfg.eval
+    console = Console(stderr=True)
+    if not cfg.teacher.model:
+        raise ConfigError("teacher.model: set the teacher to evaluate against")
+    if cfg.teacher.backend == "openai":
+        raise ConfigError("teacher.backend=openai: eval runs the teacher locally; set teacher.model to a local "
+                          "or hub HF model (backend hf or vllm)")
+    metric = get_metric(ev.metric, ev.answer_regex)  # fail on a bad metric before loading any model
+    students = student_dirs(cfg)
+    records = load_records(_eval_input(cfg), cfg.data, limit=ev.limit)
+    references = [r.reference for r in records]
+    device = str(resolve_device(ev.device))
+
+    def run_model(name: str, path, trust: bool, teacher=None):
+        cuda_base = torch.cuda.memory_allocated(device) if device.startswith("cuda") else 0
+        console.print(f"[bold]eval[/] {name}: {path}")
+        model, tok = load_for_eval(path, device, ev.dtype, trust)
+        use_template = cfg.data.chat_template and bool(getattr(tok, "chat_template", None))
+        prompts = [render_prompt(r, tok, cfg.data) for r in records]
+        gen = generate_batch(model, tok, prompts, ev.max_new_tokens, ev.batch_size,
+                             add_special_tokens=not use_template, label=f"{name}: generating")
+        score, n_scored = score_outputs(metric, gen.texts, references)
+        entry: dict[str, Any] = {"path": str(path), "score": score, "n_scored": n_scored,
+                                 "mean_output_tokens": sum(map(len, gen.output_ids)) / len(gen.output_ids)}
+        if teacher is not None:
+            t_model, t_tok, t_gen = teacher
+            if same_vocabulary(tok, t_tok):
+                entry.update(fidelity(model, t_model, t_gen, t_tok.pad_token_id, ev.batch_size))
+            else:
+                entry.update({"agreement": None, "kl": None, "fidelity_tokens": 0,
+                              "fidelity_note": "tokenizer differs from the teacher's: token-level fidelity "
+                                               "is undefined across vocabularies"})
+        entry.update(measure_cost(model, tok, gen.prompt_ids, cfg, path=path, trust_remote_code=trust,
+                                  cuda_base=cuda_base))
+        if entry["memory_method"].startswith("pending"):
+            probes[name] = {"path": str(path), "dtype": ev.dtype, "trust_remote_code": trust,
+                            "batch": _throughput_batch(gen.prompt_ids, ev.batch_size),
+                            "new_tokens": ev.latency_new_tokens, "threads": cfg.train.threads}
+        return model, tok, gen, entry
+
+    probes: dict[str, dict[str, Any]] = {}
+
+    t_model, t_tok, t_gen, teacher_entry = run_model("teacher", cfg.teacher.model, cfg.teacher.trust_remote_code)
+    results: dict[str, Any] = {
+        "metric": ev.metric, "n_prompts": len(records), "n_with_reference": sum(r is not None for r in references),
+        "eval_input": str(ev.input), "device": device, "dtype": ev.dtype, "cost_per_hour": ev.cost_per_hour,
+        "teacher": teacher_entry, "students": {},
+    }
+    outputs = {}
+    for name, path in students.items():
+        model, _, gen, entry = run_model(name, path, False, teacher=(t_model, t_tok, t_gen))
+        results["students"][name] = entry
+        outputs[name] = gen.texts
+        del model
+        _release_memory()
+    del t_model
+    _release_memory()
+    if probes:
+        console.print(f"[bold]eval[/] peak memory of {len(probes)} models (separate process)")
+        entries = {"teacher": teacher_entry, **results["students"]}
+        for name, (peak, how) in zip(probes, measure_cpu(list(probes.values()), cfg.train.threads)):
+            entries[name].update(peak_memory_bytes=peak, memory_method=how)
+    for entry in results["students"].values():
+        entry.update(relative_to_teacher(entry, teacher_entry))
+    results["samples"] = [
+        {"prompt": r.prompt_text(), "reference": r.reference, "teacher": t_gen.texts[i],
+         "students": {name: texts[i] for name, texts in outputs.items()}}
+        for i, r in enumerate(records[: ev.samples])
+    ]
+    out_dir = Path(cfg.run_dir) / "eval"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+    with (out_dir / "outputs.jsonl").open("w") as fh:
+        for i, r in enumerate(records):
+            row = {"prompt": r.prompt_text(), "reference": r.reference, "teacher": t_gen.texts[i],
+                   "students": {name: texts[i] for name, texts in outputs.items()}}
+            fh.write(json.dumps(row) + "\n")
+    console.print(f"[green]eval results:[/] {out_dir / 'results.json'}")
+    return results

@@ -1,0 +1,201 @@
+"""Task metrics (prediction vs reference) and fidelity metrics (student vs teacher token distributions).
+
+Task metrics are plain functions `(prediction: str, reference: str) -> float` so that a user metric given as
+`module:function` in `eval.metric` is the same kind of thing as a built-in one.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import re
+from decimal import Decimal, InvalidOperation
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:
+    import torch
+
+Metric = Callable[[str, str], float]
+BUILTIN_METRICS = ("exact_match", "accuracy", "rouge_l")
+
+
+# ---------------------------------------------------------------- answers
+
+
+def normalize_answer(text: str) -> str:
+    """Canonical form of an answer: numbers lose thousands separators, a trailing period, a leading '$' and
+    insignificant zeros ("1,000" -> "1000", "32." -> "32", "0.50" -> "0.5"); other text is stripped and
+    lower-cased."""
+    s = text.strip().lower()
+    num = s.replace(",", "").lstrip("$").rstrip(".")
+    try:
+        d = Decimal(num)
+    except InvalidOperation:
+        return s
+    if not d.is_finite():
+        return s
+    if d == d.to_integral_value():
+        return str(int(d))
+    return format(d.normalize(), "f")
+
+
+def extract_answer(text: str, pattern: str | re.Pattern) -> str | None:
+    """The first match of `pattern` in `text` (its first capture group when it has one), normalised;
+    None when nothing matches."""
+    rx = re.compile(pattern) if isinstance(pattern, str) else pattern
+    m = rx.search(text)
+    if m is None:
+        return None
+    return normalize_answer(m.group(1) if rx.groups else m.group(0))
+
+
+def exact_match(prediction: str, reference: str, answer_regex: str = r"answer is\s*(-?[\d.,]+)") -> float:
+    """1.0 when the answer extracted from the prediction equals the reference's answer.
+
+    The reference is a bare answer ("32") or a full solution; the regex is applied to it too and, when it
+    does not match, the whole reference is the answer. A prediction without a match scores 0.
+    """
+    got = extract_answer(prediction, answer_regex)
+    if got is None:
+        return 0.0
+    want = extract_answer(reference, answer_regex)
+    if want is None:
+        want = normalize_answer(reference)
+    return float(got == want)
+
+
+def accuracy(prediction: str, reference: str) -> float:
+    """Exact string match after strip and lower-case."""
+    return float(prediction.strip().lower() == reference.strip().lower())
+
+
+def _rouge_tokens(text: str) -> list[str]:
+    # Same tokenisation as the reference `rouge_score` package: lower-case alphanumeric runs.
+    return re.findall(r"[a-z0-9]+", text.lower())
+
+
+def lcs_length(a: list[str], b: list[str]) -> int:
+    """Length of the longest common subsequence (O(len(a)*len(b)) time, O(len(b)) memory)."""
+    if not a or not b:
+        return 0
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0] * (len(b) + 1)
+        for j, y in enumerate(b, 1):
+            cur[j] = prev[j - 1] + 1 if x == y else max(prev[j], cur[j - 1])
+        prev = cur
+    return prev[-1]
+
+
+def rouge_l(prediction: str, reference: str) -> float:
+    """ROUGE-L F1: harmonic mean of LCS precision (over the prediction) and recall (over the reference)."""
+    pred, ref = _rouge_tokens(prediction), _rouge_tokens(reference)
+    lcs = lcs_length(pred, ref)
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(pred), lcs / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+# ---------------------------------------------------------------- choosing a metric
+
+
+def _import_user_metric(spec: str) -> Metric:
+    module_name, _, func_name = spec.rpartition(":")
+    where = f"eval.metric '{spec}'"
+    if not module_name or not func_name:
+        raise ValueError(
+            f"{where}: expected one of {', '.join(BUILTIN_METRICS)} or 'module:function' "
+            "(e.g. my_metrics:f1, or path/to/file.py:f1)"
+        )
+    try:
+        if module_name.endswith(".py"):
+            path = Path(module_name)
+            if not path.exists():
+                raise FileNotFoundError(f"no such file {path}")
+            loader_spec = importlib.util.spec_from_file_location(path.stem, path)
+            module = importlib.util.module_from_spec(loader_spec)  # type: ignore[arg-type]
+            loader_spec.loader.exec_module(module)  # type: ignore[union-attr]
+        else:
+            module = importlib.import_module(module_name)
+    except Exception as exc:  # any import-time failure is the user's module: report it in one line
+        raise ValueError(
+            f"{where}: cannot import module '{module_name}' ({type(exc).__name__}: {exc}); "
+            "make sure it is on PYTHONPATH or give a .py file path"
+        ) from exc
+    fn = getattr(module, func_name, None)
+    if fn is None:
+        raise ValueError(f"{where}: module '{module_name}' has no attribute '{func_name}'")
+    if not callable(fn):
+        raise ValueError(f"{where}: '{func_name}' is not callable")
+    return fn
+
+
+def get_metric(spec: str, answer_regex: str | None = None) -> Metric:
+    """The metric function for `eval.metric`: a built-in name or `module:function`."""
+    if spec == "exact_match":
+        if answer_regex is None:
+            return exact_match
+        try:
+            re.compile(answer_regex)
+        except re.error as exc:
+            raise ValueError(f"eval.answer_regex '{answer_regex}': not a valid regular expression ({exc})") from None
+        return partial(exact_match, answer_regex=answer_regex)
+    if spec == "accuracy":
+        return accuracy
+    if spec in ("rouge_l", "rouge", "rougeL"):
+        return rouge_l
+    return _import_user_metric(spec)
+
+
+def score_outputs(metric: Metric, predictions: list[str], references: list[str | None]) -> tuple[float | None, int]:
+    """Mean metric over the prompts that have a reference, and how many those were (None, 0 if none)."""
+    values = []
+    for i, (pred, ref) in enumerate(zip(predictions, references)):
+        if ref is None:
+            continue
+        value = metric(pred, ref)
+        try:
+            values.append(float(value))
+        except (TypeError, ValueError):
+            raise ValueError(f"metric returned {value!r} for prompt {i}; a metric must return a number") from None
+    if not values:
+        return None, 0
+    return sum(values) / len(values), len(values)
+
+
+def percent_retained(student_score: float | None, teacher_score: float | None) -> float | None:
+    """Student score as a % of the teacher's; None when a score is missing or the teacher scores 0 (the
+    ratio is undefined then, and a report must not show a made-up number)."""
+    if student_score is None or teacher_score is None or teacher_score == 0:
+        return None
+    return 100.0 * student_score / teacher_score
+
+
+# ---------------------------------------------------------------- fidelity
+
+
+def token_fidelity(
+    student_logits: "torch.Tensor", teacher_logits: "torch.Tensor", targets: "torch.Tensor", mask: "torch.Tensor"
+) -> tuple[int, int, float]:
+    """Agreement and KL(teacher || student) on teacher-forced positions.
+
+    student_logits, teacher_logits: (batch, seq, vocab), already aligned with `targets` (the caller did the
+    causal shift); targets: (batch, seq) the teacher's generated tokens; mask: (batch, seq) bool, True where
+    a teacher token is counted. Returns (matching positions, counted positions, summed KL in nats), so
+    callers can sum over batches and divide once.
+    """
+    import torch
+
+    vocab = min(student_logits.shape[-1], teacher_logits.shape[-1])  # padded vocab rows are cut off
+    s = torch.log_softmax(student_logits[..., :vocab].float(), dim=-1)
+    t = torch.log_softmax(teacher_logits[..., :vocab].float(), dim=-1)
+    mask = mask.bool()
+    agree = ((s.argmax(-1) == targets) & mask).sum().item()
+    # p_t * (log p_t - log p_s); where p_t == 0 (log -inf) the term is 0, never NaN.
+    p_t = t.exp()
+    kl_terms = torch.where(p_t > 0, p_t * (t - s), torch.zeros_like(p_t)).sum(-1)
+    kl = kl_terms[mask].sum().item()
+    return int(agree), int(mask.sum().item()), float(kl)

@@ -1,0 +1,374 @@
+"""`distill report`: the evaluation side by side in report.md and a self-contained report.html, with plots,
+and a model card (README.md) in every student's directory.
+
+Run as: `distill report cfg.yaml` after `distill eval cfg.yaml` (reads run_dir/eval/results.json and each
+student's train_log.json; writes run_dir/report/{report.md,report.html,*.png}).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from distill.config import Config, load_config
+
+COLUMNS = [  # (header, results key, formatter name)
+    ("Score", "score", "score"), ("% of teacher", "percent_of_teacher", "pct"), ("Agreement", "agreement", "frac"),
+    ("KL", "kl", "kl"), ("Params", "params", "count"), ("Size (MB)", "bytes_on_disk", "mb"),
+    ("p50 (ms)", "latency_ms_p50", "ms"), ("p95 (ms)", "latency_ms_p95", "ms"), ("Tokens/s", "tokens_per_s", "int"),
+    ("Memory (MB)", "peak_memory_bytes", "mb"), ("$/M tokens", "cost_per_million_tokens", "usd"),
+    ("Speedup", "speedup", "x"), ("Smaller", "size_ratio", "x"),
+]
+
+
+def _fmt(value: Any, kind: str) -> str:
+    if value is None:
+        return "—"
+    if kind == "count":
+        for unit, div in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+            if value >= div:
+                return f"{value / div:.2f}{unit}"
+        return str(value)
+    formats = {"score": "{:.3f}", "pct": "{:.1f}%", "frac": "{:.3f}", "kl": "{:.4f}", "ms": "{:.1f}",
+               "int": "{:,.0f}", "usd": "${:.4f}", "x": "{:.2f}x"}
+    if kind == "mb":
+        return f"{value / 1e6:.2f}"
+    return formats[kind].format(value)
+
+
+def table_rows(results: dict) -> list[list[str]]:
+    """One row per model (teacher first): name then every COLUMNS figure, formatted."""
+    models = [("teacher", results["teacher"]), *results["students"].items()]
+    return [[name, *(_fmt(entry.get(key), kind) for _, key, kind in COLUMNS)] for name, entry in models]
+
+
+def load_train_log(path: Path) -> list[dict]:
+    """The trainer's log_history entries; an absent log is an empty list (e.g. a student trained elsewhere)."""
+    if not path.exists():
+        return []
+    data = json.loads(path.read_text())
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a JSON list of log entries (trainer_state.log_history)")
+    return [e for e in data if isinstance(e, dict)]
+
+
+def loss_series(log: list[dict]) -> dict[str, tuple[list[float], list[float]]]:
+    """{'loss': (steps, values), 'loss/forward_kl': ...} for every loss key that has values."""
+    series: dict[str, tuple[list[float], list[float]]] = {}
+    for entry in log:
+        if "step" not in entry:
+            continue
+        for key, value in entry.items():
+            if (key in ("loss", "eval_loss") or key.startswith("loss/")) and isinstance(value, (int, float)):
+                steps, values = series.setdefault(key, ([], []))
+                steps.append(entry["step"])
+                values.append(float(value))
+    return series
+
+
+# ---------------------------------------------------------------- plots
+
+
+def _figure(width: float = 6.0, height: float = 4.0):
+    from matplotlib.figure import Figure  # no pyplot: no global state, and Agg renders the PNGs
+
+    return Figure(figsize=(width, height), dpi=100, layout="constrained")
+
+
+def plot_losses(logs: dict[str, list[dict]], path: Path) -> Path | None:
+    with_data = {name: loss_series(log) for name, log in logs.items()}
+    with_data = {name: s for name, s in with_data.items() if s}
+    if not with_data:
+        return None
+    fig = _figure(5.0 * len(with_data), 3.6)
+    axes = fig.subplots(1, len(with_data), squeeze=False)[0]
+    for ax, (name, series) in zip(axes, with_data.items()):
+        for key, (steps, values) in sorted(series.items()):
+            ax.plot(steps, values, marker="." if len(steps) < 30 else None, label=key)
+        ax.set_title(f"{name}: training losses")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.legend(fontsize="small")
+        ax.grid(alpha=0.3)
+    fig.savefig(path)
+    return path
+
+
+def _scored(results: dict) -> list[tuple[str, dict]]:
+    models = [("teacher", results["teacher"]), *results["students"].items()]
+    return [(n, e) for n, e in models if e.get("score") is not None]
+
+
+def plot_scores(results: dict, path: Path) -> Path | None:
+    models = _scored(results)
+    if not models:
+        return None
+    fig = _figure(max(4.0, 1.2 * len(models) + 2), 3.6)
+    ax = fig.subplots()
+    names, scores = [n for n, _ in models], [e["score"] for _, e in models]
+    bars = ax.bar(names, scores, color=["#555555" if n == "teacher" else "#3b7dd8" for n in names])
+    for bar, (name, entry) in zip(bars, models):
+        pct = entry.get("percent_of_teacher")
+        label = f"{entry['score']:.3f}" + (f"\n{pct:.0f}%" if pct is not None and name != "teacher" else "")
+        ax.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
+                    fontsize="small")
+    ax.set_ylabel(results["metric"])
+    ax.set_ylim(0, max(max(scores) * 1.25, 1e-9))
+    ax.set_title("task score: teacher vs students")
+    fig.savefig(path)
+    return path
+
+
+def plot_scatter(results: dict, x_key: str, x_label: str, path: Path) -> Path | None:
+    models = [(n, e) for n, e in _scored(results) if e.get(x_key)]
+    if not models:
+        return None
+    fig = _figure()
+    ax = fig.subplots()
+    for name, entry in models:
+        ax.scatter(entry[x_key], entry["score"], s=60, color="#555555" if name == "teacher" else "#3b7dd8")
+        ax.annotate(name, (entry[x_key], entry["score"]), textcoords="offset points", xytext=(5, 5),
+                    fontsize="small")
+    ax.set_xscale("log")
+    ax.margins(0.15)
+    ax.set_xlabel(x_label)
+    ax.set_ylabel(results["metric"])
+    ax.set_title(f"score vs {x_label.split(' (')[0]}")
+    ax.grid(alpha=0.3, which="both")
+    fig.savefig(path)
+    return path
+
+
+def make_plots(results: dict, logs: dict[str, list[dict]], out: Path) -> dict[str, Path]:
+    """Every plot there is data for: {title: png path}."""
+    made = {
+        "Training losses": plot_losses(logs, out / "losses.png"),
+        "Score: teacher vs students": plot_scores(results, out / "scores.png"),
+        "Score vs parameters": plot_scatter(results, "params", "parameters (log)", out / "score_vs_params.png"),
+        "Score vs latency": plot_scatter(results, "latency_ms_p50", "p50 latency, ms (log)",
+                                         out / "score_vs_latency.png"),
+    }
+    return {title: p for title, p in made.items() if p is not None}
+
+
+# ---------------------------------------------------------------- training details
+
+
+def training_details(run_dir: Path, name: str, cfg: Config) -> dict[str, Any]:
+    """How a student was trained: the run's resolved config.yaml (falling back to the given config),
+    overridden by what its train_summary.json records."""
+    saved = run_dir / "config.yaml"
+    tree = yaml.safe_load(saved.read_text()) if saved.exists() else cfg.model_dump(mode="json")
+    train = tree.get("train") or {}
+    students = tree.get("students") or [tree.get("student") or {}]
+    student = next((s for s in students if s.get("name", "student") == name), {})
+    summary_path = run_dir / "students" / name / "train_summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    return {
+        "init": summary.get("init", student.get("init")),
+        "signal": summary.get("signal", train.get("signal")),
+        "losses": summary.get("losses", train.get("losses") or []),
+        "learning_rate": train.get("learning_rate"),
+        "epochs": train.get("num_train_epochs"),
+        "max_steps": train.get("max_steps"),
+        "runtime_s": summary.get("train_runtime_s"),
+        "summary": summary,
+    }
+
+
+def _losses_text(losses: list) -> str:
+    parts = []
+    for term in losses:
+        if isinstance(term, dict):
+            extra = "".join(f", {k}={v}" for k, v in (term.get("params") or {}).items())
+            parts.append(f"{term.get('name')} (weight {term.get('weight', 1.0)}, T={term.get('temperature', 1.0)}"
+                         f"{extra})")
+        else:
+            parts.append(str(term))
+    return "; ".join(parts) or "—"
+
+
+def _training_text(d: dict[str, Any]) -> str:
+    bits = [f"init `{d['init']}`" if d.get("init") else None, f"signal `{d['signal']}`" if d.get("signal") else None,
+            f"losses {_losses_text(d['losses'])}",
+            f"{d['runtime_s']:.0f} s" if d.get("runtime_s") is not None else None]
+    return ", ".join(b for b in bits if b)
+
+
+def _final_loss(log: list[dict]) -> float | None:
+    values = [e["loss"] for e in log if isinstance(e.get("loss"), (int, float))]
+    return values[-1] if values else None
+
+
+# ---------------------------------------------------------------- markdown / html
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _summary_lines(results: dict) -> list[str]:
+    t = results["teacher"]
+    lines = []
+    for name, s in results["students"].items():
+        bits = [f"**{name}**:"]
+        if s.get("percent_of_teacher") is not None:
+            bits.append(f"keeps {s['percent_of_teacher']:.1f}% of the teacher's {results['metric']}")
+        if s.get("size_ratio"):
+            bits.append(f"{s['size_ratio']:.1f}x fewer parameters")
+        if s.get("speedup"):
+            bits.append(f"{s['speedup']:.2f}x faster at batch 1 (p50)")
+        if s.get("cost_per_million_tokens") is not None and t.get("cost_per_million_tokens"):
+            bits.append(f"${s['cost_per_million_tokens']:.4f} vs ${t['cost_per_million_tokens']:.4f} per M tokens")
+        lines.append(" ".join(bits[:1]) + " " + ", ".join(bits[1:]) + ".")
+    return lines
+
+
+def _method_lines(results: dict) -> list[str]:
+    t = results["teacher"]
+    return [
+        f"{results['n_prompts']} prompts from `{results['eval_input']}` ({results['n_with_reference']} with a "
+        f"reference); metric `{results['metric']}`; device {results['device']}, dtype {results['dtype']}.",
+        "Agreement: fraction of the teacher's greedy tokens that are also the student's argmax under teacher "
+        "forcing; KL: mean KL(teacher || student) in nats per token on the same positions.",
+        f"Latency: batch 1, {t['latency_new_tokens']} new tokens per request; tokens/s at batch "
+        f"{t['throughput_batch_size']}; $/M tokens at ${results['cost_per_hour']}/hour. "
+        f"Memory: {t['memory_method']}.",
+    ]
+
+
+def render_markdown(results: dict, plots: dict[str, Path], details: dict[str, dict]) -> str:
+    header = ["Model", *(c[0] for c in COLUMNS)]
+    out = ["# Distillation report", "", *(f"- {line}" for line in _summary_lines(results)), "",
+           "## Teacher vs students", "",
+           _md_table(header, table_rows(results)), "", *(f"- {line}" for line in _method_lines(results)), ""]
+    notes = [f"- {n}: {e['fidelity_note']}" for n, e in results["students"].items() if e.get("fidelity_note")]
+    if notes:
+        out += ["Notes:", *notes, ""]
+    out += ["## Training", ""]
+    out += [f"- **{name}**: {_training_text(d)}" for name, d in details.items()]
+    out += ["", "## Plots", ""]
+    out += [f"### {title}\n\n![{title}]({p.name})\n" for title, p in plots.items()]
+    out += ["## Sample outputs", ""]
+    for i, sample in enumerate(results.get("samples", []), 1):
+        out += [f"### Sample {i}", "", "**Prompt**", "", "```", sample["prompt"], "```", ""]
+        answers = [("reference", sample.get("reference")), ("teacher", sample["teacher"]),
+                   *sample["students"].items()]
+        for who, text in answers:
+            if text is not None:
+                out += [f"**{who}**", "", "```", text, "```", ""]
+    return "\n".join(out)
+
+
+CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;padding:0 1em;color:#222}
+table{border-collapse:collapse;font-size:14px}th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}
+th:first-child,td:first-child{text-align:left}th{background:#f3f3f3}pre{background:#f6f6f6;padding:8px;
+white-space:pre-wrap}img{max-width:100%}.sample{border-top:1px solid #ddd;margin-top:1em}"""
+
+
+def render_html(results: dict, plots: dict[str, Path], details: dict[str, dict]) -> str:
+    """One file with everything inline (styles and base64 PNGs): it can be mailed or attached as is."""
+    e = html.escape
+    header = "".join(f"<th>{e(h)}</th>" for h in ["Model", *(c[0] for c in COLUMNS)])
+    body = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in table_rows(results))
+    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>Distillation report</title>"
+             f"<style>{CSS}</style></head><body><h1>Distillation report</h1>"]
+    parts += [f"<p>{e(line).replace('**', '')}</p>" for line in _summary_lines(results)]
+    parts += [f"<h2>Teacher vs students</h2><table><tr>{header}</tr>{body}</table><ul>"]
+    parts += [f"<li>{e(line)}</li>" for line in _method_lines(results)]
+    parts += [f"<li>{e(n)}: {e(x['fidelity_note'])}</li>" for n, x in results["students"].items()
+              if x.get("fidelity_note")]
+    parts.append("</ul><h2>Training</h2><ul>")
+    parts += [f"<li><b>{e(name)}</b>: {e(_training_text(d)).replace('`', '')}</li>" for name, d in details.items()]
+    parts.append("</ul><h2>Plots</h2>")
+    for title, p in plots.items():
+        data = base64.b64encode(p.read_bytes()).decode("ascii")
+        parts.append(f"<h3>{e(title)}</h3><img alt='{e(title)}' src='data:image/png;base64,{data}'>")
+    parts.append("<h2>Sample outputs</h2>")
+    for sample in results.get("samples", []):
+        parts.append(f"<div class='sample'><p><b>Prompt</b></p><pre>{e(sample['prompt'])}</pre>")
+        answers = [("reference", sample.get("reference")), ("teacher", sample["teacher"]),
+                   *sample["students"].items()]
+        parts += [f"<p><b>{e(who)}</b></p><pre>{e(text)}</pre>" for who, text in answers if text is not None]
+        parts.append("</div>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+# ---------------------------------------------------------------- model card
+
+
+def model_card(name: str, student_dir: Path, results: dict, details: dict, log: list[dict]) -> str:
+    """README.md for a student directory: front matter for the Hub, what it is, how it was trained, its
+    numbers next to the teacher's, and how to load and serve it."""
+    s, t = results["students"][name], results["teacher"]
+    adapter = bool(s.get("adapter"))
+    front = {"library_name": "peft" if adapter else "transformers", "tags": ["distill", "distillation"],
+             "base_model": t["path"], "pipeline_tag": "text-generation"}
+    rows = [[label, _fmt(t.get(key), kind), _fmt(s.get(key), kind)] for label, key, kind in COLUMNS]
+    final = _final_loss(log)
+    train_lines = [
+        f"- Student init: `{details['init'] or 'unknown'}`; teacher signal: `{details['signal'] or 'unknown'}`",
+        f"- Losses: {_losses_text(details['losses'])}",
+        f"- Learning rate {details['learning_rate']}, epochs {details['epochs']}, max steps {details['max_steps']}",
+    ]
+    if details.get("runtime_s") is not None:
+        train_lines.append(f"- Training time: {details['runtime_s']:.0f} s")
+    if final is not None:
+        train_lines.append(f"- Final logged training loss: {final:.4f}")
+    load = (
+        "from peft import AutoPeftModelForCausalLM\nfrom transformers import AutoTokenizer\n\n"
+        f'model = AutoPeftModelForCausalLM.from_pretrained("{student_dir}").merge_and_unload()\n'
+        if adapter else
+        "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+        f'model = AutoModelForCausalLM.from_pretrained("{student_dir}")\n'
+    ) + f'tokenizer = AutoTokenizer.from_pretrained("{student_dir}")'
+    pct = s.get("percent_of_teacher")
+    headline = f"It keeps {pct:.1f}% of the teacher's `{results['metric']}` score" if pct is not None else \
+        f"Its `{results['metric']}` score is {_fmt(s.get('score'), 'score')}"
+    return "\n".join([
+        "---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
+        f"# {name}", "",
+        f"A student model distilled from the teacher `{t['path']}` with distill. {headline} with {_fmt(s.get('params'), 'count')} parameters "
+        f"({_fmt(s.get('size_ratio'), 'x')} fewer than the teacher's {_fmt(t.get('params'), 'count')}).", "",
+        "## Training", "", *train_lines, "",
+        "## Evaluation", "",
+        f"{results['n_prompts']} held-out prompts from `{results['eval_input']}`, metric `{results['metric']}`, "
+        f"device {results['device']}.", "",
+        _md_table(["", "teacher", name], rows), "",
+        "## Use", "", "```python", load, "```", "",
+        "Serve it behind an OpenAI-compatible API:", "", "```bash", f"distill serve {student_dir}", "```", "",
+    ])
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def report(config: Config | str | Path, overrides: list[str] | None = None) -> Path:
+    """Write run_dir/report/{report.md, report.html, *.png} and students/NAME/README.md; returns the report
+    directory."""
+    cfg = config if isinstance(config, Config) else load_config(config, overrides)
+    run_dir = Path(cfg.run_dir)
+    results_path = run_dir / "eval" / "results.json"
+    if not results_path.exists():
+        raise FileNotFoundError(f"{results_path}: no eval results; run `distill eval CONFIG` first")
+    results = json.loads(results_path.read_text())
+    out = run_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    logs = {n: load_train_log(run_dir / "students" / n / "train_log.json") for n in results["students"]}
+    details = {n: training_details(run_dir, n, cfg) for n in results["students"]}
+    plots = make_plots(results, logs, out)
+    (out / "report.md").write_text(render_markdown(results, plots, details))
+    (out / "report.html").write_text(render_html(results, plots, details))
+    for name in results["students"]:
+        student_dir = run_dir / "students" / name
+        if student_dir.is_dir():
+            (student_dir / "README.md").write_text(model_card(name, student_dir, results, details[name], logs[name]))
+    return out

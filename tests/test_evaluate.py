@@ -1,0 +1,193 @@
+"""`distill eval` on a fake run directory: a tiny teacher, a student that IS the teacher, a smaller one."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import make_llama, make_tokenizer
+from distill.config import ConfigError, load_config
+from distill.evaluate import evaluate, generate_batch, load_for_eval, percentile
+
+TRAIN_LOG = [
+    {"step": s, "epoch": s / 40, "loss": 3.0 / s ** 0.5, "learning_rate": 5e-4 * (1 - s / 40),
+     "loss/forward_kl": 2.0 / s ** 0.5, "loss/cross_entropy": 1.0 / s ** 0.5}
+    for s in range(1, 41, 5)
+] + [{"train_runtime": 12.5, "train_loss": 1.1, "step": 40, "epoch": 1.0}]
+
+
+def make_run_dir(root: Path, teacher_dir: Path, tokenizer, references: list[str] | None = None) -> dict:
+    """run_dir with students 'same' (the teacher's weights) and 'small' (1 layer, width 32), their training
+    logs and summaries, and an eval file of 6 prompts; returns the config tree."""
+    run = root / "run"
+    same = run / "students" / "same"
+    shutil.copytree(teacher_dir, same)
+    small = run / "students" / "small"
+    make_llama(len(tokenizer), hidden=32, layers=1, heads=2, seed=1).save_pretrained(small)
+    tokenizer.save_pretrained(small)
+    for d in (same, small):
+        (d / "train_log.json").write_text(json.dumps(TRAIN_LOG))
+        (d / "train_summary.json").write_text(json.dumps({"teacher_params": 1, "student_params": 1,
+                                                          "train_runtime_s": 12.5}))
+    prompts = [f"Q: Tom has {a} apples. He eats {b}. How many apples now? A:" for a, b in
+               [(12, 5), (20, 3), (9, 4), (15, 7), (30, 11), (8, 2)]]
+    refs = references or [str(i) for i in range(len(prompts))]
+    eval_file = root / "eval.jsonl"
+    eval_file.write_text("\n".join(json.dumps({"prompt": p, "answer": r}) for p, r in zip(prompts, refs)) + "\n")
+    return {
+        "run_dir": str(run),
+        "teacher": {"model": str(teacher_dir)},
+        "students": [{"name": "same"}, {"name": "small"}],
+        "train": {"threads": 1},
+        "eval": {"input": str(eval_file), "metric": "accuracy", "max_new_tokens": 6, "batch_size": 4,
+                 "latency_requests": 4, "latency_new_tokens": 4, "cost_per_hour": 2.5, "samples": 3},
+    }
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory, teacher_dir):
+    """One full evaluation shared by the tests below. The first two references are the teacher's own greedy
+    outputs, so the teacher scores 2/6 under `accuracy`."""
+    tok = make_tokenizer()
+    model, t_tok = load_for_eval(teacher_dir, "cpu")
+    prompts = [f"Q: Tom has {a} apples. He eats {b}. How many apples now? A:" for a, b in [(12, 5), (20, 3)]]
+    teacher_out = generate_batch(model, t_tok, prompts, 6, 2).texts
+    tree = make_run_dir(tmp_path_factory.mktemp("evalrun"), teacher_dir, tok,
+                        references=[*teacher_out, "x", "y", "z", "w"])
+    cfg = load_config(tree)
+    return cfg, evaluate(cfg)
+
+
+def test_scores_and_percent_retained(evaluated):
+    _, res = evaluated
+    assert res["metric"] == "accuracy" and res["n_prompts"] == 6
+    assert res["teacher"]["score"] == pytest.approx(2 / 6)
+    same, small = res["students"]["same"], res["students"]["small"]
+    assert same["score"] == pytest.approx(2 / 6)
+    assert same["percent_of_teacher"] == pytest.approx(100.0)
+    assert small["percent_of_teacher"] == pytest.approx(100 * small["score"] / res["teacher"]["score"])
+
+
+def test_fidelity_is_perfect_for_the_teacher_itself(evaluated):
+    _, res = evaluated
+    same = res["students"]["same"]
+    assert same["fidelity_tokens"] > 0
+    assert same["agreement"] == 1.0
+    assert same["kl"] == pytest.approx(0.0, abs=1e-5)
+
+
+def test_fidelity_of_a_different_model(evaluated):
+    _, res = evaluated
+    small = res["students"]["small"]
+    assert small["fidelity_tokens"] == res["students"]["same"]["fidelity_tokens"]
+    assert small["agreement"] < 1.0
+    assert small["kl"] > 0.01
+
+
+def test_cost_fields_are_sane(evaluated):
+    cfg, res = evaluated
+    teacher, small = res["teacher"], res["students"]["small"]
+    for entry in (teacher, small):
+        assert entry["params"] > 0 and entry["bytes_on_disk"] > 0
+        assert 0 < entry["latency_ms_p50"] <= entry["latency_ms_p95"]
+        assert entry["tokens_per_s"] > 0
+        assert entry["peak_memory_bytes"] > 0 and entry["memory_method"].startswith("cpu")
+        assert entry["cost_per_million_tokens"] == pytest.approx(2.5 / 3600 / entry["tokens_per_s"] * 1e6)
+    assert teacher["bytes_on_disk"] == (Path(cfg.teacher.model) / "model.safetensors").stat().st_size
+    assert teacher["params"] > small["params"]
+    assert small["size_ratio"] == pytest.approx(teacher["params"] / small["params"])
+    assert small["speedup"] == pytest.approx(teacher["latency_ms_p50"] / small["latency_ms_p50"])
+    assert small["throughput_ratio"] == pytest.approx(small["tokens_per_s"] / teacher["tokens_per_s"])
+
+
+def test_results_and_outputs_written(evaluated):
+    cfg, res = evaluated
+    on_disk = json.loads((Path(cfg.run_dir) / "eval" / "results.json").read_text())
+    assert on_disk == json.loads(json.dumps(res))
+    assert len(res["samples"]) == 3
+    assert set(res["samples"][0]["students"]) == {"same", "small"}
+    assert res["samples"][0]["teacher"] == res["samples"][0]["students"]["same"]
+    rows = [json.loads(line) for line in (Path(cfg.run_dir) / "eval" / "outputs.jsonl").read_text().splitlines()]
+    assert len(rows) == 6 and rows[0]["reference"] == res["samples"][0]["reference"]
+
+
+def test_batched_left_padded_generation_matches_one_by_one(teacher_dir):
+    model, tok = load_for_eval(teacher_dir, "cpu")
+    prompts = ["Q: Tom has 12 apples.", "Hi", "The quick brown fox jumps over the lazy dog. 0123"]
+    batched = generate_batch(model, tok, prompts, 5, batch_size=3)
+    single = [generate_batch(model, tok, [p], 5, batch_size=1) for p in prompts]
+    assert batched.output_ids == [g.output_ids[0] for g in single]
+    assert batched.texts == [g.texts[0] for g in single]
+
+
+def test_lora_student_and_other_tokenizer(tmp_path, teacher_dir, tokenizer):
+    """A LoRA adapter is loaded with peft and merged; a student with another vocabulary gets null fidelity
+    with the reason."""
+    from peft import LoraConfig, get_peft_model
+
+    tree = make_run_dir(tmp_path, teacher_dir, tokenizer)
+    students = Path(tree["run_dir"]) / "students"
+    base, _ = load_for_eval(teacher_dir, "cpu")
+    peft_model = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    peft_model.save_pretrained(students / "lora")
+    other_tok = make_tokenizer(vocab_size=280)
+    make_llama(len(other_tok), hidden=32, layers=1, heads=2).save_pretrained(students / "other")
+    other_tok.save_pretrained(students / "other")
+    tree["students"] = [{"name": "lora"}, {"name": "other"}]
+    tree["eval"].update(measure_memory=False, latency_requests=1, samples=0)
+    res = evaluate(load_config(tree))
+    lora, other = res["students"]["lora"], res["students"]["other"]
+    assert lora["adapter"] is True
+    assert lora["bytes_on_disk"] == (students / "lora" / "adapter_model.safetensors").stat().st_size
+    assert lora["agreement"] == 1.0  # fresh LoRA (B = 0) equals the base model
+    assert other["agreement"] is None and other["kl"] is None
+    assert "tokenizer differs" in other["fidelity_note"]
+    assert lora["peak_memory_bytes"] is None and lora["memory_method"].startswith("off")
+    assert res["samples"] == []
+
+
+def test_missing_student_and_bad_config_are_clear_errors(tmp_path, teacher_dir, tokenizer):
+    tree = make_run_dir(tmp_path, teacher_dir, tokenizer)
+    tree["students"].append({"name": "absent"})
+    with pytest.raises(FileNotFoundError, match=r"student 'absent': no model at .*absent.*distill train"):
+        evaluate(load_config(tree))
+    tree["students"].pop()
+    with pytest.raises(ValueError, match="cannot import module 'nope_mod'"):
+        evaluate(load_config(tree, ["eval.metric=nope_mod:f"]))
+    with pytest.raises(ConfigError, match="teacher.backend=openai"):
+        evaluate(load_config(tree, ["teacher.backend=openai"]))
+    with pytest.raises(ConfigError, match="eval.input"):
+        evaluate(load_config(tree, ["eval.input=null"]))
+
+
+def test_cli_eval_reports_missing_student(tmp_path, teacher_dir, tokenizer):
+    import yaml
+
+    from distill.cli import app
+
+    tree = make_run_dir(tmp_path, teacher_dir, tokenizer)
+    shutil.rmtree(Path(tree["run_dir"]) / "students" / "small")
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text(yaml.safe_dump(tree))
+    result = CliRunner().invoke(app, ["eval", str(cfg_file), "eval.limit=2"])
+    assert result.exit_code == 2
+    assert "student 'small'" in result.output
+
+
+def test_percentile_matches_linear_interpolation():
+    assert percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
+    assert percentile([5.0], 95) == 5.0
+    assert percentile([1.0, 2.0, 3.0, 4.0, 5.0], 95) == pytest.approx(4.8)
+
+
+def test_package_exports_callable_stages():
+    import distill
+    import distill.evaluate  # noqa: F401 - importing the submodule must not shadow the function
+    import distill.report  # noqa: F401
+
+    assert callable(distill.evaluate) and distill.evaluate.__module__ == "distill.evaluate"
+    assert callable(distill.report) and distill.report.__module__ == "distill.report"
