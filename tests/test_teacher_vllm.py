@@ -41,6 +41,8 @@ def test_topk_keeps_ranks_1_to_k_only():
     pos = {7: Logprob(np.log(0.05), 9), 3: Logprob(np.log(0.5), 1), 4: Logprob(np.log(0.3), 2)}
     ids, lps, tail = topk_from_vllm([pos], k=2)
     assert ids.tolist() == [[3, 4]] and np.allclose(np.exp(lps), [[0.5, 0.3]]) and np.allclose(tail, [0.2])
+    ids, lps, tail = topk_from_vllm([pos], k=3)  # rank 9 is not in the top 3: an empty slot, safe to gather
+    assert ids.tolist() == [[3, 4, 0]] and np.isneginf(lps[0, 2]) and np.allclose(tail, [0.2])
 
 
 def test_engine_glue_with_a_stand_in_vllm(monkeypatch):

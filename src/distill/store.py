@@ -47,7 +47,7 @@ SCHEMA = pa.schema(
         ("response_tokens", pa.list_(pa.string())),  # API backends: the sampled tokens as strings
         ("n_tokens", pa.int32()),
         ("k", pa.int16()),
-        ("topk_ids", pa.list_(pa.int32())),  # flattened (n_tokens * k); -1 where a slot is empty
+        ("topk_ids", pa.list_(pa.int32())),  # flattened (n_tokens * k); empty slot: id 0, logprob -inf
         ("topk_logprobs", pa.list_(pa.float16())),  # flattened (n_tokens * k); -inf where a slot is empty
         ("topk_tokens", pa.list_(pa.string())),  # API backends without token ids: flattened token strings
         ("tail", pa.list_(pa.float32())),  # (n_tokens,) = 1 - sum p_topk, clipped at 0

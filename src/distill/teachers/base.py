@@ -40,7 +40,7 @@ class Completion:
     token_ids: list[int] | None = None  # generated ids, EOS included when generation ended on it
     prompt_ids: list[int] | None = None
     tokens: list[str] | None = None  # API backends: the sampled tokens as strings
-    topk_ids: np.ndarray | None = None  # (n_tokens, k) int32; -1 in empty slots
+    topk_ids: np.ndarray | None = None  # (n_tokens, k) int32; empty slots: id 0 with logprob -inf
     topk_logprobs: np.ndarray | None = None  # (n_tokens, k) float32; -inf in empty slots
     topk_tokens: list[list[str]] | None = None  # API backends that return strings, not ids
     tail: np.ndarray | None = None  # (n_tokens,) = 1 - sum p_topk, clipped at 0

@@ -294,7 +294,7 @@ def _topk_arrays(tops: list[list[tuple[str, float]]], k: int):
     ids = _token_ids([t for row in tokens for t in row if t])
     id_array = None
     if ids is not None:
-        id_array = np.full((n, k), -1, dtype=np.int32)
+        id_array = np.zeros((n, k), dtype=np.int32)  # empty slots: id 0, logprob -inf
         for i, row in enumerate(tokens):
             for j, t in enumerate(row):
                 if t:

@@ -16,6 +16,7 @@ from distill.config import DataConfig, GenerateConfig, TeacherConfig
 from distill.data import Record, render_prompt
 from distill.teachers.base import Completion, Prompt, TeacherError, teacher_identity, truncate_at_stop
 
+VLLM_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}  # our aliases -> vLLM's names
 CHUNK = 1024  # prompts per engine call: large enough to keep vLLM's scheduler full
 
 
@@ -51,7 +52,7 @@ class VLLMTeacher:
         self._vllm = vllm
         self.llm = vllm.LLM(
             model=tcfg.model,
-            dtype="auto" if tcfg.dtype == "auto" else tcfg.dtype,
+            dtype=VLLM_DTYPES.get(tcfg.dtype, tcfg.dtype),
             tensor_parallel_size=tcfg.tensor_parallel_size,
             gpu_memory_utilization=tcfg.gpu_memory_utilization,
             trust_remote_code=tcfg.trust_remote_code,
@@ -99,7 +100,7 @@ class VLLMTeacher:
 def topk_from_vllm(logprobs, k: int):
     """Per position {token_id: Logprob(logprob, rank)} -> (ids (n, k) int32, logprobs (n, k), tail (n,))."""
     n = len(logprobs)
-    ids = np.full((n, k), -1, dtype=np.int32)
+    ids = np.zeros((n, k), dtype=np.int32)  # empty slots: id 0 with logprob -inf (safe to gather)
     lps = np.full((n, k), -np.inf, dtype=np.float32)
     for i, pos in enumerate(logprobs):
         ranked = sorted(pos.items(), key=lambda item: item[1].rank if item[1].rank is not None else 1 << 30)
