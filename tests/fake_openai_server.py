@@ -16,8 +16,6 @@ import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from typing_extensions import Self
-
 FAULTS = ("429", "500", "timeout", "malformed", "no_choices")
 VOCAB = [f"w{i}" for i in range(40)]
 
@@ -54,7 +52,7 @@ class FakeOpenAIServer:
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
-    def __enter__(self) -> Self:
+    def __enter__(self) -> FakeOpenAIServer:  # noqa: PYI034
         self.thread.start()
         return self
 

@@ -28,7 +28,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from typing_extensions import Self
 
 SCHEMA_VERSION = 1
 SPARSE_COLUMNS = ("topk_ids", "topk_logprobs", "topk_tokens")
@@ -55,12 +54,6 @@ SCHEMA = pa.schema(
         ("teacher", pa.string()),
     ]
 )
-
-ROW_KEYS = (
-    "key", "index", "prompt", "messages", "reference", "response", "reasoning", "prompt_ids", "response_ids",
-    "response_tokens", "topk_ids", "topk_logprobs", "topk_tokens", "tail", "finish_reason", "teacher",
-)
-
 
 class StoreError(RuntimeError):
     """A store that cannot be used as asked (other generation settings, a bad row); says what to do."""
@@ -290,7 +283,7 @@ class Store:
     def close(self) -> None:
         self.flush()
 
-    def __enter__(self) -> Self:
+    def __enter__(self) -> Store:  # noqa: PYI034 - typing.Self needs Python 3.11
         return self
 
     def __exit__(self, *exc) -> None:
