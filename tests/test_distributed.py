@@ -1,0 +1,129 @@
+"""Multi-process runs on CPU (gloo) through the real launcher: `torchrun --nproc_per_node 2 -m distill.cli ...`.
+
+- training: 2 processes x (batch 1, accumulation 2) take one SGD step (lr=1) on the same 4 examples as one
+  process with batch 4, and must give the same loss, gradient norm, loss components and weights. The rows have
+  very different lengths, so any split over ranks is uneven: normalising per rank or per micro-batch instead of
+  by the global token count (or forgetting that DDP averages gradients) makes the results differ.
+- the 2-process run writes exactly one student (rank 0 writes, the others wait);
+- generation: 2 processes (RANK/WORLD_SIZE from torchrun) write disjoint shards of one store that reads back as
+  one row per prompt.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from distill.config import load_config
+from distill.store import read_store, shard_files
+
+# one long row and three short ones: whichever way the 4 rows are dealt to 2 ranks, token counts differ a lot
+ROWS = [
+    {"text": "Q: Lily has 43 cards. She finds 19 more. How many cards now? A: 43 + 19 = 62. The answer is 62. "
+             "Q: Tom has 12 apples. He eats 5. How many apples now? A: 12 - 5 = 7. The answer is 7."},
+    {"text": "Hi."},
+    {"text": "The dog."},
+    {"text": "A fox."},
+]
+
+
+def launch(nproc: int, args: list[str], cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node N -m distill.cli ARGS` with one thread per process."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           "-m", "distill.cli", *args]
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return proc
+
+
+def sgd_config(tmp_path: Path, teacher_dir, data: Path, run: str, batch: int, accum: int):
+    """One plain SGD step with lr=1: the weight change is exactly minus the gradient."""
+    return load_config({
+        "run_dir": str(tmp_path / run),
+        "teacher": {"model": str(teacher_dir)},
+        "student": {"init": "config", "config": {"hidden_size": 32, "intermediate_size": 64,
+                                                  "num_hidden_layers": 2, "num_attention_heads": 4,
+                                                  "num_key_value_heads": 4}},
+        "train": {"input": str(data), "signal": "online", "max_steps": 1, "learning_rate": 1.0,
+                  "lr_scheduler_type": "constant", "per_device_train_batch_size": batch,
+                  "gradient_accumulation_steps": accum, "logging_steps": 1, "save_steps": 1000,
+                  "losses": [{"name": "forward_kl", "weight": 0.7}, {"name": "cross_entropy", "weight": 0.3}],
+                  # a huge clip threshold: the gradient norm is computed and logged but never clips
+                  "args": {"optim": "sgd", "max_grad_norm": 1e9, "data_seed": 0}},
+    })
+
+
+def step_log(out: Path) -> dict:
+    (entry,) = [e for e in json.loads((out / "train_log.json").read_text()) if "loss" in e]
+    return entry
+
+
+def test_two_processes_equal_one_process_on_the_same_global_batch(tmp_path, teacher_dir):
+    from distill.modeling import load_model
+    from distill.train import train
+
+    data = tmp_path / "uneven.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+
+    (single,) = train(sgd_config(tmp_path, teacher_dir, data, "one", batch=4, accum=1))
+
+    cfg = sgd_config(tmp_path, teacher_dir, data, "two", batch=1, accum=2)
+    cfg_file = tmp_path / "two.yaml"
+    cfg_file.write_text(json.dumps(cfg.model_dump(mode="json")))
+    proc = launch(2, ["train", str(cfg_file)], cwd=tmp_path)
+    assert proc.stderr.count("student written") == 2  # the CLI returns on every rank after the barrier
+
+    # exactly one student: the files rank 0 writes, nothing else, no second copy
+    students = tmp_path / "two" / "students"
+    assert [p.name for p in students.iterdir()] == ["student"]
+    double = students / "student"
+    assert {"model.safetensors", "config.json", "tokenizer.json", "train_log.json",
+            "train_summary.json"} <= {p.name for p in double.iterdir()}
+    summary = json.loads((double / "train_summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["global_steps"] == 1 and summary["examples"] == len(ROWS)
+
+    one, two = step_log(single), step_log(double)
+    for key in ("loss", "grad_norm", "loss/forward_kl", "loss/cross_entropy"):
+        assert two[key] == pytest.approx(one[key], rel=1e-4, abs=1e-5), (key, one, two)
+    assert summary["train_loss"] == pytest.approx(one["loss"], rel=1e-4)
+
+    assert one["grad_norm"] > 0.1  # a real step: lr=1 moves every weight by its gradient
+    a, b = load_model(single).state_dict(), load_model(double).state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5)
+
+
+def test_two_generate_workers_write_disjoint_shards_of_one_store(tmp_path, teacher_dir, prompts_file):
+    cfg = tmp_path / "gen.yaml"
+    cfg.write_text(json.dumps({
+        "run_dir": str(tmp_path / "run"), "teacher": {"model": str(teacher_dir)},
+        "generate": {"input": str(prompts_file), "max_new_tokens": 3, "top_k": 2, "shard_rows": 2},
+    }))
+    launch(2, ["generate", str(cfg)], cwd=tmp_path)  # worker = RANK of WORLD_SIZE, set by torchrun
+
+    store = tmp_path / "run" / "teacher"
+    keys = {w: [k for p in shard_files(store) if p.name.startswith(w)
+                for k in pq.read_table(p, columns=["key"]).column("key").to_pylist()]
+            for w in ("w000of002-", "w001of002-")}
+    assert len(keys["w000of002-"]) == len(keys["w001of002-"]) == 4
+    assert not set(keys["w000of002-"]) & set(keys["w001of002-"])
+    assert {p.name.split("-")[0] for p in shard_files(store)} == {"w000of002", "w001of002"}
+    assert {p.name for p in store.glob("manifest.*.json")} == {"manifest.w000of002.json", "manifest.w001of002.json"}
+
+    rows = read_store(store)
+    n_prompts = sum(1 for line in prompts_file.read_text().splitlines() if line.strip())
+    assert [r["index"] for r in rows] == list(range(n_prompts))  # rows == prompts, each once, merged in order
+    assert {r["index"] for r in rows if r["key"] in keys["w001of002-"]} == {1, 3, 5, 7}
+    assert all(r["topk_ids"].shape == (len(r["response_ids"]), 2) for r in rows)
