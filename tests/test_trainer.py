@@ -4,9 +4,9 @@ import json
 
 import pytest
 import torch
+from conftest import make_llama
 from typer.testing import CliRunner
 
-from conftest import make_llama
 from distill.batching import DistillCollator, tokenize_pair
 from distill.config import load_config
 from distill.train import train
@@ -17,7 +17,7 @@ TRAIN_TEXT = [
     "The quick brown fox jumps over the lazy dog.",
     "Distillation trains a small student to imitate a large teacher.",
 ]
-WORDS = "the a fox dog cat apples cards pens has eats finds sells more now how many answer is Q: A: + - = . ,".split()
+WORDS = ["the", "a", "fox", "dog", "cat", "apples", "cards", "pens", "has", "eats", "finds", "sells", "more", "now", "how", "many", "answer", "is", "Q:", "A:", "+", "-", "=", ".", ","]
 WORDS += [str(n) for n in range(0, 100, 7)]
 
 
@@ -84,7 +84,7 @@ def test_online_distillation_halves_heldout_kl(tmp_path, sharp_teacher_dir, toke
     cfg = _cfg(tmp_path, sharp_teacher_dir, data, max_steps=150, per_device_train_batch_size=8, learning_rate=3e-3, lr_scheduler_type="constant")
     teacher = load_model(sharp_teacher_dir)
     torch.manual_seed(cfg.seed)
-    fresh, info = build_student(cfg.student, teacher_path=str(sharp_teacher_dir))
+    fresh, _info = build_student(cfg.student, teacher_path=str(sharp_teacher_dir))
     before = heldout_kl(fresh, teacher, tokenizer)
 
     (out,) = train(cfg)

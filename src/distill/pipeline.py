@@ -1,0 +1,152 @@
+"""`distill run`: generate → train → eval → report, each stage skipped when its inputs are unchanged.
+
+Run as: `distill run cfg.yaml [overrides]` or `distill.run(config)`.
+
+Every stage has a fingerprint: a hash of the config sections it reads, the bytes of the files it reads, and
+the fingerprints of the stages it depends on. `RUN_DIR/stages.json` records the fingerprint of each finished
+stage, so a rerun does no work, a changed input reruns exactly the stages downstream of it, and a crashed
+run resumes (generation skips finished rows; training resumes from its last checkpoint when its
+fingerprint is unchanged, and starts over when it changed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from distill.config import Config, load_config, save_config
+
+console = Console(stderr=True)
+STAGES_FILE = "stages.json"
+
+
+def file_digest(path: str | Path | None) -> str | None:
+    """sha256 of a file or of every file under a directory (names and bytes); None for hf: datasets."""
+    if path is None:
+        return None
+    p = Path(str(path))
+    if not p.exists():
+        return None if str(path).startswith("hf:") else f"missing:{p}"
+    h = hashlib.sha256()
+    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
+    for f in files:
+        h.update(str(f.relative_to(p) if p.is_dir() else f.name).encode())
+        with f.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def _input(cfg: Config, path: str | None) -> str | None:
+    """Digest of an input path as the stages resolve it (as given, else relative to run_dir)."""
+    if path is None or str(path).startswith("hf:") or Path(path).exists():
+        return file_digest(path)
+    return file_digest(cfg.path(path))
+
+
+def fingerprint(*parts: Any) -> str:
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _dump(section) -> Any:
+    return section.model_dump(mode="json") if hasattr(section, "model_dump") else section
+
+
+class StageLog:
+    """RUN_DIR/stages.json: which stage finished with which fingerprint (written atomically)."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / STAGES_FILE
+        self.data: dict[str, dict] = json.loads(self.path.read_text()) if self.path.exists() else {}
+
+    def done(self, name: str, fp: str) -> bool:
+        return self.data.get(name, {}).get("fingerprint") == fp and self.data[name].get("status") == "done"
+
+    def started_with(self, name: str) -> str | None:
+        return self.data.get(name, {}).get("fingerprint")
+
+    def mark(self, name: str, fp: str, status: str, **extra: Any) -> None:
+        self.data[name] = {"fingerprint": fp, "status": status, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **extra}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=1, sort_keys=True))
+        os.replace(tmp, self.path)
+
+
+def stage_fingerprints(cfg: Config) -> dict[str, str]:
+    """The fingerprint of every stage of this config, in pipeline order."""
+    fps: dict[str, str] = {}
+    uses_store = cfg.generate.input is not None
+    if uses_store:
+        fps["generate"] = fingerprint(
+            "generate", _dump(cfg.teacher), _dump(cfg.data), _dump(cfg.generate), _input(cfg, cfg.generate.input)
+        )
+    for s in cfg.all_students():
+        reads_store = uses_store and (cfg.train.signal == "offline" or cfg.train.input is None)
+        fps[f"train:{s.name}"] = fingerprint(
+            "train", cfg.seed, _dump(s), _dump(cfg.train), _dump(cfg.teacher), _dump(cfg.data),
+            _input(cfg, cfg.train.input), fps.get("generate") if reads_store else None,
+            _input(cfg, cfg.teacher.model) if cfg.teacher.model and Path(cfg.teacher.model).exists() else cfg.teacher.model,
+        )
+    trains = [fps[k] for k in fps if k.startswith("train:")]
+    fps["eval"] = fingerprint("eval", _dump(cfg.eval), _dump(cfg.data), _dump(cfg.teacher), trains,
+                              _input(cfg, cfg.eval.input))
+    fps["report"] = fingerprint("report", fps["eval"])
+    return fps
+
+
+def _run_stage(log: StageLog, name: str, fp: str, work: Callable[[], Any], force: bool) -> bool:
+    """Run `work` unless the stage already finished with this fingerprint; True when it ran."""
+    if not force and log.done(name, fp):
+        console.print(f"[dim]skip {name}: inputs unchanged[/]")
+        return False
+    console.print(f"[bold cyan]▶ {name}[/]")
+    log.mark(name, fp, "running")
+    start = time.perf_counter()
+    work()
+    log.mark(name, fp, "done", seconds=round(time.perf_counter() - start, 2))
+    return True
+
+
+def run(config: Config | str | Path | dict, overrides: list[str] | None = None, force: bool = False) -> dict:
+    """Run every stage that is out of date; returns {stage: 'ran' | 'skipped'} in order."""
+    from distill.evaluate import evaluate
+    from distill.generate import generate
+    from distill.report import report
+    from distill.train import student_dir, train_student
+
+    cfg = config if isinstance(config, Config) and not overrides else load_config(
+        config.model_dump(mode="json") if isinstance(config, Config) else config, overrides
+    )
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    log = StageLog(run_dir)
+    fps = stage_fingerprints(cfg)
+    outcome: dict[str, str] = {}
+
+    if "generate" in fps:
+        outcome["generate"] = "ran" if _run_stage(log, "generate", fps["generate"], lambda: generate(cfg), force) else "skipped"
+
+    for s in cfg.all_students():
+        name = f"train:{s.name}"
+        fp = fps[name]
+        if log.started_with(name) not in (None, fp):
+            # The inputs changed since the last (finished or crashed) attempt: its checkpoints are stale.
+            shutil.rmtree(run_dir / "checkpoints" / s.name, ignore_errors=True)
+        missing = not (student_dir(cfg, s.name) / "config.json").exists()
+        ran = _run_stage(log, name, fp, lambda s=s: train_student(cfg, s), force or missing)
+        outcome[name] = "ran" if ran else "skipped"
+
+    outcome["eval"] = "ran" if _run_stage(log, "eval", fps["eval"], lambda: evaluate(cfg), force) else "skipped"
+    outcome["report"] = "ran" if _run_stage(log, "report", fps["report"], lambda: report(cfg), force) else "skipped"
+    return outcome
