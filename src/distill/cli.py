@@ -79,6 +79,22 @@ def train(config: Path = CONFIG_ARG, overrides: Optional[List[str]] = OVERRIDES_
         console.print(f"[green]student written:[/] {out}")
 
 
+@app.command()
+@main_guard
+def run(
+    config: Path = CONFIG_ARG,
+    overrides: Optional[List[str]] = OVERRIDES_ARG,
+    force: bool = typer.Option(False, "--force", help="rerun every stage even when its inputs are unchanged"),
+) -> None:
+    """generate → train → eval → report; stages whose inputs (hashed) are unchanged are skipped."""
+    from distill.pipeline import run as run_pipeline
+
+    cfg = _config(config, overrides)
+    outcome = run_pipeline(cfg, force=force)
+    console.print("  ".join(f"{k}: {v}" for k, v in outcome.items()), highlight=False)
+    print(Path(cfg.run_dir) / "report" / "report.md")
+
+
 @app.command("eval")
 @main_guard
 def eval_(config: Path = CONFIG_ARG, overrides: Optional[List[str]] = OVERRIDES_ARG) -> None:
