@@ -34,6 +34,7 @@ def student(tmp_path_factory):
     tok = make_tokenizer(chat_template=True)
     make_llama(len(tok), hidden=128, layers=2, seed=0).save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
+    (out / "README.md").write_text("# student card\n\nscore kept: 93% of the teacher\n")
     return out
 
 
@@ -55,6 +56,7 @@ def test_hf_round_trip_gives_same_logits_and_card(student, exported):
     assert saved["parameters"] == sum(p.numel() for p in original.parameters()) == report["parameters"]
     card = (out / "README.md").read_text()
     assert f"{report['parameters']:,}" in card and str(student) in card and "load_int8" in card
+    assert "## student card" in card and "score kept: 93% of the teacher" in card  # the source card is kept
 
 
 def test_int8_parity_and_size(student, exported):

@@ -295,7 +295,11 @@ def export(model_dir: str | Path, out_dir: str | Path, quantize: str | None = No
         report["onnx"] = export_onnx(model, tokenizer, out / "onnx")
     report["seconds"] = round(time.time() - t0, 2)
     (out / "export_report.json").write_text(json.dumps(report, indent=2))
-    (out / "README.md").write_text(model_card(report, Path(out).name))
+    card = model_card(report, Path(out).name)
+    source_card = Path(info["adapter"] or info["source"]) / "README.md"
+    if source_card.is_file():  # e.g. the card `distill report` wrote with the eval figures: keep it
+        card += "\n## From the training run\n\n" + ("\n" + source_card.read_text()).replace("\n#", "\n##").lstrip("\n")
+    (out / "README.md").write_text(card)
     return report
 
 
@@ -308,7 +312,7 @@ def model_card(report: dict, name: str) -> str:
     src = report["source"]
     origin = f"LoRA adapter `{src['adapter']}` merged into `{src['base']}`" if src.get("adapter") else f"`{src['source']}`"
     lines = [
-        f"# {name}", "", "A student model distilled and exported with [distill](https://github.com/).", "",
+        f"# {name}", "", "A student model distilled and exported with distill (`distill export`).", "",
         "| | |", "|---|---|",
         f"| source | {origin} |", f"| architecture | {report['architecture']} |",
         f"| parameters | {report['parameters']:,} |", f"| dtype | {report['dtype']} |",
@@ -327,7 +331,7 @@ def model_card(report: dict, name: str) -> str:
             "```python", "from distill.export import load_int8", f"model = load_int8('{name}/int8')", "```", "",
             (f"Parity with full precision on {p['prompts']} {q['held_out']} held-out prompts ({p['tokens']} "
              f"tokens): greedy-token agreement {p['greedy_token_agreement']:.1%}, top-1 agreement "
-             f"{p['top1_agreement']:.1%}, mean KL {p['mean_kl']:.4f}."),
+             f"{p['top1_agreement']:.1%}, mean KL {p['mean_kl']:.2e}."),
         ]
     if "onnx" in report:
         o = report["onnx"]
