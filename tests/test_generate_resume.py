@@ -20,9 +20,9 @@ from distill.store import iter_keys, read_store, shard_files
 N_PROMPTS = 48
 
 
-def _start(cfg: Path) -> subprocess.Popen:
+def _start(cfg: Path, *args: str) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    return subprocess.Popen([sys.executable, "-m", "distill.cli", "generate", str(cfg)], env=env,
+    return subprocess.Popen([sys.executable, "-m", "distill.cli", "generate", str(cfg), *args], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -75,11 +75,12 @@ def test_kill_minus_9_then_rerun_loses_and_repeats_nothing(tmp_path, teacher_dir
     before = _snapshot(store)
     done = len({k for _, keys in before.values() for k in keys})
     assert 0 < done < N_PROMPTS
-    proc = _start(cfg)
+    proc = _start(cfg, "--shard", "0/1")  # one worker of one: the same worker id as the killed runs
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
     assert re.search(rf"{N_PROMPTS} prompts, {done} already in .*, {N_PROMPTS - done} to do", err, re.DOTALL), err
     assert out.strip().endswith(str(store))
+    assert re.search(rf"store: {N_PROMPTS} rows, \d+ tokens, .* bytes per \(token, k\) entry \(k=4\)", err)
     after = _snapshot(store)
     assert all(after[name] == snap for name, snap in before.items())
     keys = list(iter_keys(store))
