@@ -62,3 +62,18 @@ def test_saved_config_round_trips(tmp_path):
 def test_duplicate_student_names():
     with pytest.raises(ConfigError, match="unique"):
         load_config({"students": [{"name": "a"}, {"name": "a"}]})
+
+
+def test_per_student_train_overrides():
+    cfg = load_config({
+        "train": {"signal": "offline", "losses": [{"name": "forward_kl"}]},
+        "students": [{"name": "kd"}, {"name": "baseline", "train": {"signal": "none", "input": "labels.jsonl",
+                                                                      "losses": [{"name": "cross_entropy"}]}}],
+    })
+    kd, base = cfg.all_students()
+    assert cfg.train_for(kd).signal == "offline"
+    assert cfg.train_for(base).signal == "none" and cfg.train_for(base).losses[0].name == "cross_entropy"
+    assert cfg.for_student(base).train.input == "labels.jsonl" and cfg.for_student(base).student.name == "baseline"
+    with pytest.raises(ConfigError) as err:
+        load_config({"students": [{"name": "b", "train": {"signall": "none"}}]})
+    assert "student 'b'" in str(err.value) and "signall" in str(err.value)

@@ -103,6 +103,9 @@ class StudentConfig(Section):
     layers: list[int] | None = Field(None, description="prune: exact teacher layer indices to keep")
     config: dict[str, Any] = Field(default_factory=dict, description="config: overrides of the teacher's config")
     lora: LoraSettings = Field(default_factory=LoraSettings)
+    train: dict[str, Any] = Field(
+        default_factory=dict, description="this student's overrides of the train section (signal, input, losses, ...)"
+    )
 
 
 class TrainConfig(Section):
@@ -189,10 +192,26 @@ class Config(Section):
         dupes = {n for n in names if names.count(n) > 1}
         if dupes:
             raise ValueError(f"students: names must be unique, repeated: {sorted(dupes)}")
+        for s in self.all_students():
+            try:
+                self.train_for(s)
+            except ValidationError as err:
+                where = f"student '{s.name}' train override"
+                raise ValueError(_format_errors(err, where).replace("\n  ", "\n  train.")) from None
         return self
 
     def all_students(self) -> list[StudentConfig]:
         return list(self.students) if self.students else [self.student]
+
+    def train_for(self, student: StudentConfig) -> "TrainConfig":
+        """The train section with this student's overrides applied (validated like the section itself)."""
+        if not student.train:
+            return self.train
+        return TrainConfig.model_validate({**self.train.model_dump(mode="json"), **student.train})
+
+    def for_student(self, student: StudentConfig) -> "Config":
+        """This config as one student's training sees it (student set, train overrides applied)."""
+        return self.model_copy(update={"train": self.train_for(student), "student": student})
 
     def path(self, p: str | None) -> Path | None:
         """Resolve a path relative to run_dir (absolute paths are kept)."""

@@ -26,10 +26,15 @@ from distill.config import Config, load_config, save_config
 
 console = Console(stderr=True)
 STAGES_FILE = "stages.json"
+BIG_FILE = 64 << 20
 
 
 def file_digest(path: str | Path | None) -> str | None:
-    """sha256 of a file or of every file under a directory (names and bytes); None for hf: datasets."""
+    """sha256 of a file or of every file under a directory (names and bytes); None for hf: datasets.
+
+    Files over 64 MB (model weights) are fingerprinted by size and modification time instead of their bytes,
+    so a rerun does not re-read a large teacher's weights.
+    """
     if path is None:
         return None
     p = Path(str(path))
@@ -39,6 +44,10 @@ def file_digest(path: str | Path | None) -> str | None:
     files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
     for f in files:
         h.update(str(f.relative_to(p) if p.is_dir() else f.name).encode())
+        stat = f.stat()
+        if stat.st_size > BIG_FILE:
+            h.update(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
+            continue
         with f.open("rb") as fh:
             for block in iter(lambda: fh.read(1 << 20), b""):
                 h.update(block)
@@ -90,12 +99,15 @@ def stage_fingerprints(cfg: Config) -> dict[str, str]:
         fps["generate"] = fingerprint(
             "generate", _dump(cfg.teacher), _dump(cfg.data), _dump(cfg.generate), _input(cfg, cfg.generate.input)
         )
+    teacher = cfg.teacher.model
+    teacher_fp = _input(cfg, teacher) if teacher and Path(teacher).exists() else teacher
     for s in cfg.all_students():
-        reads_store = uses_store and (cfg.train.signal == "offline" or cfg.train.input is None)
+        t = cfg.train_for(s)
+        reads_store = uses_store and (t.signal == "offline" or t.input is None)
         fps[f"train:{s.name}"] = fingerprint(
-            "train", cfg.seed, _dump(s), _dump(cfg.train), _dump(cfg.teacher), _dump(cfg.data),
-            _input(cfg, cfg.train.input), fps.get("generate") if reads_store else None,
-            _input(cfg, cfg.teacher.model) if cfg.teacher.model and Path(cfg.teacher.model).exists() else cfg.teacher.model,
+            "train", cfg.seed, _dump(s), _dump(cfg.train_for(s)), _dump(cfg.teacher), _dump(cfg.data),
+            _input(cfg, t.input), fps.get("generate") if reads_store else None,
+            teacher_fp,
         )
     trains = [fps[k] for k in fps if k.startswith("train:")]
     fps["eval"] = fingerprint("eval", _dump(cfg.eval), _dump(cfg.data), _dump(cfg.teacher), trains,

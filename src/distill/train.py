@@ -165,6 +165,7 @@ def _last_checkpoint(output_dir: str) -> str | None:
 
 def train_student(cfg: Config, scfg: StudentConfig) -> Path:
     """Train one student; returns its directory (HF format + train_log.json + train_summary.json)."""
+    cfg = cfg.for_student(scfg)  # per-student train overrides (e.g. a labels-only baseline next to a KD student)
     from distill.losses import HIDDEN_LOSSES, check_tokenizers
 
     seed_everything(cfg.seed)
