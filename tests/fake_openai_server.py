@@ -39,10 +39,11 @@ class FakeOpenAIServer:
     """`with FakeOpenAIServer(fault_rate=0.3) as srv: srv.url` -> 'http://127.0.0.1:PORT/v1'."""
 
     def __init__(self, model: str = "scripted", fault_rate: float = 0.0, seed: int = 0, fault_attempts: int = 3,
-                 slow_seconds: float = 1.0, always_fail: set[str] | None = None):
+                 slow_seconds: float = 1.0, always_fail: set[str] | None = None, logprobs: bool = True):
         self.model, self.fault_rate, self.seed = model, fault_rate, seed
         self.fault_attempts, self.slow_seconds = fault_attempts, slow_seconds
         self.always_fail = always_fail or set()
+        self.logprobs = logprobs  # False: a server that ignores logprobs requests
         self.attempts: Counter = Counter()  # per prompt
         self.faults: Counter = Counter()  # per fault kind
         self.ok: Counter = Counter()  # successful replies per prompt
@@ -133,14 +134,14 @@ class FakeOpenAIServer:
                 usage = {"prompt_tokens": 5, "completion_tokens": len(tokens), "total_tokens": 5 + len(tokens)}
                 if chat:
                     choice = {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}
-                    if body.get("logprobs"):
+                    if body.get("logprobs") and server.logprobs:
                         choice["logprobs"] = {"content": [
                             {"token": f"token_id:{VOCAB.index(t)}" if as_ids else t, "logprob": math.log(0.5),
                              "bytes": None, "top_logprobs": _top_logprobs(t, k or 1, as_ids)} for t in tokens]}
                     return {"id": "c", "object": "chat.completion", "created": 0, "model": server.model,
                             "choices": [choice], "usage": usage}
                 choice = {"index": 0, "finish_reason": "stop", "text": text}
-                if k:
+                if k and server.logprobs:
                     choice["logprobs"] = {
                         "tokens": tokens, "token_logprobs": [math.log(0.5)] * len(tokens), "text_offset": [0] * len(tokens),
                         "top_logprobs": [{d["token"]: d["logprob"] for d in _top_logprobs(t, k, False)} for t in tokens]}

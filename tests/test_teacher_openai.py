@@ -106,6 +106,12 @@ def test_retries_exhausted_keeps_finished_rows_and_rerun_resumes(tmp_path):
     assert len(read_store(cfg.path("teacher"))) == 8
 
 
+def test_endpoint_without_logprobs_fails_fast(tmp_path):
+    with FakeOpenAIServer(logprobs=False) as srv, pytest.raises(TeacherError, match="returned none"):
+        generate(_config(tmp_path, srv.url, **{"teacher.max_concurrency": 1}))
+    assert sum(srv.attempts.values()) == 1  # not retried: the answer would not change
+
+
 def test_round_robin_over_base_urls(tmp_path):
     with FakeOpenAIServer() as a, FakeOpenAIServer() as b:
         path = generate(_config(tmp_path, [a.url, b.url], n=12))

@@ -37,8 +37,11 @@ class HFTeacher:
         self.dcfg = dcfg or DataConfig()
         self.identity = teacher_identity(tcfg)
         try:
-            self.tokenizer = tokenizer or load_tokenizer_for(tcfg.model, trust_remote_code=tcfg.trust_remote_code)
-            self.model = model or load_model(tcfg.model, tcfg.dtype, device or tcfg.device, tcfg.trust_remote_code)
+            if tokenizer is None:
+                tokenizer = load_tokenizer_for(tcfg.model, trust_remote_code=tcfg.trust_remote_code)
+            if model is None:
+                model = load_model(tcfg.model, tcfg.dtype, device or tcfg.device, tcfg.trust_remote_code)
+            self.tokenizer, self.model = tokenizer, model
         except OSError as exc:
             raise TeacherError(f"teacher.model '{tcfg.model}': cannot load it ({exc})") from exc
         self.model.eval()

@@ -196,6 +196,8 @@ class OpenAITeacher:
                 return self._request(self.clients[url_i], prompt, params)
             except Exception as exc:
                 last = exc
+                if isinstance(exc, TeacherError):
+                    raise
                 if not is_retryable(exc):
                     raise self._fatal(exc, self.urls[url_i]) from exc
                 if attempt < self.policy.max_retries and self._stop.wait(self.policy.delay(attempt, exc, rng)):
@@ -327,8 +329,9 @@ def _completion(text: str, finish: Any, sampled: list[str] | None, tops, k: int,
         if c.token_ids is not None:
             c.tokens = None
     if k > 0:
-        if tops is None or sampled is None:
-            raise MalformedResponse("logprobs were requested but the reply has none")
+        if tops is None or sampled is None:  # the server ignores logprobs: retrying will not help
+            raise TeacherError("generate.top_k > 0 asked for logprobs but the endpoint returned none; use a "
+                               "server that supports logprobs/top_logprobs, or set generate.top_k=0")
         tokens, logprobs, tail, ids = _topk_arrays(tops, k)
         c.topk_logprobs, c.tail = logprobs, tail
         if ids is not None:
