@@ -79,3 +79,29 @@ def test_engine_glue_with_a_stand_in_vllm(monkeypatch):
     assert seen["prompts"] == [{"prompt_token_ids": tok("hello there")["input_ids"]}]
     assert c.token_ids == [5, 6] and c.prompt_ids == tok("hello there")["input_ids"]
     assert c.topk_ids.tolist() == [[5, 9], [6, 8]] and c.finish_reason == "length"
+
+
+def test_stop_string_ids_follow_the_text(monkeypatch):
+    """vLLM drops a matched stop string from the text but not from token_ids: the stored ids are cut to match."""
+    tok = make_tokenizer()
+    full = tok("The answer is 7.###")["input_ids"]
+
+    class LLM:
+        def __init__(self, **kw):
+            pass
+
+        def get_tokenizer(self):
+            return tok
+
+        def generate(self, prompts, sampling, use_tqdm=False):
+            out = types.SimpleNamespace(text="The answer is 7.", token_ids=full, finish_reason="stop",
+                                        stop_reason="###", logprobs=[{t: Logprob(-0.5, 1)} for t in full])
+            return [types.SimpleNamespace(outputs=[out])]
+
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=LLM, SamplingParams=lambda **kw: kw))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    teacher = VLLMTeacher(TeacherConfig(model="m", backend="vllm"), top_k=1)
+    rec = Record(prompt="Q?")
+    ((_, c),) = list(teacher.generate([Prompt(0, rec, "Q?")], GenerateConfig(stop=["###"], top_k=1)))
+    assert c.text == "The answer is 7." and tok.decode(c.token_ids) == "The answer is 7."
+    assert len(c.token_ids) < len(full) and c.topk_ids.shape == (len(c.token_ids), 1)

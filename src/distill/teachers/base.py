@@ -94,3 +94,18 @@ def truncate_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
     if not cuts:
         return text, False
     return text[: min(cuts)], True
+
+
+def prefix_ids(tokenizer, ids: list[int], text: str) -> list[int]:
+    """The longest prefix of `ids` whose decoded text is a prefix of `text` (binary search: decodes cost).
+
+    Used after a stop string cut the text, so that the stored ids and text stay in step.
+    """
+    lo, hi = 0, len(ids)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if text.startswith(tokenizer.decode(ids[:mid], skip_special_tokens=True)):
+            lo = mid
+        else:
+            hi = mid - 1
+    return ids[:lo]

@@ -19,6 +19,7 @@ from distill.teachers.base import (
     Completion,
     Prompt,
     TeacherError,
+    prefix_ids,
     teacher_identity,
     topk_from_logprobs,
     truncate_at_stop,
@@ -131,21 +132,10 @@ class HFTeacher:
         if params.stop:
             kept, hit = truncate_at_stop(text, params.stop)
             if hit:
-                ids = self._prefix_ids(ids, kept)
+                ids = prefix_ids(self.tokenizer, ids, kept)
                 text = self.tokenizer.decode(ids, skip_special_tokens=True)
                 finish = "stop"
         return Completion(text=text, finish_reason=finish, token_ids=ids, prompt_ids=list(prompt_ids))
-
-    def _prefix_ids(self, ids: list[int], text: str) -> list[int]:
-        """The longest prefix of `ids` whose text is a prefix of `text` (binary search: decodes are costly)."""
-        lo, hi = 0, len(ids)
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if text.startswith(self.tokenizer.decode(ids[:mid], skip_special_tokens=True)):
-                lo = mid
-            else:
-                hi = mid - 1
-        return ids[:lo]
 
     # ------------------------------------------------------------ top-k capture
 

@@ -14,7 +14,14 @@ import numpy as np
 
 from distill.config import DataConfig, GenerateConfig, TeacherConfig
 from distill.data import Record, render_prompt
-from distill.teachers.base import Completion, Prompt, TeacherError, teacher_identity, truncate_at_stop
+from distill.teachers.base import (
+    Completion,
+    Prompt,
+    TeacherError,
+    prefix_ids,
+    teacher_identity,
+    truncate_at_stop,
+)
 
 VLLM_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}  # our aliases -> vLLM's names
 CHUNK = 1024  # prompts per engine call: large enough to keep vLLM's scheduler full
@@ -90,10 +97,14 @@ class VLLMTeacher:
 
     def _completion(self, out, prompt_ids: list[int], params: GenerateConfig) -> Completion:
         text, _ = truncate_at_stop(out.text, list(params.stop))  # vLLM already drops the stop string
-        c = Completion(text=text, finish_reason=str(out.finish_reason or "stop"),
-                       token_ids=list(out.token_ids), prompt_ids=list(prompt_ids))
+        ids = list(out.token_ids)
+        if isinstance(getattr(out, "stop_reason", None), str):
+            # ended on a stop string: its tokens are in token_ids but not in the text; keep the two in step
+            ids = prefix_ids(self.tokenizer, ids, text)
+        c = Completion(text=text, finish_reason=str(out.finish_reason or "stop"), token_ids=ids,
+                       prompt_ids=list(prompt_ids))
         if params.top_k > 0 and out.logprobs is not None:
-            c.topk_ids, c.topk_logprobs, c.tail = topk_from_vllm(out.logprobs, params.top_k)
+            c.topk_ids, c.topk_logprobs, c.tail = topk_from_vllm(list(out.logprobs)[: len(ids)], params.top_k)
         return c
 
 
