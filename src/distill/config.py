@@ -73,6 +73,11 @@ class GenerateConfig(Section):
     limit: int | None = Field(None, ge=1, description="only the first N prompts")
     shard: str | None = Field(None, description="'i/n': this worker takes every n-th prompt from i")
     reasoning: bool = Field(False, description="ask for reasoning and keep it apart from the answer")
+    reasoning_prompt: str = Field(
+        "\n\nThink step by step, then give the final answer after 'Answer:'.",
+        description="reasoning: appended to each prompt (the last user message of a chat)",
+    )
+    answer_marker: str = Field("Answer:", description="reasoning: the text that separates reasoning from the answer")
 
 
 class LossTerm(Section):
@@ -108,6 +113,30 @@ class StudentConfig(Section):
     )
 
 
+class OnPolicyConfig(Section):
+    """On-policy distillation (GKD): a fraction lmbda of batches is sampled from the student and scored by the teacher."""
+
+    lmbda: float = Field(0.0, ge=0, le=1, description="fraction of batches the student generates itself (0: off)")
+    max_new_tokens: int = Field(64, ge=1, description="tokens the student samples per prompt")
+    temperature: float = Field(1.0, gt=0, description="student sampling temperature")
+    top_p: float = Field(1.0, gt=0, le=1, description="student nucleus sampling")
+
+
+class CotConfig(Section):
+    """Chain-of-thought distillation (Distilling step-by-step) from a store with a reasoning column."""
+
+    mode: Literal["off", "two_task", "trace"] = Field(
+        "off", description="two_task: answer and rationale tasks selected by a prompt prefix | trace: whole trace"
+    )
+    alpha: float = Field(0.5, ge=0, le=1, description="two_task: weight of the answer task (1 - alpha: rationale)")
+    answer_prefix: str = Field("[answer] ", description="two_task: prompt prefix that asks for the bare answer")
+    rationale_prefix: str = Field("[rationale] ", description="two_task: prompt prefix that asks for the reasoning")
+    rationale_with_answer: bool = Field(True, description="two_task: the rationale target ends with the answer")
+    inference: Literal["answer", "rationale"] = Field(
+        "rationale", description="two_task: which task prefix the trained student is prompted with at inference"
+    )
+
+
 class TrainConfig(Section):
     """Student training; any TrainingArguments field can go in `args`."""
 
@@ -139,6 +168,8 @@ class TrainConfig(Section):
     report_to: list[str] = Field(default_factory=lambda: ["none"])
     threads: int | None = Field(None, ge=1, description="torch CPU threads (None: torch default)")
     args: dict[str, Any] = Field(default_factory=dict, description="extra transformers.TrainingArguments")
+    onpolicy: OnPolicyConfig = Field(default_factory=OnPolicyConfig)
+    cot: CotConfig = Field(default_factory=CotConfig)
 
     @field_validator("losses")
     @classmethod

@@ -28,6 +28,7 @@ from rich.progress import (
 from rich.text import Text
 
 from distill.config import Config, ConfigError, save_config
+from distill.cot import request_reasoning, split_completion
 from distill.data import Record, load_records, render_prompt
 from distill.store import Store, row_key
 from distill.teachers import Completion, Prompt, TeacherError, build_teacher, teacher_identity
@@ -59,6 +60,8 @@ def generation_params(config: Config) -> dict:
               "stop": list(g.stop), "top_k": g.top_k, "reasoning": g.reasoning}
     if g.temperature > 0:
         params["seed"] = g.seed  # greedy outputs do not depend on the seed
+    if g.reasoning:  # the request and the split change what is stored
+        params.update(reasoning_prompt=g.reasoning_prompt, answer_marker=g.answer_marker)
     if config.teacher.backend == "openai" and config.teacher.extra_body:
         params["extra_body"] = config.teacher.extra_body
     return params
@@ -84,6 +87,8 @@ def make_prompts(records: list[Record], config: Config, tokenizer=None) -> list[
     seen: Counter = Counter()
     prompts = []
     for i, record in enumerate(records):
+        if config.generate.reasoning:  # chain of thought: ask for reasoning + answer (distill.cot)
+            record = request_reasoning(record, config.generate.reasoning_prompt)
         text = render_prompt(record, tokenizer, config.data)
         n = seen[(text, str(record.messages))]
         seen[(text, str(record.messages))] += 1
@@ -155,6 +160,8 @@ def _run(config: Config, todo: list[Prompt], store: Store, identity: str, device
         with Progress(*columns, console=console, transient=False) as progress:
             task = progress.add_task("generate", total=len(todo), tokens=0)
             for prompt, completion in teacher.generate(todo, config.generate):
+                if config.generate.reasoning:  # reasoning and answer go to separate columns
+                    completion = split_completion(completion, config.generate.answer_marker)
                 store.add(store_row(prompt, completion, identity))
                 rows += 1
                 tokens += completion.num_tokens()

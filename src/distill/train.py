@@ -110,6 +110,10 @@ def _examples_from_file(cfg: Config, tokenizer, source: str) -> list[dict]:
 
 def build_examples(cfg: Config, tokenizer, same_tokenizer: bool) -> list[dict]:
     offline = cfg.train.signal == "offline"
+    if cfg.train.cot.mode != "off":  # chain of thought: two-task or trace examples from reasoning rows
+        from distill.cot import build_cot_examples
+
+        return build_cot_examples(cfg, tokenizer)
     if cfg.train.input and not offline:
         return _examples_from_file(cfg, tokenizer, cfg.train.input)
     return _examples_from_store(cfg, tokenizer, same_tokenizer, want_topk=offline)
@@ -157,6 +161,39 @@ def _training_args(cfg: Config, out: Path, name: str):
     return TrainingArguments(**kwargs)
 
 
+def _collator(cfg: Config, tokenizer, cross_teacher_tok=None):
+    """DistillCollator, plus per-example loss weights (chain of thought) and teacher ids (cross-tokenizer)."""
+    collator = DistillCollator(pad_token_id=tokenizer.pad_token_id)
+    if cfg.train.cot.mode != "off":
+        from distill.cot import WeightedCollator
+
+        collator = WeightedCollator(collator)
+    if cross_teacher_tok is not None:
+        from distill.crosstok import CrossTokenizerCollator
+
+        collator = CrossTokenizerCollator(collator, cross_teacher_tok.pad_token_id)
+    return collator
+
+
+def _check_onpolicy(cfg: Config, local_teacher: bool, names: set[str], cross):
+    """Validate train.onpolicy; returns the API scorer for an openai teacher (None for a local one)."""
+    if cfg.train.onpolicy.lmbda <= 0:
+        return None
+    if cross is not None:
+        raise ValueError("train.onpolicy with cross-tokenizer losses (uld) is not supported: use one tokenizer")
+    if cfg.teacher.backend == "openai":
+        from distill.onpolicy import OpenAIScorer
+
+        return OpenAIScorer(cfg.teacher)
+    if not local_teacher or cfg.train.signal != "online":
+        raise ValueError("train.onpolicy needs a teacher to score the student's samples: a local teacher with "
+                         "train.signal=online, or teacher.backend=openai (sampled reverse KL)")
+    if not names - {"cross_entropy"}:
+        raise ValueError("train.onpolicy with a local teacher needs a divergence in train.losses (e.g. reverse_kl): "
+                         "cross_entropy is skipped on sampled batches")
+    return None
+
+
 def _last_checkpoint(output_dir: str) -> str | None:
     from transformers.trainer_utils import get_last_checkpoint
 
@@ -166,7 +203,7 @@ def _last_checkpoint(output_dir: str) -> str | None:
 def train_student(cfg: Config, scfg: StudentConfig) -> Path:
     """Train one student; returns its directory (HF format + train_log.json + train_summary.json)."""
     cfg = cfg.for_student(scfg)  # per-student train overrides (e.g. a labels-only baseline next to a KD student)
-    from distill.losses import HIDDEN_LOSSES, check_tokenizers
+    from distill.losses import CROSS_TOKENIZER_LOSSES, HIDDEN_LOSSES, check_tokenizers
 
     seed_everything(cfg.seed)
     if cfg.train.threads:
@@ -190,11 +227,17 @@ def train_student(cfg: Config, scfg: StudentConfig) -> Path:
     if needs_teacher_logits and not local_teacher:
         raise ValueError("train.signal=online needs a local teacher (teacher.backend=hf with teacher.model)")
     same_tokenizer = teacher_tok is not None
-    if teacher_tok is not None and tokenizer is not teacher_tok:
+    cross = None  # cross-tokenizer mode (distill.crosstok): every divergence is a cross-tokenizer loss
+    if teacher_tok is not None and needs_teacher_logits and names - {"cross_entropy"} <= CROSS_TOKENIZER_LOSSES:
+        from distill.crosstok import CrossTokenizer
+
+        cross = CrossTokenizer.from_tokenizers(tokenizer, teacher_tok)
+    elif teacher_tok is not None and tokenizer is not teacher_tok:
         if cfg.train.signal != "none" and names != {"cross_entropy"}:
             check_tokenizers(tokenizer, teacher_tok)  # raises with a pointer to cross-tokenizer mode
         else:
             same_tokenizer = False
+    scorer = _check_onpolicy(cfg, local_teacher, names, cross)
 
     teacher = None
     if needs_teacher_logits or scfg.init == "prune":
@@ -206,6 +249,10 @@ def train_student(cfg: Config, scfg: StudentConfig) -> Path:
         teacher = None  # only needed for pruning: free it before training
 
     examples = build_examples(cfg, tokenizer, same_tokenizer)
+    if cross is not None:
+        from distill.crosstok import add_teacher_side
+
+        examples = add_teacher_side(examples, tokenizer, teacher_tok, cfg.train.max_length)
     random.Random(cfg.seed).shuffle(examples)
     eval_examples = None
     if cfg.train.eval_fraction > 0:
@@ -226,7 +273,7 @@ def train_student(cfg: Config, scfg: StudentConfig) -> Path:
         args=args,
         train_dataset=examples,
         eval_dataset=eval_examples,
-        data_collator=DistillCollator(pad_token_id=tokenizer.pad_token_id),
+        data_collator=_collator(cfg, tokenizer, teacher_tok if cross is not None else None),
         processing_class=tokenizer,
         teacher=teacher,
         losses=[LossSpec(t.name, t.weight, t.temperature, t.params) for t in cfg.train.losses],
@@ -235,6 +282,9 @@ def train_student(cfg: Config, scfg: StudentConfig) -> Path:
         chunk_size=cfg.train.chunk_size,
         vocab_size=len(tokenizer),
         projections=projections,
+        onpolicy=cfg.train.onpolicy if cfg.train.onpolicy.lmbda > 0 else None,
+        scorer=scorer,
+        cross_tokenizer=cross,
     )
     resume = _last_checkpoint(args.output_dir) if cfg.train.resume else None
     start = time.perf_counter()

@@ -11,13 +11,15 @@ Trainer computes from the labels, so the gradient equals one big batch's regardl
 
 from __future__ import annotations
 
+import random
 from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
 from transformers import Trainer
 
-from distill.losses import HIDDEN_LOSSES, LOSSES
+from distill.losses import CROSS_TOKENIZER_LOSSES, HIDDEN_LOSSES, LOSSES, align_responses
+from distill.onpolicy import SAMPLED_KEY, onpolicy_inputs, sampled_reverse_kl
 from distill.signals import SparseSignal
 
 
@@ -52,6 +54,10 @@ class DistillationTrainer(Trainer):
         chunk_size: int | None = None,
         vocab_size: int | None = None,
         projections: torch.nn.Module | None = None,
+        onpolicy=None,
+        scorer=None,
+        cross_tokenizer=None,
+        onpolicy_hook=None,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
@@ -68,6 +74,11 @@ class DistillationTrainer(Trainer):
         self.chunk_size = chunk_size
         self.vocab_size = vocab_size
         self.projections = projections
+        # on-policy (distill.onpolicy): settings with lmbda/max_new_tokens/temperature/top_p, an API scorer,
+        # and a hook that sees every sampled batch; cross-tokenizer (distill.crosstok.CrossTokenizer)
+        self.onpolicy, self.scorer, self.onpolicy_hook = onpolicy, scorer, onpolicy_hook
+        self.cross_tokenizer = cross_tokenizer
+        self._onpolicy_rng = random.Random(self.args.seed)
         if projections is not None:
             projections.to(self.args.device)
         self._component_sums: dict[str, list[float]] = defaultdict(list)
@@ -107,11 +118,50 @@ class DistillationTrainer(Trainer):
             )
         return out.logits[:, :-1], (out.hidden_states if needs_hidden else None)
 
+    # ----------------------------------------------------------------- on-policy batches (GKD)
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """With probability onpolicy.lmbda, train on the student's own samples of the batch prompts."""
+        if self.onpolicy is not None and self.onpolicy.lmbda > 0 and self._onpolicy_rng.random() < self.onpolicy.lmbda:
+            tok = self.processing_class
+            eos = self.accelerator.unwrap_model(model).generation_config.eos_token_id
+            eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+            eos = sorted(set(eos) | ({tok.eos_token_id} if tok.eos_token_id is not None else set()))
+            seed = self.args.seed * 1_000_003 + self.state.global_step * 1009 + self._onpolicy_rng.randrange(1009)
+            inputs, num_items_in_batch = onpolicy_inputs(
+                self.accelerator.unwrap_model(model), self._prepare_inputs(inputs), self.onpolicy,
+                pad_id=tok.pad_token_id, eos_ids=eos, seed=seed, scorer=self.scorer, hook=self.onpolicy_hook,
+                scale=self.args.gradient_accumulation_steps * self.accelerator.num_processes,
+            )
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def _cross_signal(self, extra: dict, targets: torch.Tensor):
+        """Teacher logits on its own tokenization, aligned to the student's response positions."""
+        with torch.no_grad():
+            out = self.teacher(input_ids=extra["teacher_input_ids"], attention_mask=extra.get("teacher_attention_mask"),
+                               use_cache=False)
+        return align_responses(out.logits[:, :-1], extra["teacher_labels"][:, 1:], targets)
+
+    @staticmethod
+    def _weighted(fn, logits, teacher, mask, kwargs: dict, weights: torch.Tensor | None) -> torch.Tensor:
+        """fn with per-example loss weights (batch,): one call per distinct weight, masks split by example."""
+        if weights is None or bool((weights == 1).all()):
+            return fn(logits, teacher, mask, **kwargs)
+        value = logits.new_zeros((), dtype=torch.float32)
+        for w in weights.unique().tolist():
+            if w != 0:
+                rows = (weights == w).to(mask.device)[:, None]
+                value = value + w * fn(logits, teacher, mask & rows, **kwargs)
+        return value
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
         labels = inputs.pop("labels")
         sparse_keys = {k: inputs.pop(k) for k in ("topk_ids", "topk_logprobs", "topk_tail") if k in inputs}
+        extra = {k: inputs.pop(k) for k in ("loss_weight", "teacher_input_ids", "teacher_attention_mask",
+                                            "teacher_labels", SAMPLED_KEY, "onpolicy") if k in inputs}
         needs_hidden, needs_teacher = self._needs()
+        if "teacher_input_ids" in extra:  # cross-tokenizer: the teacher reads its own ids (see _cross_signal)
+            needs_teacher = any(s.name not in CROSS_TOKENIZER_LOSSES | {"cross_entropy"} for s in self.loss_specs)
         outputs = model(
             input_ids=inputs["input_ids"],
             attention_mask=inputs.get("attention_mask"),
@@ -124,6 +174,17 @@ class DistillationTrainer(Trainer):
         if num_items_in_batch is None:  # evaluation, or a caller outside the Trainer loop
             num_items_in_batch = mask.sum()
         num_items = num_items_in_batch.to(logits.device) if torch.is_tensor(num_items_in_batch) else num_items_in_batch
+        if SAMPLED_KEY in extra:  # on-policy batch scored by an API teacher: sampled reverse KL only
+            value = sampled_reverse_kl(logits, targets, extra[SAMPLED_KEY], mask, num_items_in_batch=num_items)
+            if model.training:
+                self._component_sums["sampled_reverse_kl"].append(float(value.detach()))
+            if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
+                value = value * self.accelerator.num_processes  # as below: DDP averages over processes
+            return (value, outputs) if return_outputs else value
+        onpolicy_batch = "onpolicy" in extra
+        cross = None
+        if "teacher_input_ids" in extra and self.teacher is not None:
+            cross = self._cross_signal(extra, targets)
 
         signal, teacher_hidden = (None, None)
         if needs_teacher:
@@ -136,9 +197,19 @@ class DistillationTrainer(Trainer):
 
         total = logits.new_zeros((), dtype=torch.float32)
         for spec in self.loss_specs:
+            if onpolicy_batch and spec.name == "cross_entropy":
+                continue  # the labels of a sampled batch are the student's own tokens
             fn = LOSSES[spec.name]
             params = dict(spec.params or {})
-            if spec.name in HIDDEN_LOSSES:
+            if spec.name in CROSS_TOKENIZER_LOSSES and cross is not None:
+                kwargs = dict(temperature=spec.temperature, num_items_in_batch=num_items,
+                              scale_temperature=self.scale_temperature, chunk_size=self.chunk_size,
+                              vocab_size=self.vocab_size, teacher_vocab_size=self.cross_tokenizer.teacher_vocab_size,
+                              **params)
+                if spec.name == "uld_hybrid":
+                    kwargs["matched"] = self.cross_tokenizer.matched
+                value = self._weighted(fn, logits, cross[0], mask & cross[1], kwargs, extra.get("loss_weight"))
+            elif spec.name in HIDDEN_LOSSES:
                 if teacher_hidden is None:
                     raise ValueError(f"{spec.name} needs an online teacher (train.signal=online)")
                 value = fn(
@@ -154,7 +225,7 @@ class DistillationTrainer(Trainer):
                         kwargs.setdefault("vocab_size", self.vocab_size)
                 if self.chunk_size is not None:
                     kwargs["chunk_size"] = self.chunk_size
-                value = fn(logits, teacher, mask, **kwargs)
+                value = self._weighted(fn, logits, teacher, mask, kwargs, extra.get("loss_weight"))
             total = total + spec.weight * value
             if model.training:
                 # Logged per micro-batch as the share of the global batch; summed back in `log`.

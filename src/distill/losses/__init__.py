@@ -23,6 +23,7 @@ from distill.losses.hidden import (
 from distill.losses.jsd import jsd
 from distill.losses.kl import forward_kl, reverse_kl, skew_forward_kl, skew_reverse_kl
 from distill.losses.tvd import tvd
+from distill.losses.uld import align_responses, matched_vocab, uld, uld_hybrid
 from distill.losses.vocab import VocabMismatchError, align_vocab, check_tokenizers
 
 LOSSES: dict[str, Callable] = {
@@ -35,12 +36,18 @@ LOSSES: dict[str, Callable] = {
     "cross_entropy": cross_entropy,
     "hidden_mse": hidden_mse,
     "hidden_cosine": hidden_cosine,
+    "uld": uld,
+    "uld_hybrid": uld_hybrid,
 }
 
 # Registered losses that take hidden states (student_hidden, teacher_hidden) rather than logits.
 HIDDEN_LOSSES: frozenset[str] = frozenset({"hidden_mse", "hidden_cosine"})
+# Registered losses that compare teacher and student with different tokenizers (teacher aligned by response
+# position, see losses/uld.py); the trainer runs the teacher on its own tokenization for them.
+CROSS_TOKENIZER_LOSSES: frozenset[str] = frozenset({"uld", "uld_hybrid"})
 
 __all__ = [
+    "CROSS_TOKENIZER_LOSSES",
     "HIDDEN_LOSSES",
     "LOSSES",
     "HiddenProjector",
@@ -59,4 +66,8 @@ __all__ = [
     "skew_forward_kl",
     "skew_reverse_kl",
     "tvd",
+    "align_responses",
+    "matched_vocab",
+    "uld",
+    "uld_hybrid",
 ]

@@ -60,7 +60,8 @@ def check_sparse_ids(signal: SparseSignal, vocab: int) -> None:
         raise VocabMismatchError(
             f"sparse teacher token id {top if top >= vocab else low} is outside the student vocabulary "
             f"[0, {vocab}): teacher and student must share a tokenizer (see distill.losses.check_tokenizers); "
-            "for different tokenizers use cross-tokenizer distillation (ULD)"
+            "for different tokenizers use cross-tokenizer distillation: train.losses=[{name: uld}] or uld_hybrid "
+            "with train.signal=online (distill.losses.uld)"
         )
 
 
@@ -91,6 +92,8 @@ def check_tokenizers(student_tok: Any, teacher_tok: Any, examples: int = 5) -> N
         lines.append(f"  {len(moved)} with different ids, e.g. {shown}")
     lines.append(
         "Logit losses compare the two distributions id by id, which is only meaningful with one tokenizer. "
-        "Use a student with the teacher's tokenizer, or cross-tokenizer distillation (ULD)."
+        "Use a student with the teacher's tokenizer, or cross-tokenizer distillation with a local teacher: "
+        "train.losses=[{name: uld}] (sorted-probability L1) or [{name: uld_hybrid}] (exact on tokens both "
+        "vocabularies share, ULD on the rest), with train.signal=online; see distill.losses.uld."
     )
     raise VocabMismatchError("\n".join(lines))
