@@ -5,7 +5,8 @@ Run as: `OMP_NUM_THREADS=1 python benchmarks/serve_latency.py [--requests 48] [-
 Two tiny random Llamas (built here, nothing downloaded; the teacher is ~10x the student) are saved in HF
 format and served one after the other on 127.0.0.1 by `distill.serve.build_app` + uvicorn. A thread pool of
 official `openai` clients sends the same greedy completion requests to each; the script prints requests/s,
-generated tokens/s, p50/p95 latency and the student/teacher ratios, plus the batches the server formed.
+generated tokens/s, p50/p95 latency and the student/teacher ratios, plus the mean number of rows the server
+decoded per step (continuous batching: requests join a running batch between steps).
 `--no-batching` adds the student with max_batch_size=1 to show what batching buys.
 """
 
@@ -55,12 +56,13 @@ def save_llama(out: Path, tokenizer, hidden: int, layers: int, heads: int) -> in
     return sum(p.numel() for p in model.parameters())
 
 
-def run_server(model_dir: Path, max_batch_size: int):
+def run_server(model_dir: Path, max_batch_size: int, batch_wait_ms: float):
     import uvicorn
 
     from distill.serve import build_app
 
-    app = build_app(model_dir, served_model_name="m", max_batch_size=max_batch_size, device="cpu", dtype="float32")
+    app = build_app(model_dir, served_model_name="m", max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms,
+                    device="cpu", dtype="float32")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -75,7 +77,7 @@ def run_server(model_dir: Path, max_batch_size: int):
 def measure(model_dir: Path, args, max_batch_size: int) -> dict:
     import openai
 
-    server, thread, app, url = run_server(model_dir, max_batch_size)
+    server, thread, app, url = run_server(model_dir, max_batch_size, args.batch_wait_ms)
     client = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=600)
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.requests)]
 
@@ -87,12 +89,12 @@ def measure(model_dir: Path, args, max_batch_size: int) -> dict:
     try:
         one(PROMPTS[0])  # warm-up (first forward pays one-off costs)
         engine = app.state.engine
-        b0, r0 = engine.stats.batches, engine.stats.rows
+        s0, r0 = engine.stats.steps, engine.stats.step_rows
         t0 = time.perf_counter()
         with ThreadPoolExecutor(args.concurrency) as pool:
             results = list(pool.map(one, prompts))
         wall = time.perf_counter() - t0
-        batches, rows = engine.stats.batches - b0, engine.stats.rows - r0
+        steps, step_rows = engine.stats.steps - s0, engine.stats.step_rows - r0
     finally:
         server.should_exit = True
         thread.join(timeout=30)
@@ -100,7 +102,7 @@ def measure(model_dir: Path, args, max_batch_size: int) -> dict:
     tokens = sum(t for _, t in results)
     return {"requests": len(results), "wall_s": wall, "req_per_s": len(results) / wall, "tokens_per_s": tokens / wall,
             "p50_s": statistics.median(lat), "p95_s": lat[min(len(lat) - 1, round(0.95 * (len(lat) - 1)))],
-            "batches": batches, "mean_rows_per_batch": rows / max(batches, 1)}
+            "decode_steps": steps, "mean_rows_per_step": step_rows / max(steps, 1)}
 
 
 def main() -> None:
@@ -109,6 +111,7 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--max-batch-size", type=int, default=8)
+    ap.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long the batcher waits for more rows")
     ap.add_argument("--no-batching", action="store_true", help="also run the student with max_batch_size=1")
     ap.add_argument("--json", type=Path, default=None, help="write the figures here too")
     args = ap.parse_args()
@@ -124,11 +127,11 @@ def main() -> None:
             rows["student (batch 1)"] = {"parameters": params["student"], **measure(Path(tmp) / "student", args, 1)}
 
     print(f"\n{args.requests} greedy completions, max_tokens={args.max_tokens}, {args.concurrency} concurrent clients, "
-          f"max_batch_size={args.max_batch_size}, torch threads={torch.get_num_threads()}")
-    print(f"{'model':<18} {'params':>10} {'req/s':>8} {'tok/s':>9} {'p50 s':>8} {'p95 s':>8} {'rows/batch':>10}")
+          f"max_batch_size={args.max_batch_size}, batch_wait_ms={args.batch_wait_ms:g}, torch threads={torch.get_num_threads()}")
+    print(f"{'model':<18} {'params':>10} {'req/s':>8} {'tok/s':>9} {'p50 s':>8} {'p95 s':>8} {'rows/step':>10}")
     for name, r in rows.items():
         print(f"{name:<18} {r['parameters']:>10,} {r['req_per_s']:>8.2f} {r['tokens_per_s']:>9.1f} {r['p50_s']:>8.3f} "
-              f"{r['p95_s']:>8.3f} {r['mean_rows_per_batch']:>10.1f}")
+              f"{r['p95_s']:>8.3f} {r['mean_rows_per_step']:>10.1f}")
     t, s = rows["teacher"], rows["student"]
     ratios = {"params": t["parameters"] / s["parameters"], "req_per_s": s["req_per_s"] / t["req_per_s"],
               "p50": t["p50_s"] / s["p50_s"], "p95": t["p95_s"] / s["p95_s"]}

@@ -329,6 +329,29 @@ def test_engine_one_batch_of_mixed_lengths_equals_unbatched_generate(ref):
         assert got[i][-1].finish_reason in ("stop", "length")
 
 
+def test_engine_rows_joining_a_running_batch_equal_unbatched_generate(ref):
+    """Continuous batching: queued rows (longer and shorter prompts) join after the first decode step."""
+    from distill.serving.engine import Engine, Row, SamplingParams
+
+    model, tok = ref
+    engine = Engine(model, tok, max_batch_size=8)
+    first = ["Distillation trains a small student", "hi"]
+    later = ["Q: Lily has 43 cards. She finds 19 more. How many cards now? A: 43 + 19 = 62. The answer", "ok",
+             "The quick brown fox"]
+    got: dict[str, list] = {p: [] for p in first + later}
+
+    def row(p, n):
+        return Row(tok(p).input_ids, SamplingParams(max_tokens=n, temperature=0.0, logprobs=0),
+                   lambda ev, p=p: got[p].append(ev))
+
+    engine.submit([row(p, 6) for p in later])
+    engine.generate([row(p, 9) for p in first], join=True)
+    assert engine.stats.joined == len(later) and engine.stats.max_rows_in_batch == len(first) + len(later)
+    for p in first + later:
+        ids = [t.id for ev in got[p] for t in ev.tokens]
+        assert ids == hf_greedy(ref, tok(p).input_ids, 9 if p in first else 6), p
+
+
 def test_streaming_with_n_and_token_id_prompts(client, ref):
     ids = ref[1]("The quick brown").input_ids
     by_ids = client.completions.create(model=NAME, prompt=ids, max_tokens=5, temperature=0)

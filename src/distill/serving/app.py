@@ -77,7 +77,8 @@ def create_app(engine: Engine, options: ServeOptions | None = None) -> FastAPI:
     async def health() -> dict:
         s = engine.stats
         return {"status": "ok", "model": opts.served_model_name, "batches": s.batches, "rows": s.rows,
-                "max_rows_in_batch": s.max_rows_in_batch, "generated_tokens": s.generated_tokens}
+                "joined": s.joined, "max_rows_in_batch": s.max_rows_in_batch,
+                "mean_rows_per_step": s.step_rows / max(s.steps, 1), "generated_tokens": s.generated_tokens}
 
     def model_card() -> dict:
         return {"id": opts.served_model_name, "object": "model", "created": created, "owned_by": "distill",

@@ -2,9 +2,10 @@
 
 Requests put *rows* (one prompt, one sample) on a queue. The worker takes the first row, waits up to
 `batch_wait_ms` for more (up to `max_batch_size`), left-pads them and decodes them together with the KV
-cache in one loop. A hand-written loop instead of `model.generate` lets every row keep its own
-temperature, top_p, seed, stop strings, max_tokens and logprobs count inside the same batch, and
-report raw (temperature 1) logprobs, the teacher signal distillation wants. Each row streams events
+cache in one loop; between steps finished rows leave and queued rows join (continuous batching). A
+hand-written loop instead of `model.generate` lets every row keep its own temperature, top_p, seed, stop
+strings, max_tokens and logprobs count inside the same batch, and report raw (temperature 1) logprobs,
+the teacher signal distillation wants. Each row streams events
 (text delta + its tokens) back through a callback, so streaming and plain requests share one path.
 """
 
@@ -59,6 +60,7 @@ class Row:
     params: SamplingParams
     sink: Callable[[RowEvent], None]  # called on the worker thread
     cancelled: threading.Event = field(default_factory=threading.Event)
+    done: bool = False  # its final event was sent
 
 
 @dataclass
@@ -66,6 +68,9 @@ class EngineStats:
     batches: int = 0
     rows: int = 0
     max_rows_in_batch: int = 0
+    joined: int = 0  # rows that joined a batch already decoding
+    steps: int = 0  # decode steps
+    step_rows: int = 0  # rows summed over decode steps (step_rows / steps = mean batch size)
     generated_tokens: int = 0
 
 
@@ -126,7 +131,7 @@ class RowState:
                       finish_reason=finish)
         self.sent_chars, self.sent_tokens = max(self.sent_chars, text_end), max(self.sent_tokens, token_end)
         if finish:
-            self.finished = True
+            self.finished = self.row.done = True
         if ev.text or ev.tokens or finish:
             self.row.sink(ev)
 
@@ -174,9 +179,12 @@ class RowState:
 class Engine:
     """Owns the model; `submit(rows)` from any thread, events come back through each row's sink."""
 
-    def __init__(self, model, tokenizer, max_batch_size: int = 8, batch_wait_ms: float = 5.0):
+    def __init__(self, model, tokenizer, max_batch_size: int = 8, batch_wait_ms: float = 5.0,
+                 continuous: bool = True):
         self.model, self.tok = model.eval(), tokenizer
         self.max_batch_size, self.batch_wait = max(1, max_batch_size), batch_wait_ms / 1000.0
+        self.continuous = continuous
+        self._running: list[Row] = []
         self.device = next(model.parameters()).device
         self.pieces = Pieces(tokenizer)
         self.eos_ids = _eos_ids(model, tokenizer)
@@ -228,24 +236,38 @@ class Engine:
                 break
         return [r for r in batch if not r.cancelled.is_set()]
 
+    def _take(self, n: int) -> list[Row]:
+        """Up to n queued rows without waiting (rows that join a running batch)."""
+        rows: list[Row] = []
+        while len(rows) < n:
+            try:
+                row = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if not row.cancelled.is_set():
+                rows.append(row)
+        return rows
+
     def _loop(self) -> None:
         while not self._stop.is_set():
             batch = self._collect()
             if not batch:
                 continue
             self.stats.batches += 1
-            self.stats.rows += len(batch)
-            self.stats.max_rows_in_batch = max(self.stats.max_rows_in_batch, len(batch))
+            self._running = list(batch)
             try:
-                self.generate(batch)
+                self.generate(batch, join=self.continuous)
             except Exception as exc:  # noqa: BLE001  (a failed batch answers its rows, never hangs them)
-                for row in batch:
-                    row.sink(RowEvent(error=f"{type(exc).__name__}: {exc}", finish_reason="error"))
+                for row in self._running:
+                    if not row.done:
+                        row.done = True
+                        row.sink(RowEvent(error=f"{type(exc).__name__}: {exc}", finish_reason="error"))
+            self._running = []
 
     # ---- decoding --------------------------------------------------------------------------------
-    @torch.inference_mode()
-    def generate(self, rows: list[Row]) -> None:
-        """Decode `rows` together: left padding, explicit positions, KV cache; rows finish independently."""
+    def _prefill(self, rows: list[Row]):
+        """One forward over the left-padded prompts: (states, mask, last positions, cache, next-token logits)."""
+        self.stats.rows += len(rows)
         states = [RowState(r, self.tok, self.pieces, self.eos_ids) for r in rows]
         width = max(len(r.prompt_ids) for r in rows)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
@@ -255,15 +277,25 @@ class Engine:
             mask[i, width - len(r.prompt_ids):] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        k = max((r.params.logprobs or 0) for r in rows)
-        want_lp = any(r.params.logprobs is not None for r in rows)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
-        cache, logits = cache_of(out), out.logits[:, -1, :]
-        live = states  # the rows still in the batch, in batch order
-        for _ in range(max(r.params.max_tokens for r in rows)):
+        return states, mask, pos[:, -1:], cache_of(out), out.logits[:, -1, :]
+
+    @torch.inference_mode()
+    def generate(self, rows: list[Row], join: bool = False) -> None:
+        """Decode `rows` together: left padding, explicit positions, KV cache; rows finish independently.
+
+        Finished rows leave the batch; with `join`, queued rows join it between steps (their prompts are
+        prefilled, and the two KV caches are left-padded to one length and stacked), so a long batch never
+        makes new requests wait for all of it: continuous batching on a plain HF model."""
+        live, mask, pos, cache, logits = self._prefill(rows)
+        while True:
+            self.stats.max_rows_in_batch = max(self.stats.max_rows_in_batch, len(live))
+            self.stats.steps += 1
+            self.stats.step_rows += len(live)
+            k = max((st.p.logprobs or 0) for st in live)
             logp = torch.log_softmax(logits.float(), dim=-1)
             nxt = self._choose(logits, live)
-            chosen = logp.gather(-1, nxt[:, None])[:, 0].tolist() if want_lp else [0.0] * len(live)
+            chosen = logp.gather(-1, nxt[:, None])[:, 0].tolist()
             tops = logp.topk(k, dim=-1) if k else None
             top_lp, top_id = (tops.values.tolist(), tops.indices.tolist()) if tops is not None else (None, None)
             for i, (st, tid) in enumerate(zip(live, nxt.tolist())):
@@ -284,14 +316,24 @@ class Engine:
                 nxt, mask, pos = nxt[idx], mask[idx], pos[idx]
                 live = [live[i] for i in keep]
             mask = torch.cat([mask, mask.new_ones((len(live), 1))], dim=-1)
-            pos = pos[:, -1:] + 1
+            pos = pos + 1
             out = self.model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos,
                              use_cache=True, **{self.cache_kw: cache})
             cache, logits = cache_of(out), out.logits[:, -1, :]
-        for st in states:  # every row hit max_tokens by now; this is only a guard
-            if not st.finished:
-                st._emit(st.prefix_lens[-1], len(st.ids), self.tok.decode(st.ids, skip_special_tokens=True),
-                         "length")
+            room = self.max_batch_size - len(live)
+            if join and room > 0 and not self._queue.empty() and _joinable(cache):
+                new_rows = self._take(room)
+                if new_rows:
+                    self._running.extend(new_rows)
+                    n_live, n_mask, n_pos, n_cache, n_logits = self._prefill(new_rows)
+                    if _joinable(n_cache):
+                        mask = _stack_left_padded(mask, n_mask)
+                        _stack_caches(cache, n_cache)
+                        pos, logits = torch.cat([pos, n_pos]), torch.cat([logits, n_logits])
+                        live = live + n_live
+                        self.stats.joined += len(new_rows)
+                    else:  # an unusual cache type: decode the newcomers on their own first
+                        self.generate(new_rows, join=False)
 
     def _choose(self, logits: torch.Tensor, states: list[RowState]) -> torch.Tensor:
         """Greedy for temperature 0, else nucleus sampling per row (each row may carry its own seed)."""
@@ -320,6 +362,36 @@ def _eos_ids(model, tokenizer) -> set[int]:
     if tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
     return {int(i) for i in ids}
+
+
+def _joinable(cache) -> bool:
+    """Only plain dynamic (full attention) caches are stacked; sliding-window or static ones are not."""
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(type(x).__name__ == "DynamicLayer" and getattr(x, "keys", None) is not None
+                                and x.keys.dim() == 4 for x in layers)
+
+
+def _left_pad(t: torch.Tensor, length: int, dim: int) -> torch.Tensor:
+    missing = length - t.shape[dim]
+    if missing <= 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+
+def _stack_left_padded(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(Ba, La) and (Bb, Lb) masks -> (Ba + Bb, max L), zeros on the left: padding nobody attends to."""
+    length = max(a.shape[1], b.shape[1])
+    return torch.cat([_left_pad(a, length, 1), _left_pad(b, length, 1)], dim=0)
+
+
+def _stack_caches(a, b) -> None:
+    """Append cache b's rows to cache a (per layer keys/values (B, heads, L, dim)), left-padding the shorter."""
+    length = max(a.get_seq_length(), b.get_seq_length())
+    for x, y in zip(a.layers, b.layers):
+        x.keys = torch.cat([_left_pad(x.keys, length, 2), _left_pad(y.keys, length, 2)], dim=0)
+        x.values = torch.cat([_left_pad(x.values, length, 2), _left_pad(y.values, length, 2)], dim=0)
 
 
 def cache_kwarg(model) -> str:
