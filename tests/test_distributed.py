@@ -127,3 +127,62 @@ def test_two_generate_workers_write_disjoint_shards_of_one_store(tmp_path, teach
     assert [r["index"] for r in rows] == list(range(n_prompts))  # rows == prompts, each once, merged in order
     assert {r["index"] for r in rows if r["key"] in keys["w001of002-"]} == {1, 3, 5, 7}
     assert all(r["topk_ids"].shape == (len(r["response_ids"]), 2) for r in rows)
+
+
+# ---------------------------------------------------------------- shipped configs for GPU clusters
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def resolved_launch(config: Path):
+    """What `accelerate launch --config_file CONFIG -m distill.cli train cfg.yaml` resolves, without launching."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+
+    parser = launch_command_parser()
+    args, defaults, mp_from_config = _validate_launch_command(
+        parser.parse_args(["--config_file", str(config), "-m", "distill.cli", "train", "cfg.yaml"]))
+    return parser, args, defaults, mp_from_config
+
+
+def test_accelerate_configs_resolve_to_ddp_fsdp_and_zero3(monkeypatch):
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
+
+    from conftest import make_llama
+
+    for name in ("ddp", "fsdp", "deepspeed_zero3"):
+        parser, args, defaults, _ = resolved_launch(EXAMPLES / "accelerate" / f"{name}.yaml")
+        dests = {a.dest for a in parser._actions}  # accelerate sets unknown nested keys silently: catch typos
+        unknown = [k for k in {**defaults.fsdp_config, **defaults.deepspeed_config} if k not in dests]
+        assert not unknown, f"{name}.yaml: keys that `accelerate launch` does not know: {unknown}"
+        assert args.mixed_precision == "bf16"
+    _, ddp, _, _ = resolved_launch(EXAMPLES / "accelerate" / "ddp.yaml")
+    assert ddp.multi_gpu and not ddp.use_fsdp and not ddp.use_deepspeed
+
+    _, fsdp, _, _ = resolved_launch(EXAMPLES / "accelerate" / "fsdp.yaml")
+    assert fsdp.use_fsdp
+    for key, value in prepare_multi_gpu_env(fsdp).items():
+        if key.startswith(("FSDP_", "ACCELERATE_")):
+            monkeypatch.setenv(key, value)
+    plugin = FullyShardedDataParallelPlugin()  # what each launched process builds from that environment
+    assert plugin.fsdp_version == 2 and plugin.reshard_after_forward is True
+    assert "FULL_STATE_DICT" in str(plugin.state_dict_type)  # save_model gathers one full checkpoint
+    plugin.set_auto_wrap_policy(make_llama(64, hidden=16, layers=2))  # raises if the layer class is missing
+    (layer_cls,) = plugin.auto_wrap_policy.keywords["transformer_layer_cls"]
+    assert layer_cls.__name__ == "LlamaDecoderLayer"
+
+    _, ds, defaults, mp_from_config = resolved_launch(EXAMPLES / "accelerate" / "deepspeed_zero3.yaml")
+    assert ds.use_deepspeed
+    ds.deepspeed_fields_from_accelerate_config = ",".join([*defaults.deepspeed_config,
+                                                           *(["mixed_precision"] if mp_from_config else [])])
+    _, env = prepare_deepspeed_cmd_env(ds)
+    assert env["ACCELERATE_DEEPSPEED_ZERO_STAGE"] == "3"
+    assert env["ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL"] == "true"
+    # batch size, accumulation and clipping stay "auto": the Trainer fills them from train.* settings
+    assert "ACCELERATE_GRADIENT_ACCUMULATION_STEPS" not in env and "ACCELERATE_GRADIENT_CLIPPING" not in env
+
+
+def test_cluster_recipe_is_a_valid_config():
+    cfg = load_config(EXAMPLES / "cluster_offline.yaml")
+    assert cfg.teacher.backend == "vllm" and cfg.teacher.tensor_parallel_size > 1
+    assert cfg.train.signal == "offline" and cfg.generate.top_k > 0  # no teacher in the training job
+    assert cfg.train.args["bf16"] is True
