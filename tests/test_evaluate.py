@@ -7,15 +7,22 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import make_llama, make_tokenizer
 from typer.testing import CliRunner
 
-from conftest import make_llama, make_tokenizer
 from distill.config import ConfigError, load_config
-from distill.evaluate import evaluate, generate_batch, load_for_eval, percentile
+from distill.cost import percentile
+from distill.evaluate import evaluate, generate_batch, load_for_eval
 
 TRAIN_LOG = [
-    {"step": s, "epoch": s / 40, "loss": 3.0 / s ** 0.5, "learning_rate": 5e-4 * (1 - s / 40),
-     "loss/forward_kl": 2.0 / s ** 0.5, "loss/cross_entropy": 1.0 / s ** 0.5}
+    {
+        "step": s,
+        "epoch": s / 40,
+        "loss": 3.0 / s**0.5,
+        "learning_rate": 5e-4 * (1 - s / 40),
+        "loss/forward_kl": 2.0 / s**0.5,
+        "loss/cross_entropy": 1.0 / s**0.5,
+    }
     for s in range(1, 41, 5)
 ] + [{"train_runtime": 12.5, "train_loss": 1.1, "step": 40, "epoch": 1.0}]
 
@@ -31,20 +38,33 @@ def make_run_dir(root: Path, teacher_dir: Path, tokenizer, references: list[str]
     tokenizer.save_pretrained(small)
     for d in (same, small):
         (d / "train_log.json").write_text(json.dumps(TRAIN_LOG))
-        (d / "train_summary.json").write_text(json.dumps({"teacher_params": 1, "student_params": 1,
-                                                          "train_runtime_s": 12.5}))
-    prompts = [f"Q: Tom has {a} apples. He eats {b}. How many apples now? A:" for a, b in
-               [(12, 5), (20, 3), (9, 4), (15, 7), (30, 11), (8, 2)]]
+        (d / "train_summary.json").write_text(
+            json.dumps({"teacher_params": 1, "student_params": 1, "train_runtime_s": 12.5})
+        )
+    prompts = [
+        f"Q: Tom has {a} apples. He eats {b}. How many apples now? A:"
+        for a, b in [(12, 5), (20, 3), (9, 4), (15, 7), (30, 11), (8, 2)]
+    ]
     refs = references or [str(i) for i in range(len(prompts))]
     eval_file = root / "eval.jsonl"
-    eval_file.write_text("\n".join(json.dumps({"prompt": p, "answer": r}) for p, r in zip(prompts, refs)) + "\n")
+    eval_file.write_text(
+        "\n".join(json.dumps({"prompt": p, "answer": r}) for p, r in zip(prompts, refs)) + "\n"
+    )
     return {
         "run_dir": str(run),
         "teacher": {"model": str(teacher_dir)},
         "students": [{"name": "same"}, {"name": "small"}],
         "train": {"threads": 1},
-        "eval": {"input": str(eval_file), "metric": "accuracy", "max_new_tokens": 6, "batch_size": 4,
-                 "latency_requests": 4, "latency_new_tokens": 4, "cost_per_hour": 2.5, "samples": 3},
+        "eval": {
+            "input": str(eval_file),
+            "metric": "accuracy",
+            "max_new_tokens": 6,
+            "batch_size": 4,
+            "latency_requests": 4,
+            "latency_new_tokens": 4,
+            "cost_per_hour": 2.5,
+            "samples": 3,
+        },
     }
 
 
@@ -56,8 +76,9 @@ def evaluated(tmp_path_factory, teacher_dir):
     model, t_tok = load_for_eval(teacher_dir, "cpu")
     prompts = [f"Q: Tom has {a} apples. He eats {b}. How many apples now? A:" for a, b in [(12, 5), (20, 3)]]
     teacher_out = generate_batch(model, t_tok, prompts, 6, 2).texts
-    tree = make_run_dir(tmp_path_factory.mktemp("evalrun"), teacher_dir, tok,
-                        references=[*teacher_out, "x", "y", "z", "w"])
+    tree = make_run_dir(
+        tmp_path_factory.mktemp("evalrun"), teacher_dir, tok, references=[*teacher_out, "x", "y", "z", "w"]
+    )
     cfg = load_config(tree)
     return cfg, evaluate(cfg)
 
@@ -111,7 +132,9 @@ def test_results_and_outputs_written(evaluated):
     assert len(res["samples"]) == 3
     assert set(res["samples"][0]["students"]) == {"same", "small"}
     assert res["samples"][0]["teacher"] == res["samples"][0]["students"]["same"]
-    rows = [json.loads(line) for line in (Path(cfg.run_dir) / "eval" / "outputs.jsonl").read_text().splitlines()]
+    rows = [
+        json.loads(line) for line in (Path(cfg.run_dir) / "eval" / "outputs.jsonl").read_text().splitlines()
+    ]
     assert len(rows) == 6 and rows[0]["reference"] == res["samples"][0]["reference"]
 
 
@@ -122,6 +145,34 @@ def test_batched_left_padded_generation_matches_one_by_one(teacher_dir):
     single = [generate_batch(model, tok, [p], 5, batch_size=1) for p in prompts]
     assert batched.output_ids == [g.output_ids[0] for g in single]
     assert batched.texts == [g.texts[0] for g in single]
+
+
+def test_fidelity_equals_a_naive_unpadded_computation(teacher_dir, tokenizer):
+    """Left-padded batches with logits_to_keep give the agreement and KL of one unpadded row at a time."""
+    import torch
+
+    from distill.evaluate import fidelity
+
+    teacher, tok = load_for_eval(teacher_dir, "cpu")
+    student = make_llama(len(tokenizer), hidden=32, layers=1, heads=2, seed=3)
+    gen = generate_batch(
+        teacher, tok, ["Hi", "Q: Tom has 12 apples. He eats 5.", "The quick brown fox"], 5, 3
+    )
+    gen.output_ids[1] = gen.output_ids[1][:2]  # responses of different lengths
+    agree = count = 0
+    kl = 0.0
+    for p, o in zip(gen.prompt_ids, gen.output_ids):
+        ids = torch.tensor([p + o])
+        with torch.no_grad():
+            ls = torch.log_softmax(student(ids).logits[0, len(p) - 1 : -1].float(), -1)
+            lt = torch.log_softmax(teacher(ids).logits[0, len(p) - 1 : -1].float(), -1)
+        agree += (ls.argmax(-1) == torch.tensor(o)).sum().item()
+        kl += (lt.exp() * (lt - ls)).sum().item()
+        count += len(o)
+    got = fidelity(student, teacher, gen, tok.pad_token_id, batch_size=3)
+    assert got["fidelity_tokens"] == count
+    assert got["agreement"] == pytest.approx(agree / count)
+    assert got["kl"] == pytest.approx(kl / count, rel=1e-4)
 
 
 def test_lora_student_and_other_tokenizer(tmp_path, teacher_dir, tokenizer):
@@ -145,7 +196,7 @@ def test_lora_student_and_other_tokenizer(tmp_path, teacher_dir, tokenizer):
     assert lora["bytes_on_disk"] == (students / "lora" / "adapter_model.safetensors").stat().st_size
     assert lora["agreement"] == 1.0  # fresh LoRA (B = 0) equals the base model
     assert other["agreement"] is None and other["kl"] is None
-    assert "tokenizer differs" in other["fidelity_note"]
+    assert "different vocabularies" in other["fidelity_note"]
     assert lora["peak_memory_bytes"] is None and lora["memory_method"].startswith("off")
     assert res["samples"] == []
 
@@ -186,8 +237,8 @@ def test_percentile_matches_linear_interpolation():
 
 def test_package_exports_callable_stages():
     import distill
-    import distill.evaluate  # noqa: F401 - importing the submodule must not shadow the function
-    import distill.report  # noqa: F401
+    import distill.evaluate
+    import distill.report
 
     assert callable(distill.evaluate) and distill.evaluate.__module__ == "distill.evaluate"
     assert callable(distill.report) and distill.report.__module__ == "distill.report"

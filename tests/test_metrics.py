@@ -23,8 +23,16 @@ from distill.metrics import (
 
 @pytest.mark.parametrize(
     "raw, want",
-    [("1,000", "1000"), ("32.", "32"), ("32.0", "32"), ("0.50", "0.5"), ("-7", "-7"), ("$1,250.", "1250"),
-     (" Paris ", "paris"), ("1.2.3", "1.2.3")],
+    [
+        ("1,000", "1000"),
+        ("32.", "32"),
+        ("32.0", "32"),
+        ("0.50", "0.5"),
+        ("-7", "-7"),
+        ("$1,250.", "1250"),
+        (" Paris ", "paris"),
+        ("1.2.3", "1.2.3"),
+    ],
 )
 def test_normalize_answer(raw, want):
     assert normalize_answer(raw) == want

@@ -18,22 +18,18 @@ from __future__ import annotations
 
 import gc
 import json
-import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from distill.config import Config, ConfigError, load_config
+from distill.cost import measure_cost, relative_to_teacher, throughput_batch
 from distill.data import load_records, render_prompt
-from distill.metrics import get_metric, percent_retained, score_outputs, token_fidelity
+from distill.metrics import get_metric, score_outputs, token_fidelity
 from distill.peak_memory import measure_cpu
 
 if TYPE_CHECKING:
     import torch
-
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
-
 
 # ---------------------------------------------------------------- loading
 
@@ -42,7 +38,9 @@ def is_adapter(path: str | Path) -> bool:
     return (Path(path) / "adapter_config.json").exists()
 
 
-def load_for_eval(path: str | Path, device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False):
+def load_for_eval(
+    path: str | Path, device: str = "auto", dtype: str = "auto", trust_remote_code: bool = False
+):
     """(model, tokenizer) in eval mode; a LoRA adapter directory is loaded with peft and merged, so it is
     timed the way it would be served."""
     from distill.modeling import load_model, load_tokenizer, load_tokenizer_for, resolve_device, resolve_dtype
@@ -64,25 +62,16 @@ def load_for_eval(path: str | Path, device: str = "auto", dtype: str = "auto", t
     return model, tok
 
 
-def bytes_on_disk(path: str | Path) -> int | None:
-    """Size of the weight files (safetensors/bin/gguf) of a local model or adapter; None when the model is
-    not on local disk (a hub id not in the local cache)."""
-    p = Path(str(path))
-    if p.is_file():
-        return p.stat().st_size
-    if not p.is_dir():
-        try:
-            from huggingface_hub import snapshot_download
+def vocabulary_mismatch(student_tok, teacher_tok) -> str | None:
+    """None when both tokenizers map the same tokens to the same ids (compared by vocabulary, not
+    vocab_size); else the first line of the reason."""
+    from distill.losses import VocabMismatchError, check_tokenizers
 
-            p = Path(snapshot_download(str(path), local_files_only=True))
-        except Exception:  # not cached locally: the size is unknown, not zero
-            return None
-    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file() and f.suffix in WEIGHT_SUFFIXES) or None
-
-
-def same_vocabulary(tok_a, tok_b) -> bool:
-    """Tokenizers are compared by their vocabularies (token -> id), not by vocab_size."""
-    return tok_a.get_vocab() == tok_b.get_vocab()
+    try:
+        check_tokenizers(student_tok, teacher_tok)
+    except VocabMismatchError as exc:
+        return str(exc).splitlines()[0].rstrip(":")
+    return None
 
 
 # ---------------------------------------------------------------- generation
@@ -101,15 +90,15 @@ def encode_prompts(tokenizer, prompts: list[str], add_special_tokens: bool = Tru
     return [tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"] for p in prompts]
 
 
-def _left_pad(batch: list[list[int]], pad_id: int, device) -> tuple["torch.Tensor", "torch.Tensor"]:
+def _left_pad(batch: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     import torch
 
     width = max(len(ids) for ids in batch)
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(batch), width), dtype=torch.long)
     for i, row in enumerate(batch):
-        ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
-        mask[i, width - len(row):] = 1
+        ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+        mask[i, width - len(row) :] = 1
     return ids.to(device), mask.to(device)
 
 
@@ -129,12 +118,18 @@ def _generate_ids(model, tokenizer, batch: list[list[int]], max_new_tokens: int,
     ids, mask = _left_pad(batch, tokenizer.pad_token_id, model.device)
     with torch.inference_mode():
         out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg)
-    return out[:, ids.shape[1]:].tolist()
+    return out[:, ids.shape[1] :].tolist()
 
 
 def generate_batch(
-    model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int, *,
-    add_special_tokens: bool = True, label: str = "generating",
+    model,
+    tokenizer,
+    prompts: list[str],
+    max_new_tokens: int,
+    batch_size: int,
+    *,
+    add_special_tokens: bool = True,
+    label: str = "generating",
 ) -> Generation:
     """Batched greedy generation with left padding; prompts are sorted by length so batches pad little, and
     results come back in the original order."""
@@ -147,8 +142,10 @@ def generate_batch(
     with Progress(transient=True) as progress:
         task = progress.add_task(label, total=len(prompts))
         for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
-            for i, new in zip(idx, _generate_ids(model, tokenizer, [prompt_ids[i] for i in idx], max_new_tokens, False)):
+            idx = order[start : start + batch_size]
+            for i, new in zip(
+                idx, _generate_ids(model, tokenizer, [prompt_ids[i] for i in idx], max_new_tokens, False)
+            ):
                 outputs[i] = new[: new.index(eos) + 1] if eos is not None and eos in new else new
             progress.advance(task, len(idx))
     texts = [tokenizer.decode(o, skip_special_tokens=True) for o in outputs]
@@ -156,6 +153,26 @@ def generate_batch(
 
 
 # ---------------------------------------------------------------- fidelity
+
+
+def _forward_last(model, ids: torch.Tensor, attn: torch.Tensor, keep: int) -> torch.Tensor:
+    """Logits of the last `keep` positions of a left-padded batch; positions count from each row's first real
+    token, as in generation. Only those positions are projected onto the vocabulary when the model supports
+    `logits_to_keep` (prompt logits of a large vocabulary would dominate memory)."""
+    import torch
+
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)
+    args = {
+        "input_ids": ids.to(model.device),
+        "attention_mask": attn.to(model.device),
+        "position_ids": pos.to(model.device),
+    }
+    with torch.inference_mode():
+        try:
+            logits = model(**args, logits_to_keep=keep).logits
+        except TypeError:  # models without logits_to_keep: project everything, then cut
+            logits = model(**args).logits
+    return logits[:, -keep:]
 
 
 def fidelity(student, teacher, gen: Generation, pad_id: int, batch_size: int) -> dict[str, Any]:
@@ -167,124 +184,26 @@ def fidelity(student, teacher, gen: Generation, pad_id: int, batch_size: int) ->
     agree = count = 0
     kl = 0.0
     for start in range(0, len(rows), batch_size):
-        chunk = rows[start:start + batch_size]
-        seqs = [p + o for p, o in chunk]
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-        attn = torch.zeros_like(ids)
-        counted = torch.zeros((len(seqs), width - 1), dtype=torch.bool)
-        for i, ((p, o), s) in enumerate(zip(chunk, seqs)):
-            ids[i, : len(s)] = torch.tensor(s)
-            attn[i, : len(s)] = 1
-            counted[i, len(p) - 1: len(s) - 1] = True  # logits at t predict token t+1: the response tokens
-        with torch.inference_mode():
-            s_logits = student(input_ids=ids.to(student.device), attention_mask=attn.to(student.device)).logits
-            t_logits = teacher(input_ids=ids.to(teacher.device), attention_mask=attn.to(teacher.device)).logits
-        a, n, k = token_fidelity(s_logits[:, :-1].cpu(), t_logits[:, :-1].cpu(), ids[:, 1:], counted)
+        chunk = rows[start : start + batch_size]
+        ids, attn = _left_pad([p + o for p, o in chunk], pad_id, "cpu")
+        longest = max(len(o) for _, o in chunk)
+        # Sequences end together (left padding): the last `longest` tokens hold every response, predicted by
+        # the logits one position earlier.
+        counted = torch.zeros((len(chunk), longest), dtype=torch.bool)
+        for i, (_, o) in enumerate(chunk):
+            counted[i, longest - len(o) :] = True
+        s_logits = _forward_last(student, ids, attn, longest + 1)[:, :-1]
+        t_logits = _forward_last(teacher, ids, attn, longest + 1)[:, :-1]
+        a, n, k = token_fidelity(s_logits.cpu(), t_logits.cpu(), ids[:, -longest:], counted)
         agree, count, kl = agree + a, count + n, kl + k
     if count == 0:
-        return {"agreement": None, "kl": None, "fidelity_tokens": 0, "fidelity_note": "the teacher generated no tokens"}
+        return {
+            "agreement": None,
+            "kl": None,
+            "fidelity_tokens": 0,
+            "fidelity_note": "the teacher generated no tokens",
+        }
     return {"agreement": agree / count, "kl": kl / count, "fidelity_tokens": count, "fidelity_note": None}
-
-
-# ---------------------------------------------------------------- cost
-
-
-def _sync(device) -> None:
-    import torch
-
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize(device)
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Linear-interpolated percentile (q in 0..100), as numpy's default."""
-    xs = sorted(values)
-    pos = (len(xs) - 1) * q / 100
-    lo, hi = math.floor(pos), math.ceil(pos)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
-
-
-def measure_latency(model, tokenizer, prompt_ids: list[list[int]], requests: int, new_tokens: int) -> list[float]:
-    """Seconds per batch-1 request of exactly `new_tokens` new tokens, cycling through the prompts, after
-    one untimed warm-up request."""
-    _generate_ids(model, tokenizer, [prompt_ids[0]], new_tokens, True)
-    times = []
-    for i in range(requests):
-        _sync(model.device)
-        t0 = time.perf_counter()
-        _generate_ids(model, tokenizer, [prompt_ids[i % len(prompt_ids)]], new_tokens, True)
-        _sync(model.device)
-        times.append(time.perf_counter() - t0)
-    return times
-
-
-def _throughput_batch(prompt_ids: list[list[int]], batch_size: int) -> list[list[int]]:
-    return [prompt_ids[i % len(prompt_ids)] for i in range(batch_size)]
-
-
-def measure_throughput(model, tokenizer, prompt_ids: list[list[int]], batch_size: int, new_tokens: int,
-                       repeats: int = 2) -> float:
-    """Generated tokens per second for a batch of `batch_size` prompts, each making exactly `new_tokens`
-    tokens, after a warm-up of the same shape."""
-    batch = _throughput_batch(prompt_ids, batch_size)
-    _generate_ids(model, tokenizer, batch, new_tokens, True)
-    _sync(model.device)
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        _generate_ids(model, tokenizer, batch, new_tokens, True)
-    _sync(model.device)
-    return repeats * len(batch) * new_tokens / (time.perf_counter() - t0)
-
-
-def measure_cost(model, tokenizer, prompt_ids: list[list[int]], cfg: Config, *, path: str | Path,
-                 trust_remote_code: bool, cuda_base: int = 0) -> dict[str, Any]:
-    """Parameters, disk size, latency, throughput, peak memory and $ per million generated tokens."""
-    import torch
-
-    from distill.modeling import count_parameters
-
-    ev = cfg.eval
-    lat = measure_latency(model, tokenizer, prompt_ids, ev.latency_requests, ev.latency_new_tokens)
-    on_cuda = str(model.device).startswith("cuda")
-    if on_cuda:
-        torch.cuda.reset_peak_memory_stats(model.device)
-    tps = measure_throughput(model, tokenizer, prompt_ids, ev.batch_size, ev.latency_new_tokens)
-    memory, method = None, "off (eval.measure_memory=false)"
-    if ev.measure_memory and on_cuda:
-        memory = torch.cuda.max_memory_allocated(model.device) - cuda_base
-        method = "cuda: max_memory_allocated during the throughput batch minus allocation before loading"
-    elif ev.measure_memory:
-        method = "pending: measured in a separate process after all models (distill.peak_memory)"
-    return {
-        "params": count_parameters(model),
-        "bytes_on_disk": bytes_on_disk(path),
-        "adapter": is_adapter(path),
-        "latency_ms_p50": 1000 * percentile(lat, 50),
-        "latency_ms_p95": 1000 * percentile(lat, 95),
-        "latency_new_tokens": ev.latency_new_tokens,
-        "tokens_per_s": tps,
-        "throughput_batch_size": ev.batch_size,
-        "peak_memory_bytes": memory,
-        "memory_method": method,
-        "cost_per_million_tokens": ev.cost_per_hour / 3600 / tps * 1e6,
-    }
-
-
-def relative_to_teacher(student: dict[str, Any], teacher: dict[str, Any]) -> dict[str, float | None]:
-    """Speed and size ratios, each > 1 when the student is better (faster, smaller)."""
-
-    def ratio(a, b):
-        return a / b if a and b else None
-
-    return {
-        "percent_of_teacher": percent_retained(student["score"], teacher["score"]),
-        "speedup": ratio(teacher["latency_ms_p50"], student["latency_ms_p50"]),
-        "throughput_ratio": ratio(student["tokens_per_s"], teacher["tokens_per_s"]),
-        "size_ratio": ratio(teacher["params"], student["params"]),
-        "disk_ratio": ratio(teacher["bytes_on_disk"], student["bytes_on_disk"]),
-        "memory_ratio": ratio(teacher["peak_memory_bytes"], student["peak_memory_bytes"]),
-    }
 
 
 # ---------------------------------------------------------------- the stage
@@ -296,14 +215,18 @@ def student_dirs(cfg: Config) -> dict[str, Path]:
     for s in cfg.all_students():
         d = Path(cfg.run_dir) / "students" / s.name
         if not (d / "config.json").exists() and not is_adapter(d):
-            raise FileNotFoundError(f"student '{s.name}': no model at {d} (train it first: `distill train CONFIG`)")
+            raise FileNotFoundError(
+                f"student '{s.name}': no model at {d} (train it first: `distill train CONFIG`)"
+            )
         out[s.name] = d
     return out
 
 
 def _eval_input(cfg: Config) -> Path | str:
     if cfg.eval.input is None:
-        raise ConfigError("eval.input: set the held-out prompts file (JSONL/JSON/CSV/Parquet with references)")
+        raise ConfigError(
+            "eval.input: set the held-out prompts file (JSONL/JSON/CSV/Parquet with references)"
+        )
     given = cfg.eval.input
     if given.startswith("hf:") or Path(given).exists():
         return given
@@ -344,8 +267,10 @@ def _evaluate(cfg: Config) -> dict[str, Any]:
     if not cfg.teacher.model:
         raise ConfigError("teacher.model: set the teacher to evaluate against")
     if cfg.teacher.backend == "openai":
-        raise ConfigError("teacher.backend=openai: eval runs the teacher locally; set teacher.model to a local "
-                          "or hub HF model (backend hf or vllm)")
+        raise ConfigError(
+            "teacher.backend=openai: eval runs the teacher locally; set teacher.model to a local "
+            "or hub HF model (backend hf or vllm)"
+        )
     metric = get_metric(ev.metric, ev.answer_regex)  # fail on a bad metric before loading any model
     students = student_dirs(cfg)
     records = load_records(_eval_input(cfg), cfg.data, limit=ev.limit)
@@ -358,34 +283,68 @@ def _evaluate(cfg: Config) -> dict[str, Any]:
         model, tok = load_for_eval(path, device, ev.dtype, trust)
         use_template = cfg.data.chat_template and bool(getattr(tok, "chat_template", None))
         prompts = [render_prompt(r, tok, cfg.data) for r in records]
-        gen = generate_batch(model, tok, prompts, ev.max_new_tokens, ev.batch_size,
-                             add_special_tokens=not use_template, label=f"{name}: generating")
+        gen = generate_batch(
+            model,
+            tok,
+            prompts,
+            ev.max_new_tokens,
+            ev.batch_size,
+            add_special_tokens=not use_template,
+            label=f"{name}: generating",
+        )
         score, n_scored = score_outputs(metric, gen.texts, references)
-        entry: dict[str, Any] = {"path": str(path), "score": score, "n_scored": n_scored,
-                                 "mean_output_tokens": sum(map(len, gen.output_ids)) / len(gen.output_ids)}
+        entry: dict[str, Any] = {
+            "path": str(path),
+            "score": score,
+            "n_scored": n_scored,
+            "mean_output_tokens": sum(map(len, gen.output_ids)) / len(gen.output_ids),
+        }
         if teacher is not None:
             t_model, t_tok, t_gen = teacher
-            if same_vocabulary(tok, t_tok):
+            mismatch = vocabulary_mismatch(tok, t_tok)
+            if mismatch is None:
                 entry.update(fidelity(model, t_model, t_gen, t_tok.pad_token_id, ev.batch_size))
             else:
-                entry.update({"agreement": None, "kl": None, "fidelity_tokens": 0,
-                              "fidelity_note": "tokenizer differs from the teacher's: token-level fidelity "
-                                               "is undefined across vocabularies"})
-        entry.update(measure_cost(model, tok, gen.prompt_ids, cfg, path=path, trust_remote_code=trust,
-                                  cuda_base=cuda_base))
+                entry.update(
+                    {
+                        "agreement": None,
+                        "kl": None,
+                        "fidelity_tokens": 0,
+                        "fidelity_note": f"{mismatch}: token agreement and KL are undefined across "
+                        "vocabularies",
+                    }
+                )
+        entry.update(
+            measure_cost(
+                model, tok, gen.prompt_ids, cfg, path=path, trust_remote_code=trust, cuda_base=cuda_base
+            )
+        )
         if entry["memory_method"].startswith("pending"):
-            probes[name] = {"path": str(path), "dtype": ev.dtype, "trust_remote_code": trust,
-                            "batch": _throughput_batch(gen.prompt_ids, ev.batch_size),
-                            "new_tokens": ev.latency_new_tokens, "threads": cfg.train.threads}
+            probes[name] = {
+                "path": str(path),
+                "dtype": ev.dtype,
+                "trust_remote_code": trust,
+                "batch": throughput_batch(gen.prompt_ids, ev.batch_size),
+                "new_tokens": ev.latency_new_tokens,
+                "threads": cfg.train.threads,
+            }
         return model, tok, gen, entry
 
     probes: dict[str, dict[str, Any]] = {}
 
-    t_model, t_tok, t_gen, teacher_entry = run_model("teacher", cfg.teacher.model, cfg.teacher.trust_remote_code)
+    t_model, t_tok, t_gen, teacher_entry = run_model(
+        "teacher", cfg.teacher.model, cfg.teacher.trust_remote_code
+    )
     results: dict[str, Any] = {
-        "metric": ev.metric, "n_prompts": len(records), "n_with_reference": sum(r is not None for r in references),
-        "eval_input": str(ev.input), "device": device, "dtype": ev.dtype, "cost_per_hour": ev.cost_per_hour,
-        "teacher": teacher_entry, "students": {},
+        "metric": ev.metric,
+        "n_prompts": len(records),
+        "n_with_reference": sum(r is not None for r in references),
+        "eval_input": str(ev.input),
+        "device": device,
+        "dtype": ev.dtype,
+        "cost_per_hour": ev.cost_per_hour,
+        "teacher": teacher_entry,
+        "students": {},
     }
     outputs = {}
     for name, path in students.items():
@@ -404,8 +363,12 @@ def _evaluate(cfg: Config) -> dict[str, Any]:
     for entry in results["students"].values():
         entry.update(relative_to_teacher(entry, teacher_entry))
     results["samples"] = [
-        {"prompt": r.prompt_text(), "reference": r.reference, "teacher": t_gen.texts[i],
-         "students": {name: texts[i] for name, texts in outputs.items()}}
+        {
+            "prompt": r.prompt_text(),
+            "reference": r.reference,
+            "teacher": t_gen.texts[i],
+            "students": {name: texts[i] for name, texts in outputs.items()},
+        }
         for i, r in enumerate(records[: ev.samples])
     ]
     out_dir = Path(cfg.run_dir) / "eval"
@@ -413,8 +376,12 @@ def _evaluate(cfg: Config) -> dict[str, Any]:
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))
     with (out_dir / "outputs.jsonl").open("w") as fh:
         for i, r in enumerate(records):
-            row = {"prompt": r.prompt_text(), "reference": r.reference, "teacher": t_gen.texts[i],
-                   "students": {name: texts[i] for name, texts in outputs.items()}}
+            row = {
+                "prompt": r.prompt_text(),
+                "reference": r.reference,
+                "teacher": t_gen.texts[i],
+                "students": {name: texts[i] for name, texts in outputs.items()},
+            }
             fh.write(json.dumps(row) + "\n")
     console.print(f"[green]eval results:[/] {out_dir / 'results.json'}")
     return results

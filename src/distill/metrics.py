@@ -9,10 +9,11 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import re
+from collections.abc import Callable
 from decimal import Decimal, InvalidOperation
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
@@ -129,7 +130,8 @@ def _import_user_metric(spec: str) -> Metric:
     if fn is None:
         raise ValueError(f"{where}: module '{module_name}' has no attribute '{func_name}'")
     if not callable(fn):
-        raise ValueError(f"{where}: '{func_name}' is not callable")
+        # ValueError, not TypeError: the CLI turns ValueErrors into one clear line
+        raise ValueError(f"{where}: '{func_name}' is not callable")  # noqa: TRY004
     return fn
 
 
@@ -141,7 +143,9 @@ def get_metric(spec: str, answer_regex: str | None = None) -> Metric:
         try:
             re.compile(answer_regex)
         except re.error as exc:
-            raise ValueError(f"eval.answer_regex '{answer_regex}': not a valid regular expression ({exc})") from None
+            raise ValueError(
+                f"eval.answer_regex '{answer_regex}': not a valid regular expression ({exc})"
+            ) from None
         return partial(exact_match, answer_regex=answer_regex)
     if spec == "accuracy":
         return accuracy
@@ -150,7 +154,9 @@ def get_metric(spec: str, answer_regex: str | None = None) -> Metric:
     return _import_user_metric(spec)
 
 
-def score_outputs(metric: Metric, predictions: list[str], references: list[str | None]) -> tuple[float | None, int]:
+def score_outputs(
+    metric: Metric, predictions: list[str], references: list[str | None]
+) -> tuple[float | None, int]:
     """Mean metric over the prompts that have a reference, and how many those were (None, 0 if none)."""
     values = []
     for i, (pred, ref) in enumerate(zip(predictions, references)):
@@ -160,7 +166,9 @@ def score_outputs(metric: Metric, predictions: list[str], references: list[str |
         try:
             values.append(float(value))
         except (TypeError, ValueError):
-            raise ValueError(f"metric returned {value!r} for prompt {i}; a metric must return a number") from None
+            raise ValueError(
+                f"metric returned {value!r} for prompt {i}; a metric must return a number"
+            ) from None
     if not values:
         return None, 0
     return sum(values) / len(values), len(values)
@@ -178,24 +186,23 @@ def percent_retained(student_score: float | None, teacher_score: float | None) -
 
 
 def token_fidelity(
-    student_logits: "torch.Tensor", teacher_logits: "torch.Tensor", targets: "torch.Tensor", mask: "torch.Tensor"
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor
 ) -> tuple[int, int, float]:
     """Agreement and KL(teacher || student) on teacher-forced positions.
 
     student_logits, teacher_logits: (batch, seq, vocab), already aligned with `targets` (the caller did the
     causal shift); targets: (batch, seq) the teacher's generated tokens; mask: (batch, seq) bool, True where
     a teacher token is counted. Returns (matching positions, counted positions, summed KL in nats), so
-    callers can sum over batches and divide once.
+    callers can sum over batches and divide once. The KL is the training loss `forward_kl` at T=1 (one
+    definition of the divergence in the project), which cuts padded vocab rows and never yields 0*log 0 NaNs.
     """
-    import torch
+    from distill.losses import LOSSES
 
-    vocab = min(student_logits.shape[-1], teacher_logits.shape[-1])  # padded vocab rows are cut off
-    s = torch.log_softmax(student_logits[..., :vocab].float(), dim=-1)
-    t = torch.log_softmax(teacher_logits[..., :vocab].float(), dim=-1)
     mask = mask.bool()
-    agree = ((s.argmax(-1) == targets) & mask).sum().item()
-    # p_t * (log p_t - log p_s); where p_t == 0 (log -inf) the term is 0, never NaN.
-    p_t = t.exp()
-    kl_terms = torch.where(p_t > 0, p_t * (t - s), torch.zeros_like(p_t)).sum(-1)
-    kl = kl_terms[mask].sum().item()
-    return int(agree), int(mask.sum().item()), float(kl)
+    vocab = min(student_logits.shape[-1], teacher_logits.shape[-1])
+    count = int(mask.sum().item())
+    if count == 0:
+        return 0, 0, 0.0
+    agree = int(((student_logits[..., :vocab].argmax(-1) == targets) & mask).sum().item())
+    mean_kl = LOSSES["forward_kl"](student_logits, teacher_logits, mask, temperature=1.0, vocab_size=vocab)
+    return agree, count, float(mean_kl.item()) * count

@@ -58,9 +58,11 @@ def _preimport(spec: dict[str, Any]) -> None:
         base = spec["path"]
         if is_adapter(base):
             base = json.loads((Path(base) / "adapter_config.json").read_text())["base_model_name_or_path"]
-        MODEL_FOR_CAUSAL_LM_MAPPING[type(AutoConfig.from_pretrained(base, trust_remote_code=spec["trust_remote_code"]))]
-    except Exception:  # best effort: the child's warm-up load imports it anyway
-        pass
+        MODEL_FOR_CAUSAL_LM_MAPPING[
+            type(AutoConfig.from_pretrained(base, trust_remote_code=spec["trust_remote_code"]))
+        ]
+    except (OSError, ValueError, KeyError, ImportError):
+        return  # best effort: the child's warm-up load imports it anyway
 
 
 def probe(spec: dict[str, Any]) -> dict[str, Any]:
@@ -105,7 +107,8 @@ def _probe_forked(spec: dict[str, Any]) -> dict[str, Any]:
 def _main() -> None:
     """Helper process entry: a JSON list of specs on stdin, a JSON list of results as the last stdout line."""
     specs = json.loads(sys.stdin.read())
-    import distill.evaluate  # noqa: F401 - torch, transformers and our loaders, imported once for all children
+    # torch, transformers and our loaders, imported once for all children
+    import distill.evaluate  # noqa: F401
 
     for spec in specs:
         _preimport(spec)
@@ -122,7 +125,7 @@ def measure_cpu(specs: list[dict[str, Any]], threads: int | None = None) -> list
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     cmd = [sys.executable, "-c", "from distill.peak_memory import _main; _main()"]
-    proc = subprocess.run(cmd, input=json.dumps(specs), capture_output=True, text=True, env=env)
+    proc = subprocess.run(cmd, input=json.dumps(specs), capture_output=True, text=True, env=env, check=False)
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         return [(None, f"memory measurement failed: {tail}")] * len(specs)
@@ -132,6 +135,6 @@ def measure_cpu(specs: list[dict[str, Any]], threads: int | None = None) -> list
             out.append((None, f"memory measurement failed: {result['error']}"))
             continue
         how = "VmHWM" if result["hwm_reset"] else "peak RSS (mark not reset)"
-        out.append((result["peak_bytes"], f"cpu: {how} increase while loading the model and generating the "
-                                          "throughput batch, in a separate process"))
+        how = f"cpu: {how} increase loading the model and generating the throughput batch, in a separate process"
+        out.append((result["peak_bytes"], how))
     return out

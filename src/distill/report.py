@@ -18,11 +18,19 @@ import yaml
 from distill.config import Config, load_config
 
 COLUMNS = [  # (header, results key, formatter name)
-    ("Score", "score", "score"), ("% of teacher", "percent_of_teacher", "pct"), ("Agreement", "agreement", "frac"),
-    ("KL", "kl", "kl"), ("Params", "params", "count"), ("Size (MB)", "bytes_on_disk", "mb"),
-    ("p50 (ms)", "latency_ms_p50", "ms"), ("p95 (ms)", "latency_ms_p95", "ms"), ("Tokens/s", "tokens_per_s", "int"),
-    ("Memory (MB)", "peak_memory_bytes", "mb"), ("$/M tokens", "cost_per_million_tokens", "usd"),
-    ("Speedup", "speedup", "x"), ("Smaller", "size_ratio", "x"),
+    ("Score", "score", "score"),
+    ("% of teacher", "percent_of_teacher", "pct"),
+    ("Agreement", "agreement", "frac"),
+    ("KL", "kl", "kl"),
+    ("Params", "params", "count"),
+    ("Size (MB)", "bytes_on_disk", "mb"),
+    ("p50 (ms)", "latency_ms_p50", "ms"),
+    ("p95 (ms)", "latency_ms_p95", "ms"),
+    ("Tokens/s", "tokens_per_s", "int"),
+    ("Memory (MB)", "peak_memory_bytes", "mb"),
+    ("$/M tokens", "cost_per_million_tokens", "usd"),
+    ("Speedup", "speedup", "x"),
+    ("Smaller", "size_ratio", "x"),
 ]
 
 
@@ -34,8 +42,16 @@ def _fmt(value: Any, kind: str) -> str:
             if value >= div:
                 return f"{value / div:.2f}{unit}"
         return str(value)
-    formats = {"score": "{:.3f}", "pct": "{:.1f}%", "frac": "{:.3f}", "kl": "{:.4f}", "ms": "{:.1f}",
-               "int": "{:,.0f}", "usd": "${:.4f}", "x": "{:.2f}x"}
+    formats = {
+        "score": "{:.3f}",
+        "pct": "{:.1f}%",
+        "frac": "{:.3f}",
+        "kl": "{:.4f}",
+        "ms": "{:.1f}",
+        "int": "{:,.0f}",
+        "usd": "${:.4f}",
+        "x": "{:.2f}x",
+    }
     if kind == "mb":
         return f"{value / 1e6:.2f}"
     return formats[kind].format(value)
@@ -48,12 +64,12 @@ def table_rows(results: dict) -> list[list[str]]:
 
 
 def load_train_log(path: Path) -> list[dict]:
-    """The trainer's log_history entries; an absent log is an empty list (e.g. a student trained elsewhere)."""
+    """The trainer's log_history entries; an absent log is an empty list (a student trained elsewhere)."""
     if not path.exists():
         return []
     data = json.loads(path.read_text())
     if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a JSON list of log entries (trainer_state.log_history)")
+        raise ValueError(f"{path}: expected a JSON list of log entries (trainer_state.log_history)")  # noqa: TRY004
     return [e for e in data if isinstance(e, dict)]
 
 
@@ -115,8 +131,13 @@ def plot_scores(results: dict, path: Path) -> Path | None:
     for bar, (name, entry) in zip(bars, models):
         pct = entry.get("percent_of_teacher")
         label = f"{entry['score']:.3f}" + (f"\n{pct:.0f}%" if pct is not None and name != "teacher" else "")
-        ax.annotate(label, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
-                    fontsize="small")
+        ax.annotate(
+            label,
+            (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+            ha="center",
+            va="bottom",
+            fontsize="small",
+        )
     ax.set_ylabel(results["metric"])
     ax.set_ylim(0, max(max(scores) * 1.25, 1e-9))
     ax.set_title("task score: teacher vs students")
@@ -132,8 +153,9 @@ def plot_scatter(results: dict, x_key: str, x_label: str, path: Path) -> Path | 
     ax = fig.subplots()
     for name, entry in models:
         ax.scatter(entry[x_key], entry["score"], s=60, color="#555555" if name == "teacher" else "#3b7dd8")
-        ax.annotate(name, (entry[x_key], entry["score"]), textcoords="offset points", xytext=(5, 5),
-                    fontsize="small")
+        ax.annotate(
+            name, (entry[x_key], entry["score"]), textcoords="offset points", xytext=(5, 5), fontsize="small"
+        )
     ax.set_xscale("log")
     ax.margins(0.15)
     ax.set_xlabel(x_label)
@@ -149,9 +171,12 @@ def make_plots(results: dict, logs: dict[str, list[dict]], out: Path) -> dict[st
     made = {
         "Training losses": plot_losses(logs, out / "losses.png"),
         "Score: teacher vs students": plot_scores(results, out / "scores.png"),
-        "Score vs parameters": plot_scatter(results, "params", "parameters (log)", out / "score_vs_params.png"),
-        "Score vs latency": plot_scatter(results, "latency_ms_p50", "p50 latency, ms (log)",
-                                         out / "score_vs_latency.png"),
+        "Score vs parameters": plot_scatter(
+            results, "params", "parameters (log)", out / "score_vs_params.png"
+        ),
+        "Score vs latency": plot_scatter(
+            results, "latency_ms_p50", "p50 latency, ms (log)", out / "score_vs_latency.png"
+        ),
     }
     return {title: p for title, p in made.items() if p is not None}
 
@@ -186,17 +211,22 @@ def _losses_text(losses: list) -> str:
     for term in losses:
         if isinstance(term, dict):
             extra = "".join(f", {k}={v}" for k, v in (term.get("params") or {}).items())
-            parts.append(f"{term.get('name')} (weight {term.get('weight', 1.0)}, T={term.get('temperature', 1.0)}"
-                         f"{extra})")
+            parts.append(
+                f"{term.get('name')} (weight {term.get('weight', 1.0)}, T={term.get('temperature', 1.0)}"
+                f"{extra})"
+            )
         else:
             parts.append(str(term))
     return "; ".join(parts) or "—"
 
 
 def _training_text(d: dict[str, Any]) -> str:
-    bits = [f"init `{d['init']}`" if d.get("init") else None, f"signal `{d['signal']}`" if d.get("signal") else None,
-            f"losses {_losses_text(d['losses'])}",
-            f"{d['runtime_s']:.0f} s" if d.get("runtime_s") is not None else None]
+    bits = [
+        f"init `{d['init']}`" if d.get("init") else None,
+        f"signal `{d['signal']}`" if d.get("signal") else None,
+        f"losses {_losses_text(d['losses'])}",
+        f"{d['runtime_s']:.0f} s" if d.get("runtime_s") is not None else None,
+    ]
     return ", ".join(b for b in bits if b)
 
 
@@ -226,7 +256,9 @@ def _summary_lines(results: dict) -> list[str]:
         if s.get("speedup"):
             bits.append(f"{s['speedup']:.2f}x faster at batch 1 (p50)")
         if s.get("cost_per_million_tokens") is not None and t.get("cost_per_million_tokens"):
-            bits.append(f"${s['cost_per_million_tokens']:.4f} vs ${t['cost_per_million_tokens']:.4f} per M tokens")
+            bits.append(
+                f"${s['cost_per_million_tokens']:.4f} vs ${t['cost_per_million_tokens']:.4f} per M tokens"
+            )
         lines.append(" ".join(bits[:1]) + " " + ", ".join(bits[1:]) + ".")
     return lines
 
@@ -234,21 +266,36 @@ def _summary_lines(results: dict) -> list[str]:
 def _method_lines(results: dict) -> list[str]:
     t = results["teacher"]
     return [
-        f"{results['n_prompts']} prompts from `{results['eval_input']}` ({results['n_with_reference']} with a "
-        f"reference); metric `{results['metric']}`; device {results['device']}, dtype {results['dtype']}.",
-        "Agreement: fraction of the teacher's greedy tokens that are also the student's argmax under teacher "
-        "forcing; KL: mean KL(teacher || student) in nats per token on the same positions.",
-        f"Latency: batch 1, {t['latency_new_tokens']} new tokens per request; tokens/s at batch "
-        f"{t['throughput_batch_size']}; $/M tokens at ${results['cost_per_hour']}/hour. "
-        f"Memory: {t['memory_method']}.",
+        (
+            f"{results['n_prompts']} prompts from `{results['eval_input']}` ({results['n_with_reference']} with a "
+            f"reference); metric `{results['metric']}`; device {results['device']}, dtype {results['dtype']}."
+        ),
+        (
+            "Agreement: fraction of the teacher's greedy tokens that are also the student's argmax under teacher "
+            "forcing; KL: mean KL(teacher || student) in nats per token on the same positions."
+        ),
+        (
+            f"Latency: batch 1, {t['latency_new_tokens']} new tokens per request; tokens/s at batch "
+            f"{t['throughput_batch_size']}; $/M tokens at ${results['cost_per_hour']}/hour. "
+            f"Memory: {t['memory_method']}."
+        ),
     ]
 
 
 def render_markdown(results: dict, plots: dict[str, Path], details: dict[str, dict]) -> str:
     header = ["Model", *(c[0] for c in COLUMNS)]
-    out = ["# Distillation report", "", *(f"- {line}" for line in _summary_lines(results)), "",
-           "## Teacher vs students", "",
-           _md_table(header, table_rows(results)), "", *(f"- {line}" for line in _method_lines(results)), ""]
+    out = [
+        "# Distillation report",
+        "",
+        *(f"- {line}" for line in _summary_lines(results)),
+        "",
+        "## Teacher vs students",
+        "",
+        _md_table(header, table_rows(results)),
+        "",
+        *(f"- {line}" for line in _method_lines(results)),
+        "",
+    ]
     notes = [f"- {n}: {e['fidelity_note']}" for n, e in results["students"].items() if e.get("fidelity_note")]
     if notes:
         out += ["Notes:", *notes, ""]
@@ -259,8 +306,11 @@ def render_markdown(results: dict, plots: dict[str, Path], details: dict[str, di
     out += ["## Sample outputs", ""]
     for i, sample in enumerate(results.get("samples", []), 1):
         out += [f"### Sample {i}", "", "**Prompt**", "", "```", sample["prompt"], "```", ""]
-        answers = [("reference", sample.get("reference")), ("teacher", sample["teacher"]),
-                   *sample["students"].items()]
+        answers = [
+            ("reference", sample.get("reference")),
+            ("teacher", sample["teacher"]),
+            *sample["students"].items(),
+        ]
         for who, text in answers:
             if text is not None:
                 out += [f"**{who}**", "", "```", text, "```", ""]
@@ -278,15 +328,21 @@ def render_html(results: dict, plots: dict[str, Path], details: dict[str, dict])
     e = html.escape
     header = "".join(f"<th>{e(h)}</th>" for h in ["Model", *(c[0] for c in COLUMNS)])
     body = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in table_rows(results))
-    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>Distillation report</title>"
-             f"<style>{CSS}</style></head><body><h1>Distillation report</h1>"]
+    head = f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>Distillation report</title><style>{CSS}"
+    head += "</style>"
+    parts = [head + "</head><body><h1>Distillation report</h1>"]
     parts += [f"<p>{e(line).replace('**', '')}</p>" for line in _summary_lines(results)]
     parts += [f"<h2>Teacher vs students</h2><table><tr>{header}</tr>{body}</table><ul>"]
     parts += [f"<li>{e(line)}</li>" for line in _method_lines(results)]
-    parts += [f"<li>{e(n)}: {e(x['fidelity_note'])}</li>" for n, x in results["students"].items()
-              if x.get("fidelity_note")]
+    parts += [
+        f"<li>{e(n)}: {e(x['fidelity_note'])}</li>"
+        for n, x in results["students"].items()
+        if x.get("fidelity_note")
+    ]
     parts.append("</ul><h2>Training</h2><ul>")
-    parts += [f"<li><b>{e(name)}</b>: {e(_training_text(d)).replace('`', '')}</li>" for name, d in details.items()]
+    parts += [
+        f"<li><b>{e(name)}</b>: {e(_training_text(d)).replace('`', '')}</li>" for name, d in details.items()
+    ]
     parts.append("</ul><h2>Plots</h2>")
     for title, p in plots.items():
         data = base64.b64encode(p.read_bytes()).decode("ascii")
@@ -294,8 +350,11 @@ def render_html(results: dict, plots: dict[str, Path], details: dict[str, dict])
     parts.append("<h2>Sample outputs</h2>")
     for sample in results.get("samples", []):
         parts.append(f"<div class='sample'><p><b>Prompt</b></p><pre>{e(sample['prompt'])}</pre>")
-        answers = [("reference", sample.get("reference")), ("teacher", sample["teacher"]),
-                   *sample["students"].items()]
+        answers = [
+            ("reference", sample.get("reference")),
+            ("teacher", sample["teacher"]),
+            *sample["students"].items(),
+        ]
         parts += [f"<p><b>{e(who)}</b></p><pre>{e(text)}</pre>" for who, text in answers if text is not None]
         parts.append("</div>")
     parts.append("</body></html>")
@@ -310,14 +369,21 @@ def model_card(name: str, student_dir: Path, results: dict, details: dict, log: 
     numbers next to the teacher's, and how to load and serve it."""
     s, t = results["students"][name], results["teacher"]
     adapter = bool(s.get("adapter"))
-    front = {"library_name": "peft" if adapter else "transformers", "tags": ["distill", "distillation"],
-             "base_model": t["path"], "pipeline_tag": "text-generation"}
+    front = {
+        "library_name": "peft" if adapter else "transformers",
+        "tags": ["distill", "distillation"],
+        "base_model": t["path"],
+        "pipeline_tag": "text-generation",
+    }
     rows = [[label, _fmt(t.get(key), kind), _fmt(s.get(key), kind)] for label, key, kind in COLUMNS]
     final = _final_loss(log)
     train_lines = [
         f"- Student init: `{details['init'] or 'unknown'}`; teacher signal: `{details['signal'] or 'unknown'}`",
         f"- Losses: {_losses_text(details['losses'])}",
-        f"- Learning rate {details['learning_rate']}, epochs {details['epochs']}, max steps {details['max_steps']}",
+        (
+            f"- Learning rate {details['learning_rate']}, epochs {details['epochs']}, "
+            f"max steps {details['max_steps']}"
+        ),
     ]
     if details.get("runtime_s") is not None:
         train_lines.append(f"- Training time: {details['runtime_s']:.0f} s")
@@ -326,26 +392,59 @@ def model_card(name: str, student_dir: Path, results: dict, details: dict, log: 
     load = (
         "from peft import AutoPeftModelForCausalLM\nfrom transformers import AutoTokenizer\n\n"
         f'model = AutoPeftModelForCausalLM.from_pretrained("{student_dir}").merge_and_unload()\n'
-        if adapter else
-        "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+        if adapter
+        else "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
         f'model = AutoModelForCausalLM.from_pretrained("{student_dir}")\n'
     ) + f'tokenizer = AutoTokenizer.from_pretrained("{student_dir}")'
     pct = s.get("percent_of_teacher")
-    headline = f"It keeps {pct:.1f}% of the teacher's `{results['metric']}` score" if pct is not None else \
-        f"Its `{results['metric']}` score is {_fmt(s.get('score'), 'score')}"
-    return "\n".join([
-        "---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
-        f"# {name}", "",
-        f"A student model distilled from the teacher `{t['path']}` with distill. {headline} with {_fmt(s.get('params'), 'count')} parameters "
-        f"({_fmt(s.get('size_ratio'), 'x')} fewer than the teacher's {_fmt(t.get('params'), 'count')}).", "",
-        "## Training", "", *train_lines, "",
-        "## Evaluation", "",
+    headline = (
+        f"It keeps {pct:.1f}% of the teacher's `{results['metric']}` score"
+        if pct is not None
+        else f"Its `{results['metric']}` score is {_fmt(s.get('score'), 'score')}"
+    )
+    intro = (
+        f"A student model distilled from the teacher `{t['path']}` with distill. {headline} with "
+        f"{_fmt(s.get('params'), 'count')} parameters ({_fmt(s.get('size_ratio'), 'x')} fewer than the teacher's "
+        f"{_fmt(t.get('params'), 'count')})."
+    )
+    setup = (
         f"{results['n_prompts']} held-out prompts from `{results['eval_input']}`, metric `{results['metric']}`, "
-        f"device {results['device']}.", "",
-        _md_table(["", "teacher", name], rows), "",
-        "## Use", "", "```python", load, "```", "",
-        "Serve it behind an OpenAI-compatible API:", "", "```bash", f"distill serve {student_dir}", "```", "",
-    ])
+        f"device {results['device']}."
+    )
+    return "\n".join(
+        [
+            "---",
+            yaml.safe_dump(front, sort_keys=False).strip(),
+            "---",
+            "",
+            f"# {name}",
+            "",
+            intro,
+            "",
+            "## Training",
+            "",
+            *train_lines,
+            "",
+            "## Evaluation",
+            "",
+            setup,
+            "",
+            _md_table(["", "teacher", name], rows),
+            "",
+            "## Use",
+            "",
+            "```python",
+            load,
+            "```",
+            "",
+            "Serve it behind an OpenAI-compatible API:",
+            "",
+            "```bash",
+            f"distill serve {student_dir}",
+            "```",
+            "",
+        ]
+    )
 
 
 # ---------------------------------------------------------------- the stage
@@ -370,5 +469,7 @@ def report(config: Config | str | Path, overrides: list[str] | None = None) -> P
     for name in results["students"]:
         student_dir = run_dir / "students" / name
         if student_dir.is_dir():
-            (student_dir / "README.md").write_text(model_card(name, student_dir, results, details[name], logs[name]))
+            (student_dir / "README.md").write_text(
+                model_card(name, student_dir, results, details[name], logs[name])
+            )
     return out
