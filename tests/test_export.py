@@ -73,6 +73,19 @@ def test_int8_parity_and_size(student, exported):
                for n, m in int8.named_modules() if n.endswith(("_proj",)))
 
 
+def test_int8_export_can_be_served(exported):
+    """`distill serve DIR/int8` loads the quantized model; the engine decodes with it."""
+    from distill.serving.engine import Engine, Row, SamplingParams
+
+    out, _ = exported
+    model, tok, info = load_student(out / "int8")
+    assert info["int8"] and "quantized" in type(model.model.layers[0].mlp.up_proj).__module__
+    events = []
+    Engine(model, tok).generate([Row(tok("hello").input_ids, SamplingParams(max_tokens=4, temperature=0.0),
+                                     events.append)])
+    assert events[-1].finish_reason in ("stop", "length") and sum(len(e.tokens) for e in events) >= 1
+
+
 def test_int8_parity_detects_broken_quantization(student, exported):
     """Negative control: the same metric on an int8 model with scrambled weights falls far below the bar."""
     out, _ = exported

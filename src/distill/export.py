@@ -34,12 +34,15 @@ HELD_OUT_PROMPTS = [  # a small built-in held-out set when the user gives none
 
 # ---- loading ---------------------------------------------------------------------------------------
 def load_student(model_dir: str | Path, dtype: str = "auto", device: str = "auto"):
-    """(model, tokenizer, info) for a full HF model dir, or a LoRA adapter dir merged into its base."""
+    """(model, tokenizer, info) for a full HF model dir, a LoRA adapter dir merged into its base, or an int8
+    export dir (`DIR/int8`, loaded with load_int8, CPU)."""
     from distill.modeling import load_model, load_tokenizer_for
 
     path = Path(str(model_dir))
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such model directory")
+    if (path / "quantization.json").exists():  # an int8 export: CPU only (torch.ao dynamic kernels)
+        return load_int8(path), load_tokenizer_for(path), {"source": str(path), "adapter": None, "int8": True}
     adapter_cfg = path / "adapter_config.json"
     if not adapter_cfg.exists():
         model = load_model(path, dtype=dtype, device=device)
