@@ -228,7 +228,8 @@ def train_student(cfg: Config, scfg: StudentConfig) -> Path:
         raise ValueError("train.signal=online needs a local teacher (teacher.backend=hf with teacher.model)")
     same_tokenizer = teacher_tok is not None
     cross = None  # cross-tokenizer mode (distill.crosstok): every divergence is a cross-tokenizer loss
-    if teacher_tok is not None and needs_teacher_logits and names - {"cross_entropy"} <= CROSS_TOKENIZER_LOSSES:
+    divergences = names - {"cross_entropy"}
+    if teacher_tok is not None and needs_teacher_logits and divergences and divergences <= CROSS_TOKENIZER_LOSSES:
         from distill.crosstok import CrossTokenizer
 
         cross = CrossTokenizer.from_tokenizers(tokenizer, teacher_tok)
