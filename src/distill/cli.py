@@ -100,9 +100,14 @@ def run(
 def eval_(config: Path = CONFIG_ARG, overrides: Optional[List[str]] = OVERRIDES_ARG) -> None:
     """Teacher and students on eval.input: score, % of teacher kept, agreement, KL, speed, memory, $/M tokens."""
     from distill.evaluate import evaluate as run_eval
+    from distill.teachers import TeacherError
 
     cfg = _config(config, overrides)
-    run_eval(cfg)
+    try:
+        run_eval(cfg)
+    except TeacherError as exc:  # an API teacher that cannot answer: one line, like `distill generate`
+        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(1) from None
     print(Path(cfg.run_dir) / "eval" / "results.json")
 
 

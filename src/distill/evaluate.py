@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import gc
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from distill.config import Config, ConfigError, load_config
-from distill.cost import measure_cost, relative_to_teacher, throughput_batch
+from distill.cost import measure_cost, percentile, relative_to_teacher, throughput_batch
 from distill.data import load_records, render_prompt
 from distill.metrics import get_metric, score_outputs, token_fidelity
 from distill.peak_memory import measure_cpu
@@ -206,6 +207,68 @@ def fidelity(student, teacher, gen: Generation, pad_id: int, batch_size: int) ->
     return {"agreement": agree / count, "kl": kl / count, "fidelity_tokens": count, "fidelity_note": None}
 
 
+# ---------------------------------------------------------------- a teacher behind an API
+
+NO_API_FIDELITY = {
+    "agreement": None,
+    "kl": None,
+    "fidelity_tokens": 0,
+    "fidelity_note": "the teacher is served over an API: no teacher logits to compare token by token",
+}
+
+
+def api_teacher_entry(
+    cfg: Config, records: list, metric, references: list[str | None]
+) -> tuple[dict[str, Any], list[str]]:
+    """Score, request latency and throughput of a teacher behind an OpenAI-compatible endpoint (greedy).
+
+    Latency is per HTTP request of up to eval.max_new_tokens tokens (an API cannot be made to produce a fixed
+    count); tokens/s is over the whole eval set at teacher.max_concurrency requests in flight. Parameters,
+    memory and $/M tokens are unknown for an API and stay null.
+    """
+    from distill.config import GenerateConfig
+    from distill.teachers import Prompt, build_teacher, teacher_identity
+
+    ev = cfg.eval
+    params = GenerateConfig(max_new_tokens=ev.max_new_tokens, temperature=0.0, seed=cfg.seed)
+    teacher = build_teacher(cfg)
+    try:
+        prompts = [Prompt(index=i, record=r, text=teacher.render(r)) for i, r in enumerate(records)]
+        texts, tokens = [""] * len(prompts), 0
+        start = time.perf_counter()
+        for prompt, completion in teacher.generate(prompts, params):
+            texts[prompt.index] = completion.text
+            tokens += completion.num_tokens()
+        wall = time.perf_counter() - start
+        latency = []
+        for i in range(ev.latency_requests):
+            start = time.perf_counter()
+            list(teacher.generate([prompts[i % len(prompts)]], params))
+            latency.append(time.perf_counter() - start)
+    finally:
+        teacher.close()
+    score, n_scored = score_outputs(metric, texts, references)
+    entry = {
+        "path": teacher_identity(cfg.teacher),
+        "api": True,
+        "score": score,
+        "n_scored": n_scored,
+        "mean_output_tokens": tokens / len(texts),
+        "params": None,
+        "bytes_on_disk": None,
+        "adapter": False,
+        "latency_ms_p50": 1000 * percentile(latency, 50),
+        "latency_ms_p95": 1000 * percentile(latency, 95),
+        "latency_new_tokens": None,
+        "tokens_per_s": tokens / wall if tokens else None,
+        "throughput_batch_size": cfg.teacher.max_concurrency,
+        "peak_memory_bytes": None,
+        "memory_method": "n/a: the teacher is served over an API",
+        "cost_per_million_tokens": None,
+    }
+    return entry, texts
+
+
 # ---------------------------------------------------------------- the stage
 
 
@@ -266,11 +329,6 @@ def _evaluate(cfg: Config) -> dict[str, Any]:
     console = Console(stderr=True)
     if not cfg.teacher.model:
         raise ConfigError("teacher.model: set the teacher to evaluate against")
-    if cfg.teacher.backend == "openai":
-        raise ConfigError(
-            "teacher.backend=openai: eval runs the teacher locally; set teacher.model to a local "
-            "or hub HF model (backend hf or vllm)"
-        )
     metric = get_metric(ev.metric, ev.answer_regex)  # fail on a bad metric before loading any model
     students = student_dirs(cfg)
     records = load_records(_eval_input(cfg), cfg.data, limit=ev.limit)
@@ -332,9 +390,16 @@ def _evaluate(cfg: Config) -> dict[str, Any]:
 
     probes: dict[str, dict[str, Any]] = {}
 
-    t_model, t_tok, t_gen, teacher_entry = run_model(
-        "teacher", cfg.teacher.model, cfg.teacher.trust_remote_code
-    )
+    if cfg.teacher.backend == "openai":
+        console.print(f"[bold]eval[/] teacher: {cfg.teacher.model} over the API")
+        teacher_entry, teacher_texts = api_teacher_entry(cfg, records, metric, references)
+        teacher = None
+    else:
+        t_model, t_tok, t_gen, teacher_entry = run_model(
+            "teacher", cfg.teacher.model, cfg.teacher.trust_remote_code
+        )
+        teacher_texts, teacher = t_gen.texts, (t_model, t_tok, t_gen)
+        del t_model
     results: dict[str, Any] = {
         "metric": ev.metric,
         "n_prompts": len(records),
@@ -348,12 +413,14 @@ def _evaluate(cfg: Config) -> dict[str, Any]:
     }
     outputs = {}
     for name, path in students.items():
-        model, _, gen, entry = run_model(name, path, False, teacher=(t_model, t_tok, t_gen))
+        model, _, gen, entry = run_model(name, path, False, teacher=teacher)
+        if teacher is None:
+            entry.update(NO_API_FIDELITY)
         results["students"][name] = entry
         outputs[name] = gen.texts
         del model
         _release_memory()
-    del t_model
+    teacher = None
     _release_memory()
     if probes:
         console.print(f"[bold]eval[/] peak memory of {len(probes)} models (separate process)")
@@ -366,7 +433,7 @@ def _evaluate(cfg: Config) -> dict[str, Any]:
         {
             "prompt": r.prompt_text(),
             "reference": r.reference,
-            "teacher": t_gen.texts[i],
+            "teacher": teacher_texts[i],
             "students": {name: texts[i] for name, texts in outputs.items()},
         }
         for i, r in enumerate(records[: ev.samples])
@@ -379,7 +446,7 @@ def _evaluate(cfg: Config) -> dict[str, Any]:
             row = {
                 "prompt": r.prompt_text(),
                 "reference": r.reference,
-                "teacher": t_gen.texts[i],
+                "teacher": teacher_texts[i],
                 "students": {name: texts[i] for name, texts in outputs.items()},
             }
             fh.write(json.dumps(row) + "\n")

@@ -265,6 +265,14 @@ def _summary_lines(results: dict) -> list[str]:
 
 def _method_lines(results: dict) -> list[str]:
     t = results["teacher"]
+    local = next((e for e in [t, *results["students"].values()] if not e.get("api")), t)
+    api = []
+    if t.get("api"):
+        api.append(
+            f"The teacher ({t['path']}) is served over an API: its latency is per HTTP request of up to the "
+            f"eval's max new tokens, its tokens/s over the eval set at {t['throughput_batch_size']} requests in "
+            "flight; parameters, memory and $/M tokens are unknown for it."
+        )
     return [
         (
             f"{results['n_prompts']} prompts from `{results['eval_input']}` ({results['n_with_reference']} with a "
@@ -275,10 +283,11 @@ def _method_lines(results: dict) -> list[str]:
             "forcing; KL: mean KL(teacher || student) in nats per token on the same positions."
         ),
         (
-            f"Latency: batch 1, {t['latency_new_tokens']} new tokens per request; tokens/s at batch "
-            f"{t['throughput_batch_size']}; $/M tokens at ${results['cost_per_hour']}/hour. "
-            f"Memory: {t['memory_method']}."
+            f"Latency: batch 1, {local['latency_new_tokens']} new tokens per request; tokens/s at batch "
+            f"{local['throughput_batch_size']}; $/M tokens at ${results['cost_per_hour']}/hour. "
+            f"Memory: {local['memory_method']}."
         ),
+        *api,
     ]
 
 
@@ -375,6 +384,8 @@ def model_card(name: str, student_dir: Path, results: dict, details: dict, log: 
         "base_model": t["path"],
         "pipeline_tag": "text-generation",
     }
+    if t.get("api"):  # base_model must name a model on the Hub; an API teacher goes in the text only
+        del front["base_model"]
     rows = [[label, _fmt(t.get(key), kind), _fmt(s.get(key), kind)] for label, key, kind in COLUMNS]
     final = _final_loss(log)
     train_lines = [
