@@ -95,6 +95,36 @@ def run(
     print(Path(cfg.run_dir) / "report" / "report.md")
 
 
+@app.command()
+@main_guard
+def demo(
+    quick: bool = typer.Option(False, "--quick", help="a fast smoke run (tiny data, a few steps)"),
+    run_dir: Path = typer.Option(Path("runs/demo"), help="where every artifact goes"),
+    teacher: Optional[Path] = typer.Option(None, help="another teacher directory (default: the shipped one)"),
+    threads: int = typer.Option(2, help="torch CPU threads (pinned for stable timings)"),
+    force: bool = typer.Option(False, "--force", help="rerun every stage"),
+    overrides: Optional[List[str]] = OVERRIDES_ARG,
+) -> None:
+    """The built-in math-tutor demo: teacher → store → distilled student + labels-only baseline → report."""
+    from rich.table import Table
+
+    from distill.demo import demo as run_demo
+
+    res = run_demo(run_dir, quick=quick, teacher=teacher, threads=threads, force=force, overrides=overrides)
+    table = Table(title=f"math tutor: exact match on {res['n_prompts']} held-out problems")
+    for col in ("model", "params", "exact match", "% of teacher", "size ratio", "p50 latency ms"):
+        table.add_column(col, justify="right")
+    t = res["teacher"]
+    table.add_row("teacher", f"{t['params']:,}", f"{t['score']:.1%}", "100%", "1x", f"{t['latency_ms_p50']:.1f}")
+    for name, s in res["students"].items():
+        pct = s.get("percent_of_teacher")
+        size = s.get("size_ratio")
+        table.add_row(name, f"{s['params']:,}", f"{s['score']:.1%}", "-" if pct is None else f"{pct:.1f}%",
+                      "-" if size is None else f"{size:.1f}x", f"{s['latency_ms_p50']:.1f}")
+    Console().print(table)
+    console.print(f"wall time {res['wall_time_s']:.0f}s; report: {run_dir / 'report' / 'report.html'}", highlight=False)
+
+
 @app.command("eval")
 @main_guard
 def eval_(config: Path = CONFIG_ARG, overrides: Optional[List[str]] = OVERRIDES_ARG) -> None:
