@@ -91,6 +91,7 @@ def student_prompt(prompt: str, cot: CotConfig, task: str | None = None) -> str:
 
 def trace_text(reasoning: str, answer: str, marker: str) -> str:
     """Reasoning followed by the marker and the answer: the whole trace the teacher was asked for."""
+    reasoning, answer = reasoning.strip(), answer.strip()
     return f"{reasoning}\n{marker} {answer}" if marker else f"{reasoning}\n{answer}"
 
 
