@@ -11,7 +11,10 @@ models that stop early are not flattered.
 Peak memory: on CUDA, the allocator's peak (`torch.cuda.max_memory_allocated`) during the throughput batch
 minus what was allocated before the model was loaded (weights + activations + KV cache); on CPU, the peak
 RSS increase of loading the model and generating that batch in a separate process (see
-distill.peak_memory for why and how).
+distill.peak_memory for why and how). Cost measurements live in distill.cost.
+
+Teachers: hf and vllm backends are loaded locally with transformers; an openai-backend teacher is scored
+from its greedy replies over the API (request latency and tokens/s only; no fidelity, see api_teacher_entry).
 """
 
 from __future__ import annotations
