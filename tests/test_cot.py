@@ -57,8 +57,8 @@ def test_two_task_and_trace_pairs_with_weights():
 def test_task_weights_scale_the_loss_per_example(tokenizer):
     """alpha weights answer vs rationale tokens: 2a * sum(answer) + 2(1-a) * sum(rationale), one normaliser."""
     from distill.batching import DistillCollator, tokenize_pair
-    from distill.trainer import DistillationTrainer
     from distill.losses import LOSSES
+    from distill.trainer import DistillationTrainer
 
     exs = [tokenize_pair(tokenizer, "[answer] Q:", " 7", 32), tokenize_pair(tokenizer, "[rationale] Q:", " 3 + 4 = 7.", 32)]
     exs[0]["loss_weight"], exs[1]["loss_weight"] = 1.6, 0.4

@@ -5,8 +5,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
 from conftest import make_llama
+
 from distill.batching import tokenize_pair
 from distill.config import OnPolicyConfig, load_config
 from distill.onpolicy import (
@@ -105,7 +105,7 @@ def test_openai_scorer_reads_echoed_prompt_logprobs(tokenizer, sharp_teacher, mo
     calls = []
 
     def create(model, prompt, max_tokens, echo, logprobs, temperature):
-        calls.append(dict(model=model, echo=echo, logprobs=logprobs))
+        calls.append({"model": model, "echo": echo, "logprobs": logprobs})
         ids = torch.tensor([prompt])
         with torch.no_grad():
             lp = torch.log_softmax(sharp_teacher(input_ids=ids).logits[0].float(), -1)

@@ -4,8 +4,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import make_llama, make_tokenizer
+
 from distill.config import load_config
 from distill.crosstok import CrossTokenizer, _teacher_example
 from distill.losses import LOSSES, VocabMismatchError, align_responses, matched_vocab, uld, uld_hybrid

@@ -29,7 +29,7 @@ class CrossTokenizer:
     matched: tuple[torch.Tensor, torch.Tensor]  # (teacher ids, student ids) of string-matched tokens
 
     @classmethod
-    def from_tokenizers(cls, student_tok: Any, teacher_tok: Any) -> "CrossTokenizer":
+    def from_tokenizers(cls, student_tok: Any, teacher_tok: Any) -> CrossTokenizer:
         return cls(len(teacher_tok), matched_vocab(student_tok, teacher_tok))
 
 

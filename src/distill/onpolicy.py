@@ -55,9 +55,9 @@ def left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, 
 
 def generation_kwargs(settings: Any, pad_id: int, eos_ids: list[int]) -> dict:
     """model.generate arguments for student sampling (top_k=0: top_p is the only truncation)."""
-    return dict(do_sample=True, temperature=settings.temperature, top_p=settings.top_p, top_k=0,
-                max_new_tokens=settings.max_new_tokens, pad_token_id=pad_id, eos_token_id=eos_ids or None,
-                use_cache=True)
+    return {"do_sample": True, "temperature": settings.temperature, "top_p": settings.top_p, "top_k": 0,
+                "max_new_tokens": settings.max_new_tokens, "pad_token_id": pad_id, "eos_token_id": eos_ids or None,
+                "use_cache": True}
 
 
 def cut_at_eos(new: list[int], eos_ids: list[int]) -> list[int]:
