@@ -16,7 +16,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from distill.losses import CROSS_TOKENIZER_LOSSES, HIDDEN_LOSSES, LOSSES, align_responses
 from distill.onpolicy import SAMPLED_KEY, onpolicy_inputs, sampled_reverse_kl
@@ -81,6 +81,7 @@ class DistillationTrainer(Trainer):
         self._onpolicy_rng = random.Random(self.args.seed)
         if projections is not None:
             projections.to(self.args.device)
+            self.add_callback(AverageProjectionGrads(projections, self.accelerator))
         self._component_sums: dict[str, list[float]] = defaultdict(list)
         # Our loss is always normalised by the global token count, so let the Trainer count it (over shifted
         # labels) and not divide again by the accumulation steps.
@@ -214,7 +215,7 @@ class DistillationTrainer(Trainer):
                     raise ValueError(f"{spec.name} needs an online teacher (train.signal=online)")
                 value = fn(
                     outputs.hidden_states, teacher_hidden, attention_mask_for_hidden(inputs, labels),
-                    projections=self.projections, num_items_in_batch=None, **params,
+                    projections=self.projections, num_items_in_batch=num_items, **params,
                 )
             else:
                 teacher = targets if spec.name == "cross_entropy" else signal
@@ -250,6 +251,20 @@ class DistillationTrainer(Trainer):
                 logs[f"loss/{name}"] = round(total / max(1, len(self._component_sums[name]) / steps), 6)
             self._component_sums.clear()
         super().log(logs, *args, **kwargs)
+
+
+class AverageProjectionGrads(TrainerCallback):
+    """The learned hidden-state projections live outside the DDP/FSDP-wrapped student, so nothing syncs their
+    gradients: average them over processes before each optimizer step, as DDP does for the student's."""
+
+    def __init__(self, projections: torch.nn.Module, accelerator):
+        self.projections, self.accelerator = projections, accelerator
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if self.accelerator.num_processes > 1:
+            for param in self.projections.parameters():
+                if param.grad is not None:
+                    param.grad = self.accelerator.reduce(param.grad, reduction="mean")
 
 
 def attention_mask_for_hidden(inputs: dict, labels: torch.Tensor) -> torch.Tensor:
