@@ -4,6 +4,8 @@ Public API (each stage also runs from the CLI as `distill STAGE CONFIG [key=valu
     load_config(path, overrides)     the typed config
     generate(config)                 teacher outputs into the resumable store (distill.store.read_store)
     train(config)                    student training (online logits, offline top-k, or labels)
+    run(config)                      every stage, skipping those whose inputs are unchanged
+    demo(run_dir, quick=False)       the built-in math-tutor demo
     evaluate(config)                 teacher vs students: score, fidelity, cost -> run_dir/eval/results.json
     report(config)                   report.md / report.html with plots, model card in each student dir
     export(model_dir, out_dir, ...)  merged HF model + model card, int8 with parity report, ONNX
@@ -17,8 +19,11 @@ from distill.evaluate import evaluate  # eager for the same reason: `distill.eva
 from distill.report import report
 from distill.export import export  # eager: `distill.export` stays the function (module loads no torch)
 from distill.serve import serve  # eager for the same reason
+from distill.train import train  # eager for the same reason (imports torch, not transformers.Trainer)
+from distill.pipeline import run  # generate -> train -> eval -> report with stage skipping
+from distill.demo import demo
 
 __version__ = "0.1.0"
 
-__all__ = ["Config", "ConfigError", "SparseSignal", "evaluate", "export", "generate", "load_config", "report",
-           "save_config", "serve", "__version__"]
+__all__ = ["Config", "ConfigError", "SparseSignal", "demo", "evaluate", "export", "generate", "load_config",
+           "report", "run", "save_config", "serve", "train", "__version__"]

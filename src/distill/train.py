@@ -24,7 +24,6 @@ from distill.config import Config, StudentConfig, load_config, save_config
 from distill.data import DataError, iter_rows, record_from_row, render_prompt
 from distill.modeling import load_model, load_tokenizer_for
 from distill.students import build_student
-from distill.trainer import DistillationTrainer, LossSpec
 
 
 def _as_config(config: Config | str | Path | dict, overrides: list[str] | None = None) -> Config:
@@ -129,25 +128,25 @@ def _training_args(cfg: Config, out: Path, name: str):
 
     t = cfg.train
     fields = {f.name for f in dataclasses.fields(TrainingArguments)}
-    kwargs = dict(
-        output_dir=str(Path(cfg.run_dir) / "checkpoints" / name),
-        per_device_train_batch_size=t.per_device_train_batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
-        learning_rate=t.learning_rate,
-        num_train_epochs=t.num_train_epochs,
-        max_steps=t.max_steps,
-        weight_decay=t.weight_decay,
-        lr_scheduler_type=t.lr_scheduler_type,
-        logging_steps=t.logging_steps,
-        save_steps=t.save_steps,
-        save_total_limit=t.save_total_limit,
-        report_to=t.report_to,
-        seed=cfg.seed,
-        remove_unused_columns=False,
-        use_cpu=not torch.cuda.is_available(),
-        dataloader_num_workers=0,
-        disable_tqdm=False,
-    )
+    kwargs = {
+        "output_dir": str(Path(cfg.run_dir) / "checkpoints" / name),
+        "per_device_train_batch_size": t.per_device_train_batch_size,
+        "gradient_accumulation_steps": t.gradient_accumulation_steps,
+        "learning_rate": t.learning_rate,
+        "num_train_epochs": t.num_train_epochs,
+        "max_steps": t.max_steps,
+        "weight_decay": t.weight_decay,
+        "lr_scheduler_type": t.lr_scheduler_type,
+        "logging_steps": t.logging_steps,
+        "save_steps": t.save_steps,
+        "save_total_limit": t.save_total_limit,
+        "report_to": t.report_to,
+        "seed": cfg.seed,
+        "remove_unused_columns": False,
+        "use_cpu": not torch.cuda.is_available(),
+        "dataloader_num_workers": 0,
+        "disable_tqdm": False,
+    }
     if "warmup_ratio" in fields:
         kwargs["warmup_ratio"] = t.warmup_ratio
     else:
@@ -202,6 +201,8 @@ def _last_checkpoint(output_dir: str) -> str | None:
 
 def train_student(cfg: Config, scfg: StudentConfig) -> Path:
     """Train one student; returns its directory (HF format + train_log.json + train_summary.json)."""
+    from distill.trainer import DistillationTrainer, LossSpec  # transformers.Trainer: import only when training
+
     cfg = cfg.for_student(scfg)  # per-student train overrides (e.g. a labels-only baseline next to a KD student)
     from distill.losses import CROSS_TOKENIZER_LOSSES, HIDDEN_LOSSES, check_tokenizers
 
