@@ -218,3 +218,12 @@ def test_collator_pads_with_pad_id(tokenizer):
     batch = DistillCollator(tokenizer.pad_token_id)([tokenize_pair(tokenizer, "a", "b", 16),
                                                     tokenize_pair(tokenizer, "abc def", "b", 16)])
     assert batch["input_ids"].shape[0] == 2
+
+
+def test_loss_chunking_is_automatic_for_large_vocabularies():
+    from distill.train import loss_chunk_size
+
+    assert loss_chunk_size(None, 300) is None
+    assert loss_chunk_size(None, 151_936) == 1024
+    assert loss_chunk_size(0, 151_936) is None
+    assert loss_chunk_size(256, 300) == 256

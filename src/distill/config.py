@@ -150,7 +150,9 @@ class TrainConfig(Section):
     losses: list[LossTerm] = Field(default_factory=lambda: [LossTerm(name="forward_kl")])
     sparse_mode: Literal["tail", "renormalize"] = Field("tail", description="how top-k teachers treat the rest")
     scale_temperature: bool = Field(True, description="multiply divergences by T^2")
-    chunk_size: int | None = Field(None, ge=1, description="tokens per loss chunk (bounds memory at large vocab)")
+    chunk_size: int | None = Field(
+        None, ge=0, description="tokens per loss chunk; None: 1024 when the vocabulary is >= 32k, else off; 0: off"
+    )
     max_length: int = Field(512, ge=8)
     learning_rate: float = Field(5e-4, gt=0)
     num_train_epochs: float = Field(1.0, gt=0)
