@@ -41,10 +41,10 @@ def encode_example(
         n = len(response_ids)
         if len(topk_ids) < n:
             raise ValueError(f"teacher top-k has {len(topk_ids)} rows for {n} response tokens")
-        ex["topk_ids"] = np.asarray(topk_ids[:n], dtype=np.int64)
-        ex["topk_logprobs"] = np.asarray(topk_logprobs[:n], dtype=np.float32)
+        ex["topk_ids"] = np.array(topk_ids[:n], dtype=np.int64)  # copies: store arrays are read-only
+        ex["topk_logprobs"] = np.array(topk_logprobs[:n], dtype=np.float32)
         if tail is not None:
-            ex["topk_tail"] = np.asarray(tail[:n], dtype=np.float32)
+            ex["topk_tail"] = np.array(tail[:n], dtype=np.float32)
     return ex
 
 

@@ -80,6 +80,9 @@ def _examples_from_store(cfg: Config, tokenizer, same_tokenizer: bool, want_topk
             ex = tokenize_pair(tokenizer, row["prompt"], row["response"], cfg.train.max_length)
         if ex is not None:
             out.append(ex)
+    if not out:
+        raise DataError(f"{path}: every row's prompt is at least train.max_length={cfg.train.max_length} tokens; "
+                        "raise train.max_length")
     return out
 
 
@@ -106,7 +109,8 @@ def _examples_from_file(cfg: Config, tokenizer, source: str) -> list[dict]:
         if ex is not None:
             out.append(ex)
     if not out:
-        raise DataError(f"{source}: no usable training examples (all longer than train.max_length?)")
+        raise DataError(f"{source}: no usable training examples: every prompt is at least "
+                        f"train.max_length={cfg.train.max_length} tokens; raise train.max_length")
     return out
 
 
