@@ -17,6 +17,18 @@ import numpy as np
 import torch
 
 
+def left_pad(seqs: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded (ids, attention mask) for generation: every row's last prompt token sits at the end."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
+            mask[i, width - len(s) :] = 1
+    return ids.to(device) if device is not None else ids, mask.to(device) if device is not None else mask
+
+
 def encode_example(
     prompt_ids: list[int],
     response_ids: list[int],

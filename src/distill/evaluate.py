@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from distill.batching import left_pad
 from distill.config import Config, ConfigError, load_config
 from distill.cost import measure_cost, percentile, relative_to_teacher, throughput_batch
 from distill.data import load_records, render_prompt
@@ -94,18 +95,6 @@ def encode_prompts(tokenizer, prompts: list[str], add_special_tokens: bool = Tru
     return [tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"] for p in prompts]
 
 
-def _left_pad(batch: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    import torch
-
-    width = max(len(ids) for ids in batch)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for i, row in enumerate(batch):
-        ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
-        mask[i, width - len(row) :] = 1
-    return ids.to(device), mask.to(device)
-
-
 def _generate_ids(model, tokenizer, batch: list[list[int]], max_new_tokens: int, fixed: bool):
     import torch
     from transformers import GenerationConfig
@@ -119,7 +108,7 @@ def _generate_ids(model, tokenizer, batch: list[list[int]], max_new_tokens: int,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.bos_token_id,
     )
-    ids, mask = _left_pad(batch, tokenizer.pad_token_id, model.device)
+    ids, mask = left_pad(batch, tokenizer.pad_token_id, model.device)
     with torch.inference_mode():
         out = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_cfg)
     return out[:, ids.shape[1] :].tolist()
@@ -189,7 +178,7 @@ def fidelity(student, teacher, gen: Generation, pad_id: int, batch_size: int) ->
     kl = 0.0
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
-        ids, attn = _left_pad([p + o for p, o in chunk], pad_id, "cpu")
+        ids, attn = left_pad([p + o for p, o in chunk], pad_id, "cpu")
         longest = max(len(o) for _, o in chunk)
         # Sequences end together (left padding): the last `longest` tokens hold every response, predicted by
         # the logits one position earlier.

@@ -26,7 +26,7 @@ from typing import Any, Protocol
 
 import torch
 
-from distill.batching import DistillCollator, encode_example
+from distill.batching import DistillCollator, encode_example, left_pad
 
 SAMPLED_KEY = "teacher_token_logprobs"  # (batch, seq - 1) teacher logprob of each sampled token, shifted
 
@@ -41,16 +41,6 @@ def prompts_from_batch(input_ids: torch.Tensor, labels: torch.Tensor) -> list[li
         start = next((j for j, v in enumerate(lab) if v != -100), len(lab))
         prompts.append(ids[: max(start, 1)])
     return prompts
-
-
-def left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
-        mask[i, width - len(s):] = 1
-    return ids.to(device), mask.to(device)
 
 
 def generation_kwargs(settings: Any, pad_id: int, eos_ids: list[int]) -> dict:

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 import torch
 
+from distill.batching import left_pad
 from distill.config import DataConfig, GenerateConfig, TeacherConfig
 from distill.data import Record, render_prompt
 from distill.modeling import load_model, load_tokenizer_for
@@ -83,16 +84,6 @@ class HFTeacher:
             for (prompt, _), completion in zip(batch, completions):
                 yield prompt, completion
 
-    def _left_pad(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), self.tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            if s:
-                ids[i, width - len(s):] = torch.tensor(s)
-                mask[i, width - len(s):] = 1
-        return ids.to(self.device), mask.to(self.device)
-
     def _generation_config(self, params: GenerateConfig):
         cfg = copy.deepcopy(self.model.generation_config)
         sampling = params.temperature > 0
@@ -113,7 +104,7 @@ class HFTeacher:
     @torch.inference_mode()
     def generate_ids(self, prompt_ids: list[list[int]], params: GenerateConfig) -> list[Completion]:
         """One batch: generate, cut at EOS / stop strings, then capture top-k when params.top_k > 0."""
-        input_ids, mask = self._left_pad(prompt_ids)
+        input_ids, mask = left_pad(prompt_ids, self.tokenizer.pad_token_id, self.device)
         kwargs = {"tokenizer": self.tokenizer} if params.stop else {}
         out = self.model.generate(input_ids=input_ids, attention_mask=mask,
                                   generation_config=self._generation_config(params), **kwargs)
@@ -160,7 +151,7 @@ class HFTeacher:
             self._capture_chunk(rows[start:start + per_chunk], k)
 
     def _capture_chunk(self, rows: list[Completion], k: int) -> None:
-        prompt_ids, prompt_mask = self._left_pad([c.prompt_ids for c in rows])
+        prompt_ids, prompt_mask = left_pad([c.prompt_ids for c in rows], self.tokenizer.pad_token_id, self.device)
         width_r = max(len(c.token_ids) for c in rows)
         resp = torch.full((len(rows), width_r), self.tokenizer.pad_token_id, dtype=torch.long)
         resp_mask = torch.zeros((len(rows), width_r), dtype=torch.long)
