@@ -146,6 +146,18 @@ def _eval_loss(student, teacher, batches, beta: float) -> float:
     return sum(values) / len(values)
 
 
+def _peak_rss_mb() -> float:
+    """This process's own peak RSS: VmHWM, which starts afresh at exec. ru_maxrss would not do: Linux carries
+    the pre-exec high-water mark over, so a child would report at least the parent's RSS at spawn time."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # not Linux: ru_maxrss (kB on Linux)
+
+
 class _Clock:
     """CPU and wall time between the end of optimiser step `start_step` and the end of step `stop_step`.
 
@@ -161,7 +173,7 @@ class _Clock:
     def step_done(self, step: int) -> None:
         if step == self.start_step:
             self.cpu0, self.t0 = time.process_time(), time.perf_counter()
-            self.rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            self.rss0 = _peak_rss_mb()
         if step == self.stop_step:
             self.cpu1, self.t1 = time.process_time(), time.perf_counter()
 
@@ -288,7 +300,7 @@ def child(args: argparse.Namespace) -> None:
     if clock.t0 is None or clock.t1 is None:
         raise SystemExit(f"{args.child}: the step clock never started/stopped")
     cpu, wall = clock.cpu1 - clock.cpu0, clock.t1 - clock.t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = _peak_rss_mb()
     completion = sum(sum(1 for x in ex["labels"][1:] if x != -100) for ex in data["train"][: args.batch_size])
     print(json.dumps({
         "steps": args.steps,
@@ -297,8 +309,8 @@ def child(args: argparse.Namespace) -> None:
         "completion_tokens_per_s": completion * args.steps / cpu,
         "tokens_per_s": data["length"] * args.batch_size * args.steps / cpu,
         "wall_completion_tokens_per_s": completion * args.steps / wall,
-        "peak_rss_mb": peak / 1024,
-        "rss_growth_mb": (peak - clock.rss0) / 1024,
+        "peak_rss_mb": peak,
+        "rss_growth_mb": peak - clock.rss0,
         "train_loss": losses[-1],
         "eval_loss": _eval_loss(student, teacher, eval_batches, args.beta),
         "initial_eval_loss": initial,
