@@ -273,3 +273,24 @@ def test_package_exports_callable_stages():
 
     assert callable(distill.evaluate) and distill.evaluate.__module__ == "distill.evaluate"
     assert callable(distill.report) and distill.report.__module__ == "distill.report"
+
+
+def test_two_task_cot_student_is_asked_with_its_task_prefix(tmp_path, teacher_dir, tokenizer, monkeypatch):
+    import sys
+
+    ev_module = sys.modules["distill.evaluate"]  # `distill.evaluate` is the function
+    tree = make_run_dir(tmp_path, teacher_dir, tokenizer)
+    tree["students"] = [{"name": "same"},
+                        {"name": "small", "train": {"cot": {"mode": "two_task", "inference": "rationale"}}}]
+    tree["eval"].update(measure_memory=False, latency_requests=1)
+    seen: dict[str, list[str]] = {}
+    real = ev_module.generate_batch
+
+    def spy(model, tok, prompts, *args, label="", **kwargs):
+        seen.setdefault(label.split(":")[0], list(prompts))
+        return real(model, tok, prompts, *args, label=label, **kwargs)
+
+    monkeypatch.setattr(ev_module, "generate_batch", spy)
+    evaluate(load_config(tree))
+    assert all(p.startswith("[rationale] ") for p in seen["small"])
+    assert not any(p.startswith("[") for p in seen["same"] + seen["teacher"])

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 from distill.batching import left_pad
 from distill.config import Config, ConfigError, load_config
 from distill.cost import measure_cost, percentile, relative_to_teacher, throughput_batch
+from distill.cot import student_prompt
 from distill.data import load_records, render_prompt
 from distill.metrics import get_metric, score_outputs, token_fidelity
 from distill.peak_memory import measure_cpu
@@ -327,12 +328,14 @@ def _evaluate(cfg: Config) -> dict[str, Any]:
     references = [r.reference for r in records]
     device = str(resolve_device(ev.device))
 
-    def run_model(name: str, path, trust: bool, teacher=None):
+    def run_model(name: str, path, trust: bool, teacher=None, cot=None):
         cuda_base = torch.cuda.memory_allocated(device) if device.startswith("cuda") else 0
         console.print(f"[bold]eval[/] {name}: {path}")
         model, tok = load_for_eval(path, device, ev.dtype, trust)
         use_template = cfg.data.chat_template and bool(getattr(tok, "chat_template", None))
         prompts = [render_prompt(r, tok, cfg.data) for r in records]
+        if cot is not None:  # a two-task chain-of-thought student is asked with its task prefix
+            prompts = [student_prompt(p, cot) for p in prompts]
         gen = generate_batch(
             model,
             tok,
@@ -404,8 +407,10 @@ def _evaluate(cfg: Config) -> dict[str, Any]:
         "students": {},
     }
     outputs = {}
+    configs = {s.name: s for s in cfg.all_students()}
     for name, path in students.items():
-        model, _, gen, entry = run_model(name, path, False, teacher=teacher)
+        cot = cfg.train_for(configs[name]).cot
+        model, _, gen, entry = run_model(name, path, False, teacher=teacher, cot=cot if cot.mode == "two_task" else None)
         if teacher is None:
             entry.update(NO_API_FIDELITY)
         results["students"][name] = entry
