@@ -95,12 +95,25 @@ def main() -> None:
     ap.add_argument("--ckpt", default=None, help="checkpoint file (written periodically; use with --resume)")
     ap.add_argument("--ckpt-every", type=float, default=5.0, help="minutes between checkpoints")
     ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--init", default=None, help="start from a saved teacher (HF dir) with a fresh schedule")
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     tok = task.build_tokenizer()
-    model = build_model(tok, args.layers, args.hidden, args.heads, args.intermediate, args.seed).to(device)
+    if args.init:  # a second phase: same weights, new warmup + cosine (e.g. a lower --lr)
+        from transformers import LlamaForCausalLM
+
+        model = LlamaForCausalLM.from_pretrained(args.init, use_safetensors=True, dtype=torch.float32).to(
+            device
+        )
+        cfg = model.config
+        args.layers, args.hidden = cfg.num_hidden_layers, cfg.hidden_size
+        args.heads, args.intermediate = cfg.num_attention_heads, cfg.intermediate_size
+    else:
+        model = build_model(tok, args.layers, args.hidden, args.heads, args.intermediate, args.seed).to(
+            device
+        )
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
     opt = torch.optim.AdamW(
@@ -133,7 +146,8 @@ def main() -> None:
         for g in opt.param_groups:
             g["lr"] = lr
         # fresh problems every step; seed by step so a resumed run continues the same stream
-        batch = make_batch(tok, task.make_problems(args.batch_size, seed=10_000 + step, split="train"))
+        seed = 10_000 + step + (1_000_000 if args.init else 0)  # a second phase sees new problems
+        batch = make_batch(tok, task.make_problems(args.batch_size, seed=seed, split="train"))
         batch = {k: v.to(device) for k, v in batch.items()}
         loss = model(**batch).loss
         opt.zero_grad(set_to_none=True)
@@ -203,6 +217,7 @@ def main() -> None:
         "held_out_seed": 0,
         "train_seconds": round(train_seconds, 1),
         "train_steps": step,
+        "init_from": args.init,  # a second phase: its steps and seconds add to the first's
         "train_tokens": tokens,
         "batch_size": args.batch_size,
         "lr": args.lr,
