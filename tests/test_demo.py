@@ -6,7 +6,7 @@ import pytest
 from typer.testing import CliRunner
 
 from distill.cli import app
-from distill.demo import STUDENT_ARCH, demo_config
+from distill.demo import demo_config
 from distill.recipes import math_tutor
 
 
@@ -44,11 +44,11 @@ def test_demo_config_is_valid_and_student_is_10x_smaller(tmp_path):
         assert (tmp_path / "run" / "data" / f"{split}.jsonl").exists()
     shipped = math_tutor.teacher_path()
     if (shipped / "config.json").exists():
-        teacher_cfg = AutoConfig.from_pretrained(shipped)
-        n_teacher = count_parameters(AutoModelForCausalLM.from_config(teacher_cfg))
-        for k, v in STUDENT_ARCH.items():
-            setattr(teacher_cfg, k, v)
-        n_student = count_parameters(AutoModelForCausalLM.from_config(teacher_cfg))
+        from distill.students import build_student
+
+        n_teacher = count_parameters(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(shipped)))
+        student, _ = build_student(cfg.students[0], teacher_path=str(shipped))
+        n_student = count_parameters(student)
         assert n_teacher >= 10 * n_student
 
 

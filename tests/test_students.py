@@ -37,6 +37,7 @@ def test_build_student_modes(teacher_dir):
         teacher_path=str(teacher_dir),
     )
     assert s2.config.hidden_size == 32 and info2.student_params == count_parameters(s2)
+    assert info2.teacher_params == info.teacher_params  # counted from the config, weights not loaded
     s3, info3 = build_student(StudentConfig(init="lora", model=str(teacher_dir)), teacher_path=str(teacher_dir))
     assert 0 < info3.trainable_params < info3.student_params
 
@@ -50,3 +51,15 @@ def test_build_student_errors(teacher_dir):
         build_student(StudentConfig(init="prune", num_layers=9), teacher_path=str(teacher_dir))
     with pytest.raises(ValueError, match="student.model"):
         build_student(StudentConfig(init="lora"), teacher_path=str(teacher_dir))
+
+
+def test_config_student_keeps_head_dim_consistent_with_width(tmp_path, tokenizer):
+    """A teacher config that spells head_dim out (hidden/heads) must not keep the old head_dim at a new width."""
+    teacher = make_llama(len(tokenizer), hidden=64, layers=2, head_dim=16)
+    teacher.save_pretrained(tmp_path)
+    student, _ = build_student(StudentConfig(init="config", config={"hidden_size": 32}), teacher_path=str(tmp_path))
+    assert student.config.head_dim == 8
+    assert student.model.layers[0].self_attn.q_proj.weight.shape == (32, 32)
+    explicit, _ = build_student(StudentConfig(init="config", config={"hidden_size": 32, "head_dim": 16}),
+                                teacher_path=str(tmp_path))
+    assert explicit.config.head_dim == 16

@@ -18,11 +18,11 @@ from distill.config import Config, load_config
 from distill.recipes import math_tutor
 
 # Settings of the full demo; --quick shrinks the counts and steps, not the models.
-FULL = {"prompts": 4000, "labelled": 500, "heldout": 300, "steps": 900, "baseline_steps": 900}
+FULL = {"prompts": 8000, "labelled": 500, "heldout": 300, "steps": 2000, "baseline_steps": 600}
 QUICK = {"prompts": 64, "labelled": 32, "heldout": 16, "steps": 4, "baseline_steps": 4}
 
 # The student: the teacher's architecture, narrower and shallower (>= 10x fewer parameters).
-STUDENT_ARCH = {"hidden_size": 64, "intermediate_size": 256, "num_hidden_layers": 3,
+STUDENT_ARCH = {"hidden_size": 64, "intermediate_size": 120, "num_hidden_layers": 2,
                 "num_attention_heads": 4, "num_key_value_heads": 4}
 
 

@@ -108,6 +108,25 @@ def prune_layers(teacher: torch.nn.Module, keep: list[int]) -> torch.nn.Module:
     return student.to(next(teacher.parameters()).device)
 
 
+def _params_from_config(path: str) -> int | None:
+    """The teacher's parameter count without loading its weights (built on the meta device)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            return count_parameters(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path)))
+    except (OSError, ValueError):
+        return None
+
+
+def _derived_head_dim(model_cfg) -> bool:
+    """True when the config's head_dim is just hidden_size / num_attention_heads (not a free choice)."""
+    head_dim = getattr(model_cfg, "head_dim", None)
+    heads = getattr(model_cfg, "num_attention_heads", None)
+    hidden = getattr(model_cfg, "hidden_size", None)
+    return bool(head_dim and heads and hidden and head_dim * heads == hidden)
+
+
 def _from_config(cfg: StudentConfig, teacher_path: str | None):
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -115,10 +134,14 @@ def _from_config(cfg: StudentConfig, teacher_path: str | None):
     if base is None:
         raise ValueError("student.init=config needs teacher.model (a local/hub model) or student.model for the base config")
     model_cfg = AutoConfig.from_pretrained(base)
+    derived_head_dim = _derived_head_dim(model_cfg)
     for key, value in cfg.config.items():
         if not hasattr(model_cfg, key):
             raise ValueError(f"student.config.{key}: {type(model_cfg).__name__} has no field '{key}'")
         setattr(model_cfg, key, value)
+    if derived_head_dim and "head_dim" not in cfg.config:
+        # the teacher's head_dim was hidden/heads: keep that relation for the new width instead of the old value
+        model_cfg.head_dim = model_cfg.hidden_size // model_cfg.num_attention_heads
     if "num_hidden_layers" in cfg.config and isinstance(getattr(model_cfg, "layer_types", None), list):
         model_cfg.layer_types = model_cfg.layer_types[: model_cfg.num_hidden_layers]
     return AutoModelForCausalLM.from_config(model_cfg)
@@ -178,9 +201,15 @@ def build_student(
         total = count_parameters(student.get_base_model())
     else:
         total = count_parameters(student)
+    if teacher is not None:
+        teacher_params = count_parameters(teacher)
+    elif teacher_path is not None:
+        teacher_params = _params_from_config(teacher_path)
+    else:
+        teacher_params = None
     info = StudentInfo(
         init=cfg.init,
-        teacher_params=None if teacher is None else count_parameters(teacher),
+        teacher_params=teacher_params,
         student_params=total,
         trainable_params=count_parameters(student, trainable_only=True),
         kept_layers=kept,
