@@ -18,7 +18,7 @@ from distill.config import Config, load_config
 from distill.recipes import math_tutor
 
 # Settings of the full demo; --quick shrinks the counts and steps, not the models.
-FULL = {"prompts": 8000, "labelled": 500, "heldout": 300, "steps": 2000, "baseline_steps": 600}
+FULL = {"prompts": 10000, "labelled": 500, "heldout": 300, "steps": 3000, "baseline_steps": 600}
 QUICK = {"prompts": 64, "labelled": 32, "heldout": 16, "steps": 4, "baseline_steps": 4}
 
 # The student: the teacher's architecture, narrower and shallower (>= 10x fewer parameters).
@@ -58,7 +58,7 @@ def demo_config(run_dir: str | Path, quick: bool = False, teacher: str | Path | 
                        "losses": [{"name": "cross_entropy"}]}},
         ],
         "train": {"signal": "offline", "max_steps": steps, "per_device_train_batch_size": batch,
-                  "learning_rate": 3e-3, "warmup_ratio": 0.05, "lr_scheduler_type": "cosine",
+                  "learning_rate": 5e-3, "warmup_ratio": 0.05, "lr_scheduler_type": "cosine",
                   "logging_steps": max(1, steps // 20), "save_steps": max(2, steps // 3), "max_length": 160,
                   "losses": [{"name": "forward_kl", "weight": 0.5}, {"name": "cross_entropy", "weight": 0.5}],
                   "threads": threads},
