@@ -37,3 +37,9 @@ def test_truncation_and_too_long_prompt():
     assert encode_example(list(range(10)), [1, 2], max_length=10) is None
     ex = encode_example([1, 2, 3], [4, 5, 6, 7], max_length=5)
     assert ex["input_ids"] == [1, 2, 3, 4, 5] and ex["labels"] == [-100, -100, -100, 4, 5]
+
+
+def test_empty_prompt_gets_a_start_token(tokenizer):
+    ex = tokenize_pair(tokenizer, "", "hello", max_length=32)
+    assert ex["input_ids"][0] == tokenizer.bos_token_id and ex["prompt_len"] == 1
+    assert ex["labels"][0] == -100 and ex["labels"][1] != -100  # the first response token is predicted

@@ -6,8 +6,9 @@ import pytest
 import torch
 from conftest import make_llama, make_tokenizer
 
+from distill.batching import tokenize_pair
 from distill.config import load_config
-from distill.crosstok import CrossTokenizer, _teacher_example
+from distill.crosstok import CrossTokenizer
 from distill.losses import LOSSES, VocabMismatchError, align_responses, matched_vocab, uld, uld_hybrid
 from distill.losses.uld import sorted_l1
 
@@ -123,8 +124,8 @@ def _held_out_uld(student, teacher, s_tok, t_tok, texts) -> float:
     """Token-mean ULD between student and teacher on held-out text, aligned by response index."""
     total, count = 0.0, 0
     for text in texts:
-        s_ex = _teacher_example(s_tok, "", text, 64)
-        t_ex = _teacher_example(t_tok, "", text, 64)
+        s_ex = tokenize_pair(s_tok, "", text, 64)
+        t_ex = tokenize_pair(t_tok, "", text, 64)
         with torch.no_grad():
             s_logits = student(torch.tensor([s_ex["input_ids"]])).logits[:, :-1]
             t_logits = teacher(torch.tensor([t_ex["input_ids"]])).logits[:, :-1]

@@ -61,10 +61,15 @@ def encode_example(
 
 
 def tokenize_pair(tokenizer, prompt: str, response: str, max_length: int) -> dict[str, Any] | None:
-    """Prompt and response text to an example, EOS appended to the response."""
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    if tokenizer.bos_token_id is not None and getattr(tokenizer, "add_bos_token", False):
-        prompt_ids = [tokenizer.bos_token_id] + prompt_ids
+    """Prompt and response text to an example, EOS appended to the response.
+
+    An empty prompt still gets a start token (BOS, else EOS): without one the first response token would
+    have no position predicting it, and response indices would not line up across tokenizers.
+    """
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if start is not None and (not prompt_ids or getattr(tokenizer, "add_bos_token", False)):
+        prompt_ids = [start] + prompt_ids
     response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
     if tokenizer.eos_token_id is not None:
         response_ids = response_ids + [tokenizer.eos_token_id]

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from distill.batching import encode_example
+from distill.batching import tokenize_pair
 from distill.losses.uld import matched_vocab
 
 
@@ -40,24 +40,12 @@ def add_teacher_side(examples: list[dict], student_tok: Any, teacher_tok: Any, m
         p = ex["prompt_len"]
         prompt = student_tok.decode(ex["input_ids"][:p], skip_special_tokens=True)
         response = student_tok.decode(ex["input_ids"][p:], skip_special_tokens=True)
-        t = _teacher_example(teacher_tok, prompt, response, max_length)
+        t = tokenize_pair(teacher_tok, prompt, response, max_length)
         if t is None:
             continue
         out.append({**ex, "teacher_input_ids": t["input_ids"], "teacher_labels": t["labels"]})
     return out
 
-
-def _teacher_example(tok: Any, prompt: str, response: str, max_length: int) -> dict | None:
-    """As batching.tokenize_pair, but an empty prompt still gets the teacher's BOS (or EOS), so the teacher
-    predicts the first response token as the student does from its BOS: response indices stay aligned."""
-    prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"] if prompt else []
-    start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
-    if start is not None and (not prompt_ids or getattr(tok, "add_bos_token", False)):
-        prompt_ids = [start] + prompt_ids
-    response_ids = tok(response, add_special_tokens=False)["input_ids"]
-    if tok.eos_token_id is not None:
-        response_ids = response_ids + [tok.eos_token_id]
-    return encode_example(prompt_ids, response_ids, max_length)
 
 
 @dataclass

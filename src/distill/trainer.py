@@ -32,10 +32,6 @@ class LossSpec:
     temperature: float = 1.0
     params: dict | None = None
 
-    @property
-    def key(self) -> str:
-        return self.name
-
 
 class DistillationTrainer(Trainer):
     """Trainer whose loss mixes divergences to a teacher signal (online dense logits or offline top-k).
