@@ -15,7 +15,7 @@ import time
 import torch
 
 from distill.config import GenerateConfig, TeacherConfig
-from distill.data import Record
+from distill.data.prompts import Record
 from distill.teachers.base import Prompt
 from distill.teachers.hf import HFTeacher
 

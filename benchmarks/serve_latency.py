@@ -3,7 +3,7 @@
 Run as: `OMP_NUM_THREADS=1 python benchmarks/serve_latency.py [--requests 48] [--concurrency 8] [--max-tokens 32]`
 
 Two tiny random Llamas (built here, nothing downloaded; the teacher is ~10x the student) are saved in HF
-format and served one after the other on 127.0.0.1 by `distill.serve.build_app` + uvicorn. A thread pool of
+format and served one after the other on 127.0.0.1 by `distill.serving.serve.build_app` + uvicorn. A thread pool of
 official `openai` clients sends the same greedy completion requests to each; the script prints requests/s,
 generated tokens/s, p50/p95 latency and the student/teacher ratios, plus the mean number of rows the server
 decoded per step (continuous batching: requests join a running batch between steps).
@@ -59,7 +59,7 @@ def save_llama(out: Path, tokenizer, hidden: int, layers: int, heads: int) -> in
 def run_server(model_dir: Path, max_batch_size: int, batch_wait_ms: float):
     import uvicorn
 
-    from distill.serve import build_app
+    from distill.serving.serve import build_app
 
     app = build_app(model_dir, served_model_name="m", max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms,
                     device="cpu", dtype="float32")

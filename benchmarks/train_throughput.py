@@ -69,7 +69,7 @@ def build_data(workdir: Path, n_train: int, n_eval: int, vocab: int = 512, seed:
     sys.path.insert(0, str(REPO / "tests"))
     from conftest import make_tokenizer
 
-    from distill.batching import tokenize_pair
+    from distill.data.batching import tokenize_pair
 
     tokenizer = make_tokenizer(vocab_size=vocab)
     tokenizer.chat_template = CHAT_TEMPLATE
@@ -205,8 +205,8 @@ def _trainer_callback(clock: _Clock, losses: list[float]):
 def run_distill(args, data, tokenizer, teacher, student, clock, losses) -> None:
     from transformers import TrainingArguments
 
-    from distill.batching import DistillCollator
-    from distill.trainer import DistillationTrainer, LossSpec
+    from distill.data.batching import DistillCollator
+    from distill.training.trainer import DistillationTrainer, LossSpec
 
     examples = [{k: ex[k] for k in ("input_ids", "labels", "prompt_len")} for ex in data["train"]]
     with tempfile.TemporaryDirectory() as out:
@@ -247,7 +247,7 @@ def run_hand(args, data, tokenizer, teacher, student, clock, losses, loss_fn=jsd
     import torch
     from transformers import get_linear_schedule_with_warmup
 
-    from distill.batching import DistillCollator
+    from distill.data.batching import DistillCollator
 
     torch.manual_seed(0)
     collate = DistillCollator(pad_token_id=tokenizer.pad_token_id)
@@ -283,7 +283,7 @@ def child(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
     from transformers import AutoTokenizer
 
-    from distill.batching import DistillCollator
+    from distill.data.batching import DistillCollator
 
     data = json.loads(Path(args.data).read_text())
     tokenizer = AutoTokenizer.from_pretrained(Path(args.data).parent / "tokenizer")

@@ -5,8 +5,11 @@ import inspect
 def test_public_api_are_functions_even_after_submodule_imports():
     import distill
 
-    for name in ("train", "run", "demo", "generate", "evaluate", "report", "export", "serve"):
-        importlib.import_module(f"distill.{'pipeline' if name == 'run' else name}")
+    stage_modules = {"train": "training.train", "run": "pipeline", "demo": "recipes.demo",
+                     "generate": "teachers.generate", "evaluate": "evaluation.evaluate",
+                     "report": "reporting.report", "export": "exporting.export", "serve": "serving.serve"}
+    for name, module in stage_modules.items():
+        importlib.import_module(f"distill.{module}")
         assert inspect.isfunction(getattr(distill, name)), name
         assert name in distill.__all__
 

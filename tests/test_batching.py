@@ -1,7 +1,7 @@
 import numpy as np
 import torch
 
-from distill.batching import DistillCollator, encode_example, tokenize_pair
+from distill.data.batching import DistillCollator, encode_example, tokenize_pair
 
 
 def test_labels_mask_prompt_and_keep_eos_when_pad_is_eos(tokenizer):

@@ -7,14 +7,14 @@ import pytest
 import torch
 
 from distill.config import load_config
-from distill.cot import (
+from distill.data.cot import (
     WeightedCollator,
     cot_pairs,
     request_reasoning,
     split_reasoning,
     student_prompt,
 )
-from distill.data import Record
+from distill.data.prompts import Record
 
 PROBLEMS = [  # (prompt, reasoning, answer): tiny, deterministic, memorisable
     ("Q: 3 + 4 =", "three plus four is seven.", "7"),
@@ -56,9 +56,9 @@ def test_two_task_and_trace_pairs_with_weights():
 
 def test_task_weights_scale_the_loss_per_example(tokenizer):
     """alpha weights answer vs rationale tokens: 2a * sum(answer) + 2(1-a) * sum(rationale), one normaliser."""
-    from distill.batching import DistillCollator, tokenize_pair
+    from distill.data.batching import DistillCollator, tokenize_pair
     from distill.losses import LOSSES
-    from distill.trainer import DistillationTrainer
+    from distill.training.trainer import DistillationTrainer
 
     exs = [tokenize_pair(tokenizer, "[answer] Q:", " 7", 32), tokenize_pair(tokenizer, "[rationale] Q:", " 3 + 4 = 7.", 32)]
     exs[0]["loss_weight"], exs[1]["loss_weight"] = 1.6, 0.4
@@ -82,8 +82,8 @@ def test_generate_with_reasoning_splits_into_the_store(tmp_path, prompts_file, t
     """The teacher sees the reasoning request; the store keeps reasoning and answer apart."""
     import importlib
 
-    gen = importlib.import_module("distill.generate")  # the module (distill.generate is also the function)
-    from distill.store import read_store
+    gen = importlib.import_module("distill.teachers.generate")  # the module (distill.teachers.generate is also the function)
+    from distill.store.shards import read_store
     from distill.teachers import Completion
 
     seen = []
@@ -121,7 +121,7 @@ def _greedy(model, tokenizer, prompt: str, n: int = 40) -> str:
 
 def test_two_task_student_reasons_when_asked_and_answers_bare_when_not(tmp_path, teacher_dir, tokenizer):
     from distill.modeling import load_model
-    from distill.train import train
+    from distill.training.train import train
 
     data = tmp_path / "cot.jsonl"
     data.write_text("\n".join(json.dumps({"prompt": p, "reasoning": " " + r, "response": " " + a})

@@ -6,8 +6,8 @@ import pytest
 from typer.testing import CliRunner
 
 from distill.cli import app
-from distill.demo import demo_config
 from distill.recipes import math_tutor
+from distill.recipes.demo import demo_config
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,7 @@ def test_demo_config_is_valid_and_student_is_10x_smaller(tmp_path):
         assert (tmp_path / "run" / "data" / f"{split}.jsonl").exists()
     shipped = math_tutor.teacher_path()
     if (shipped / "config.json").exists():
-        from distill.students import build_student
+        from distill.students.build import build_student
 
         n_teacher = count_parameters(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(shipped)))
         student, _ = build_student(cfg.students[0], teacher_path=str(shipped))

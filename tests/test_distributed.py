@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from distill.config import load_config
-from distill.store import read_store, shard_files
+from distill.store.shards import read_store, shard_files
 
 # one long row and three short ones: whichever way the 4 rows are dealt to 2 ranks, token counts differ a lot
 ROWS = [
@@ -111,7 +111,7 @@ def step_logs(out: Path) -> list[dict]:
 
 def test_two_processes_equal_one_process_on_the_same_global_batch(tmp_path, teacher_dir):
     from distill.modeling import load_model
-    from distill.train import train
+    from distill.training.train import train
 
     data = tmp_path / "uneven.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))

@@ -11,8 +11,9 @@ from conftest import make_llama, make_tokenizer
 from typer.testing import CliRunner
 
 from distill.config import ConfigError, load_config
-from distill.cost import percentile
-from distill.evaluate import evaluate, generate_batch, load_for_eval
+from distill.evaluation.cost import percentile
+from distill.evaluation.evaluate import evaluate
+from distill.evaluation.generation import generate_batch, load_for_eval
 
 TRAIN_LOG = [
     {
@@ -151,7 +152,7 @@ def test_fidelity_equals_a_naive_unpadded_computation(teacher_dir, tokenizer):
     """Left-padded batches with logits_to_keep give the agreement and KL of one unpadded row at a time."""
     import torch
 
-    from distill.evaluate import fidelity
+    from distill.evaluation.fidelity import fidelity
 
     teacher, tok = load_for_eval(teacher_dir, "cpu")
     student = make_llama(len(tokenizer), hidden=32, layers=1, heads=2, seed=3)
@@ -206,7 +207,7 @@ def test_teacher_behind_an_openai_endpoint(tmp_path, teacher_dir, tokenizer):
     API cannot give are null, and the report says so."""
     from fake_openai_server import FakeOpenAIServer, reply_text
 
-    from distill.report import report
+    from distill.reporting.report import report
 
     tree = make_run_dir(tmp_path, teacher_dir, tokenizer)
     prompts = [json.loads(line)["prompt"] for line in Path(tree["eval"]["input"]).read_text().splitlines()]
@@ -268,17 +269,17 @@ def test_percentile_matches_linear_interpolation():
 
 def test_package_exports_callable_stages():
     import distill
-    import distill.evaluate
-    import distill.report
+    import distill.evaluation.evaluate
+    import distill.reporting.report
 
-    assert callable(distill.evaluate) and distill.evaluate.__module__ == "distill.evaluate"
-    assert callable(distill.report) and distill.report.__module__ == "distill.report"
+    assert callable(distill.evaluate) and distill.evaluate.__module__ == "distill.evaluation.evaluate"
+    assert callable(distill.report) and distill.report.__module__ == "distill.reporting.report"
 
 
 def test_two_task_cot_student_is_asked_with_its_task_prefix(tmp_path, teacher_dir, tokenizer, monkeypatch):
     import sys
 
-    ev_module = sys.modules["distill.evaluate"]  # `distill.evaluate` is the function
+    ev_module = sys.modules["distill.evaluation.evaluate"]  # `distill.evaluate` is the function
     tree = make_run_dir(tmp_path, teacher_dir, tokenizer)
     tree["students"] = [{"name": "same"},
                         {"name": "small", "train": {"cot": {"mode": "two_task", "inference": "rationale"}}}]

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import make_llama, make_tokenizer
 
-from distill.export import HELD_OUT_PROMPTS, export, load_int8, load_student, parity
+from distill.exporting.export import HELD_OUT_PROMPTS, export, load_int8, load_student, parity
 from distill.modeling import load_model
 
 # int8 parity bar. Measured on the hidden-128 random Llama below with the built-in prompts:
@@ -132,7 +132,7 @@ def test_onnx_matches_onnxruntime(tmp_path):
     import numpy as np
     import onnxruntime as ort
 
-    from distill.export import export_onnx
+    from distill.exporting.export import export_onnx
 
     tok = make_tokenizer()
     model = make_llama(len(tok), hidden=32, layers=1, heads=2)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from distill.store import iter_keys, read_store, shard_files
+from distill.store.shards import iter_keys, read_store, shard_files
 
 N_PROMPTS = 48
 
@@ -117,7 +117,7 @@ def test_worker_from_flag_or_launcher_environment():
     import pytest
 
     from distill.config import ConfigError
-    from distill.generate import worker_shard
+    from distill.teachers.generate import worker_shard
 
     assert worker_shard("2/4", env={"RANK": "0", "WORLD_SIZE": "8"}) == (2, 4)
     assert worker_shard(None, env={"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1"}) == (3, 8)

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from distill.metrics import (
+from distill.evaluation.fidelity import token_fidelity
+from distill.evaluation.metrics import (
     accuracy,
     exact_match,
     extract_answer,
@@ -17,7 +18,6 @@ from distill.metrics import (
     percent_retained,
     rouge_l,
     score_outputs,
-    token_fidelity,
 )
 
 

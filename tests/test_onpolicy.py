@@ -7,9 +7,9 @@ import pytest
 import torch
 from conftest import make_llama
 
-from distill.batching import tokenize_pair
 from distill.config import OnPolicyConfig, load_config
-from distill.onpolicy import (
+from distill.data.batching import tokenize_pair
+from distill.training.onpolicy import (
     SAMPLED_KEY,
     LocalScorer,
     OpenAIScorer,
@@ -63,7 +63,7 @@ def _onpolicy_divergence(student, teacher, tokenizer, seed=123) -> float:
 
 
 def test_prompts_and_rebuilt_batch(tokenizer):
-    from distill.batching import DistillCollator
+    from distill.data.batching import DistillCollator
 
     exs = [tokenize_pair(tokenizer, p, " The answer is 7.", 64) for p in PROMPTS[:3]]
     batch = DistillCollator(tokenizer.pad_token_id)(exs)
@@ -130,8 +130,8 @@ def _direct_trainer(tmp_path, student, teacher, tokenizer, data, *, scorer=None,
     """A DistillationTrainer built by hand (as train.py does) so tests can pass a hook or a scorer."""
     from transformers import TrainingArguments
 
-    from distill.batching import DistillCollator
-    from distill.trainer import DistillationTrainer, LossSpec
+    from distill.data.batching import DistillCollator
+    from distill.training.trainer import DistillationTrainer, LossSpec
 
     examples = [tokenize_pair(tokenizer, r["prompt"], r["response"], 64)
                 for r in map(json.loads, data.read_text().splitlines())]
@@ -183,8 +183,8 @@ def test_onpolicy_batches_are_the_students_samples(tmp_path, tokenizer, sharp_te
 def test_onpolicy_training_lowers_divergence_on_student_samples(tmp_path, tokenizer, teacher_dir):
     """Through `distill.train`: lmbda=1 with a local teacher and reverse KL."""
     from distill.modeling import load_model
-    from distill.students import build_student
-    from distill.train import train
+    from distill.students.build import build_student
+    from distill.training.train import train
 
     teacher = load_model(teacher_dir)
     with torch.no_grad():  # a sharp teacher (peaked distributions): a clear target
@@ -228,9 +228,9 @@ def test_api_teacher_sampled_reverse_kl_lowers_divergence(tmp_path, tokenizer, s
 
 
 def test_onpolicy_with_a_lora_student(tmp_path, tokenizer, teacher_dir, monkeypatch):
-    import distill.trainer as trainer_mod
+    import distill.training.trainer as trainer_mod
     from distill.modeling import load_model
-    from distill.train import train
+    from distill.training.train import train
 
     base = tmp_path / "base"
     make_llama(len(tokenizer), hidden=32, layers=1, seed=5).save_pretrained(base)
@@ -261,7 +261,7 @@ def test_onpolicy_with_a_lora_student(tmp_path, tokenizer, teacher_dir, monkeypa
 
 
 def test_onpolicy_config_errors(tmp_path, teacher_dir):
-    from distill.train import train
+    from distill.training.train import train
 
     cfg = load_config({"run_dir": str(tmp_path / "r"), "teacher": {"model": str(teacher_dir)},
                        "train": {"input": str(_pairs_file(tmp_path)), "signal": "online", "max_steps": 1,

@@ -55,7 +55,7 @@ def test_run_skips_unchanged_and_reruns_downstream(run_cfg, tmp_path, monkeypatc
     assert weights.stat().st_mtime_ns != mtime
 
     # a stage that crashes is not marked done; the rerun does only that stage
-    report_module = sys.modules["distill.report"]
+    report_module = sys.modules["distill.reporting.report"]
 
     def boom(cfg):
         raise RuntimeError("crash in report")

@@ -12,7 +12,7 @@ from test_evaluate import TRAIN_LOG
 from typer.testing import CliRunner
 
 from distill.config import load_config, save_config
-from distill.report import loss_series, report, table_rows
+from distill.reporting.report import loss_series, report, table_rows
 
 
 def _entry(score, params, p50, **kw):
@@ -227,7 +227,7 @@ def test_report_from_a_real_evaluation(tmp_path, teacher_dir, tokenizer):
     """End to end on tiny models: eval then report; the card carries the measured numbers."""
     from test_evaluate import make_run_dir
 
-    from distill.evaluate import evaluate
+    from distill.evaluation.evaluate import evaluate
 
     tree = make_run_dir(tmp_path, teacher_dir, tokenizer)
     tree["eval"].update(measure_memory=False, latency_requests=1, metric="rouge_l")

@@ -33,7 +33,7 @@ def server(student_dir):
     """A uvicorn server on a free 127.0.0.1 port in a background thread; yields (base_url, app)."""
     import uvicorn
 
-    from distill.serve import build_app
+    from distill.serving.serve import build_app
 
     app = build_app(student_dir, served_model_name=NAME, api_key=KEY, max_batch_size=8, batch_wait_ms=20,
                     device="cpu", **LIMITS)
@@ -281,7 +281,7 @@ def test_concurrent_requests_are_batched_and_correct(client, server, ref):
 def test_serves_as_the_openai_teacher_of_another_distill_run(server, ref, api, monkeypatch):
     """distill's own openai teacher backend reads exact top-k ids from this server ('token_id:N' tokens)."""
     from distill.config import GenerateConfig, TeacherConfig
-    from distill.data import Record
+    from distill.data.prompts import Record
     from distill.teachers.base import Prompt
     from distill.teachers.openai import OpenAITeacher
 

@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from distill.store import Store, StoreError, iter_keys, read_store, row_key, shard_files, store_stats
+from distill.store.shards import Store, StoreError, iter_keys, read_store, row_key, shard_files, store_stats
 
 META = {"teacher": "hf:tiny", "params": {"max_new_tokens": 8}}
 

@@ -1,9 +1,9 @@
 import torch
-
 from conftest import make_llama
+
 from distill.config import StudentConfig
 from distill.modeling import count_parameters
-from distill.students import build_student, evenly_spaced, prune_layers
+from distill.students.build import build_student, evenly_spaced, prune_layers
 
 
 def test_evenly_spaced_keeps_ends():

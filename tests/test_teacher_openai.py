@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from distill import generate
 from distill.config import load_config
-from distill.store import iter_keys, read_store
+from distill.store.shards import iter_keys, read_store
 from distill.teachers import TeacherError
 from distill.teachers.openai import RetryPolicy, retry_after_seconds
 

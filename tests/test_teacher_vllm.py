@@ -12,7 +12,7 @@ import torch
 from conftest import make_tokenizer
 
 from distill.config import GenerateConfig, TeacherConfig
-from distill.data import Record
+from distill.data.prompts import Record
 from distill.teachers.base import Prompt, TeacherError
 from distill.teachers.vllm import VLLMTeacher, import_vllm, topk_from_vllm
 

@@ -8,7 +8,7 @@ import torch
 from conftest import make_llama, make_tokenizer
 
 from distill.config import GenerateConfig, TeacherConfig, load_config
-from distill.data import Record
+from distill.data.prompts import Record
 from distill.teachers.base import Prompt
 from distill.teachers.hf import HFTeacher
 
@@ -106,7 +106,7 @@ def test_chat_template_renders_without_double_bos():
 
 def test_generate_stage_on_a_saved_teacher(tmp_path, teacher_dir, prompts_file):
     from distill import generate
-    from distill.store import read_store, shard_files
+    from distill.store.shards import read_store, shard_files
 
     cfg = load_config(None, [f"run_dir={tmp_path}", f"teacher.model={teacher_dir}", f"generate.input={prompts_file}",
                              "generate.max_new_tokens=6", "generate.top_k=4", "generate.batch_size=3",

@@ -7,9 +7,9 @@ import torch
 from conftest import make_llama
 from typer.testing import CliRunner
 
-from distill.batching import DistillCollator, tokenize_pair
 from distill.config import load_config
-from distill.train import train
+from distill.data.batching import DistillCollator, tokenize_pair
+from distill.training.train import train
 
 TRAIN_TEXT = [
     "Q: Tom has 12 apples. He eats 5. How many apples now? A: 12 - 5 = 7. The answer is 7.",
@@ -78,7 +78,7 @@ def _cfg(tmp_path, teacher_dir, data, **train_overrides):
 
 def test_online_distillation_halves_heldout_kl(tmp_path, sharp_teacher_dir, tokenizer):
     from distill.modeling import count_parameters, load_model
-    from distill.students import build_student
+    from distill.students.build import build_student
 
     data = _write_jsonl(tmp_path / "train.jsonl", [{"text": t} for t in random_text(600, seed=0)])
     cfg = _cfg(tmp_path, sharp_teacher_dir, data, max_steps=150, per_device_train_batch_size=8, learning_rate=3e-3, lr_scheduler_type="constant")
@@ -173,9 +173,9 @@ def test_offline_sparse_signal_trains(tmp_path, sharp_teacher_dir, tokenizer, mo
             "topk_ids": top.indices.numpy().astype("int32"), "topk_logprobs": top.values.numpy(),
             "tail": (1 - top.values.exp().sum(-1)).clamp_min(0).numpy(),
         })
-    import distill.store
+    import distill.store.shards
 
-    monkeypatch.setattr(distill.store, "read_store", lambda path: rows, raising=False)
+    monkeypatch.setattr(distill.store.shards, "read_store", lambda path: rows, raising=False)
     store_dir = tmp_path / "run" / "teacher"
     store_dir.mkdir(parents=True)
     cfg = _cfg(tmp_path, sharp_teacher_dir, "unused", signal="offline", max_steps=40)
@@ -183,7 +183,7 @@ def test_offline_sparse_signal_trains(tmp_path, sharp_teacher_dir, tokenizer, mo
     fresh_kl = None
     (out,) = train(cfg)
     student = load_model(out)
-    from distill.students import build_student
+    from distill.students.build import build_student
 
     torch.manual_seed(cfg.seed)
     fresh, _ = build_student(cfg.student, teacher_path=str(sharp_teacher_dir))
@@ -221,7 +221,7 @@ def test_collator_pads_with_pad_id(tokenizer):
 
 
 def test_loss_chunking_is_automatic_for_large_vocabularies():
-    from distill.train import loss_chunk_size
+    from distill.training.train import loss_chunk_size
 
     assert loss_chunk_size(None, 300) is None
     assert loss_chunk_size(None, 151_936) == 1024

@@ -6,9 +6,9 @@ import pytest
 import torch
 from conftest import make_llama, make_tokenizer
 
-from distill.batching import tokenize_pair
 from distill.config import load_config
-from distill.crosstok import CrossTokenizer
+from distill.data.batching import tokenize_pair
+from distill.data.crosstok import CrossTokenizer
 from distill.losses import LOSSES, VocabMismatchError, align_responses, matched_vocab, uld, uld_hybrid
 from distill.losses.uld import sorted_l1
 
@@ -142,7 +142,7 @@ def test_training_across_tokenizers_lowers_uld(tmp_path, tokenizer, loss):
     from test_trainer import random_text
 
     from distill.modeling import load_model
-    from distill.train import train
+    from distill.training.train import train
 
     teacher_dir = tmp_path / "teacher"
     teacher = make_llama(len(tokenizer), hidden=64, layers=2, seed=1)

@@ -9,19 +9,19 @@ Public API (each stage also runs from the CLI as `distill STAGE CONFIG [key=valu
     evaluate(config)                 teacher vs students: score, fidelity, cost -> run_dir/eval/results.json
     report(config)                   report.md / report.html with plots, model card in each student dir
     export(model_dir, out_dir, ...)  merged HF model + model card, int8 with parity report, ONNX
-    serve(model_dir, host, port)     OpenAI-compatible server (distill.serve.build_app for the app alone)
+    serve(model_dir, host, port)     OpenAI-compatible server (distill.serving.serve.build_app: the app alone)
 """
 
 from distill.config import Config, ConfigError, load_config, save_config
+from distill.evaluation.evaluate import evaluate
+from distill.exporting.export import export
+from distill.pipeline import run
+from distill.recipes.demo import demo
+from distill.reporting.report import report
+from distill.serving.serve import serve
 from distill.signals import SparseSignal
-from distill.generate import generate  # eager (no torch import): binds the function over the submodule name
-from distill.evaluate import evaluate  # eager for the same reason: `distill.evaluate` stays the function
-from distill.report import report
-from distill.export import export  # eager: `distill.export` stays the function (module loads no torch)
-from distill.serve import serve  # eager for the same reason
-from distill.train import train  # eager for the same reason (imports torch, not transformers.Trainer)
-from distill.pipeline import run  # generate -> train -> eval -> report with stage skipping
-from distill.demo import demo
+from distill.teachers.generate import generate
+from distill.training.train import train
 
 __version__ = "0.1.0"
 

@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 
 from distill.config import ConfigError, load_config
-from distill.data import DataError
+from distill.data.prompts import DataError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
 console = Console(stderr=True)
@@ -51,9 +51,9 @@ def generate(
     shard: Optional[str] = typer.Option(None, "--shard", help="'i/n': this worker takes every n-th prompt from i"),
 ) -> None:
     """Teacher outputs for generate.input into the store (resumable); prints the store path and its stats."""
-    from distill.generate import generate as run_generate
-    from distill.store import StoreError, store_stats
+    from distill.store.shards import StoreError, store_stats
     from distill.teachers import TeacherError
+    from distill.teachers.generate import generate as run_generate
 
     cfg = _config(config, [*(overrides or []), *([f"generate.shard={shard}"] if shard else [])])
     try:
@@ -72,7 +72,7 @@ def generate(
 @main_guard
 def train(config: Path = CONFIG_ARG, overrides: Optional[List[str]] = OVERRIDES_ARG) -> None:
     """Train the student(s) of CONFIG; writes run_dir/students/NAME (HF format) and its training log."""
-    from distill.train import train as run_train
+    from distill.training.train import train as run_train
 
     cfg = _config(config, overrides)
     for out in run_train(cfg):
@@ -108,7 +108,7 @@ def demo(
     """The built-in math-tutor demo: teacher → store → distilled student + labels-only baseline → report."""
     from rich.table import Table
 
-    from distill.demo import demo as run_demo
+    from distill.recipes.demo import demo as run_demo
 
     res = run_demo(run_dir, quick=quick, teacher=teacher, threads=threads, force=force, overrides=overrides)
     table = Table(title=f"math tutor: exact match on {res['n_prompts']} held-out problems")
@@ -129,7 +129,7 @@ def demo(
 @main_guard
 def eval_(config: Path = CONFIG_ARG, overrides: Optional[List[str]] = OVERRIDES_ARG) -> None:
     """Teacher and students on eval.input: score, % of teacher kept, agreement, KL, speed, memory, $/M tokens."""
-    from distill.evaluate import evaluate as run_eval
+    from distill.evaluation.evaluate import evaluate as run_eval
     from distill.teachers import TeacherError
 
     cfg = _config(config, overrides)
@@ -145,7 +145,7 @@ def eval_(config: Path = CONFIG_ARG, overrides: Optional[List[str]] = OVERRIDES_
 @main_guard
 def report(config: Path = CONFIG_ARG, overrides: Optional[List[str]] = OVERRIDES_ARG) -> None:
     """report.md + self-contained report.html (tables, plots, samples) and a model card in each student dir."""
-    from distill.report import report as run_report
+    from distill.reporting.report import report as run_report
 
     cfg = _config(config, overrides)
     print(run_report(cfg))
@@ -170,7 +170,7 @@ def serve(
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
 ) -> None:
     """Serve MODEL_DIR behind an OpenAI-compatible API (/v1/completions, /v1/chat/completions, /v1/models)."""
-    from distill.serve import serve as run_serve
+    from distill.serving.serve import serve as run_serve
 
     run_serve(model_dir, host=host, port=port, api_key=api_key, served_model_name=served_model_name,
               max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms, max_prompt_tokens=max_prompt_tokens,
@@ -189,7 +189,7 @@ def export(
     limit: int = typer.Option(32, help="at most this many held-out prompts"),
 ) -> None:
     """Merged HF model + model card in OUT; optional int8 (with parity and sizes) and ONNX; OUT/export_report.json."""
-    from distill.export import export as run_export
+    from distill.exporting.export import export as run_export
 
     report = run_export(model_dir, out, quantize=quantize, onnx=onnx, prompts=prompts, limit=limit)
     if "int8" in report:

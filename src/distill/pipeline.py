@@ -131,10 +131,10 @@ def _run_stage(log: StageLog, name: str, fp: str, work: Callable[[], Any], force
 
 def run(config: Config | str | Path | dict, overrides: list[str] | None = None, force: bool = False) -> dict:
     """Run every stage that is out of date; returns {stage: 'ran' | 'skipped'} in order."""
-    from distill.evaluate import evaluate
-    from distill.generate import generate
-    from distill.report import report
-    from distill.train import student_dir, train_student
+    from distill.evaluation.evaluate import evaluate
+    from distill.reporting.report import report
+    from distill.teachers.generate import generate
+    from distill.training.train import student_dir, train_student
 
     cfg = config if isinstance(config, Config) and not overrides else load_config(
         config.model_dump(mode="json") if isinstance(config, Config) else config, overrides

@@ -14,7 +14,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from distill.config import GenerateConfig, TeacherConfig
-from distill.data import Record
+from distill.data.prompts import Record
 
 
 class TeacherError(RuntimeError):

@@ -12,9 +12,9 @@ from collections.abc import Iterator
 
 import torch
 
-from distill.batching import left_pad
 from distill.config import DataConfig, GenerateConfig, TeacherConfig
-from distill.data import Record, render_prompt
+from distill.data.batching import left_pad
+from distill.data.prompts import Record, render_prompt
 from distill.modeling import load_model, load_tokenizer_for
 from distill.teachers.base import (
     Completion,

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from distill.config import DataConfig, GenerateConfig, TeacherConfig
-from distill.data import Record, render_prompt
+from distill.data.prompts import Record, render_prompt
 from distill.teachers.base import Completion, Prompt, TeacherError, teacher_identity
 
 MAX_RETRY_AFTER = 900.0  # seconds: a Retry-After longer than this is a misconfigured server, not a plan

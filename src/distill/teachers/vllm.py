@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from distill.config import DataConfig, GenerateConfig, TeacherConfig
-from distill.data import Record, render_prompt
+from distill.data.prompts import Record, render_prompt
 from distill.teachers.base import (
     Completion,
     Prompt,

@@ -112,7 +112,7 @@ def save_int8(qmodel, names: list[str], tokenizer, out_dir: str | Path) -> Path:
         tokenizer.save_pretrained(out)
     (out / "quantization.json").write_text(json.dumps(
         {"scheme": "torch.ao dynamic int8, per-channel symmetric weights (axis 0)", "modules": sorted(qnames),
-         "torch": torch.__version__, "load_with": "distill.export.load_int8(dir)"}, indent=2))
+         "torch": torch.__version__, "load_with": "distill.exporting.export.load_int8(dir)"}, indent=2))
     return out
 
 
@@ -286,7 +286,7 @@ def export(model_dir: str | Path, out_dir: str | Path, quantize: str | None = No
         save_int8(qmodel, names, tokenizer, out / "int8")
         reloaded = load_int8(out / "int8")  # measure what a user will load, not the in-memory object
         if isinstance(prompts, (str, Path)):
-            from distill.data import load_records, render_prompt
+            from distill.data.prompts import load_records, render_prompt
 
             prompts = [render_prompt(r, tokenizer) for r in load_records(prompts, limit=limit)]
         held_out = prompts or HELD_OUT_PROMPTS
@@ -331,7 +331,7 @@ def model_card(report: dict, name: str) -> str:
             "", "## int8 (dynamic quantization, CPU)", "",
             (f"`int8/`: {_mb(q['bytes'])} ({q['size_ratio']:.0%} of full precision), {q['quantized_modules']} "
              "linear layers with int8 per-channel weights; activations are quantized on the fly."), "",
-            "```python", "from distill.export import load_int8", f"model = load_int8('{name}/int8')", "```", "",
+            "```python", "from distill.exporting.export import load_int8", f"model = load_int8('{name}/int8')", "```", "",
             (f"Parity with full precision on {p['prompts']} {q['held_out']} held-out prompts ({p['tokens']} "
              f"tokens): greedy-token agreement {p['greedy_token_agreement']:.1%}, top-1 agreement "
              f"{p['top1_agreement']:.1%}, mean KL {p['mean_kl']:.2e}."),

@@ -26,7 +26,7 @@ from typing import Any, Protocol
 
 import torch
 
-from distill.batching import DistillCollator, encode_example, left_pad
+from distill.data.batching import DistillCollator, encode_example, left_pad
 
 SAMPLED_KEY = "teacher_token_logprobs"  # (batch, seq - 1) teacher logprob of each sampled token, shifted
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from distill.batching import tokenize_pair
+from distill.data.batching import tokenize_pair
 from distill.losses.uld import matched_vocab
 
 

@@ -28,9 +28,9 @@ from rich.progress import (
 from rich.text import Text
 
 from distill.config import Config, ConfigError, save_config
-from distill.cot import request_reasoning, split_completion
-from distill.data import Record, load_records, render_prompt
-from distill.store import Store, row_key
+from distill.data.cot import request_reasoning, split_completion
+from distill.data.prompts import Record, load_records, render_prompt
+from distill.store.shards import Store, row_key
 from distill.teachers import Completion, Prompt, TeacherError, build_teacher, teacher_identity
 
 console = Console(stderr=True)
@@ -87,7 +87,7 @@ def make_prompts(records: list[Record], config: Config, tokenizer=None) -> list[
     seen: Counter = Counter()
     prompts = []
     for i, record in enumerate(records):
-        if config.generate.reasoning:  # chain of thought: ask for reasoning + answer (distill.cot)
+        if config.generate.reasoning:  # chain of thought: ask for reasoning + answer (distill.data.cot)
             record = request_reasoning(record, config.generate.reasoning_prompt)
         text = render_prompt(record, tokenizer, config.data)
         n = seen[(text, str(record.messages))]

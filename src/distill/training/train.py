@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from distill.batching import DistillCollator, encode_example, tokenize_pair
 from distill.config import Config, StudentConfig, load_config, save_config
-from distill.data import DataError, iter_rows, record_from_row, render_prompt
+from distill.data.batching import DistillCollator, encode_example, tokenize_pair
+from distill.data.prompts import DataError, iter_rows, record_from_row, render_prompt
 from distill.modeling import load_model, load_tokenizer_for
-from distill.students import build_student
+from distill.students.build import build_student
 
 
 def _as_config(config: Config | str | Path | dict, overrides: list[str] | None = None) -> Config:
@@ -53,7 +53,7 @@ def store_path(cfg: Config) -> Path:
 
 
 def _examples_from_store(cfg: Config, tokenizer, same_tokenizer: bool, want_topk: bool) -> list[dict]:
-    from distill.store import read_store
+    from distill.store.shards import read_store
 
     path = store_path(cfg)
     if not Path(path).exists():
@@ -117,7 +117,7 @@ def _examples_from_file(cfg: Config, tokenizer, source: str) -> list[dict]:
 def build_examples(cfg: Config, tokenizer, same_tokenizer: bool) -> list[dict]:
     offline = cfg.train.signal == "offline"
     if cfg.train.cot.mode != "off":  # chain of thought: two-task or trace examples from reasoning rows
-        from distill.cot import build_cot_examples
+        from distill.data.cot import build_cot_examples
 
         return build_cot_examples(cfg, tokenizer)
     if cfg.train.input and not offline:
@@ -171,11 +171,11 @@ def _collator(cfg: Config, tokenizer, cross_teacher_tok=None):
     """DistillCollator, plus per-example loss weights (chain of thought) and teacher ids (cross-tokenizer)."""
     collator = DistillCollator(pad_token_id=tokenizer.pad_token_id)
     if cfg.train.cot.mode != "off":
-        from distill.cot import WeightedCollator
+        from distill.data.cot import WeightedCollator
 
         collator = WeightedCollator(collator)
     if cross_teacher_tok is not None:
-        from distill.crosstok import CrossTokenizerCollator
+        from distill.data.crosstok import CrossTokenizerCollator
 
         collator = CrossTokenizerCollator(collator, cross_teacher_tok.pad_token_id)
     return collator
@@ -188,7 +188,7 @@ def _check_onpolicy(cfg: Config, local_teacher: bool, names: set[str], cross):
     if cross is not None:
         raise ValueError("train.onpolicy with cross-tokenizer losses (uld) is not supported: use one tokenizer")
     if cfg.teacher.backend == "openai":
-        from distill.onpolicy import OpenAIScorer
+        from distill.training.onpolicy import OpenAIScorer
 
         return OpenAIScorer(cfg.teacher)
     if not local_teacher or cfg.train.signal != "online":
@@ -216,7 +216,10 @@ def _last_checkpoint(output_dir: str) -> str | None:
 
 def train_student(cfg: Config, scfg: StudentConfig) -> Path:
     """Train one student; returns its directory (HF format + train_log.json + train_summary.json)."""
-    from distill.trainer import DistillationTrainer, LossSpec  # transformers.Trainer: import only when training
+    from distill.training.trainer import (  # transformers.Trainer: import only when training
+        DistillationTrainer,
+        LossSpec,
+    )
 
     cfg = cfg.for_student(scfg)  # per-student train overrides (e.g. a labels-only baseline next to a KD student)
     from distill.losses import CROSS_TOKENIZER_LOSSES, HIDDEN_LOSSES, check_tokenizers
@@ -243,10 +246,10 @@ def train_student(cfg: Config, scfg: StudentConfig) -> Path:
     if needs_teacher_logits and not local_teacher:
         raise ValueError("train.signal=online needs a local teacher (teacher.backend=hf with teacher.model)")
     same_tokenizer = teacher_tok is not None
-    cross = None  # cross-tokenizer mode (distill.crosstok): every divergence is a cross-tokenizer loss
+    cross = None  # cross-tokenizer mode (distill.data.crosstok): every divergence is a cross-tokenizer loss
     divergences = names - {"cross_entropy"}
     if teacher_tok is not None and needs_teacher_logits and divergences and divergences <= CROSS_TOKENIZER_LOSSES:
-        from distill.crosstok import CrossTokenizer
+        from distill.data.crosstok import CrossTokenizer
 
         cross = CrossTokenizer.from_tokenizers(tokenizer, teacher_tok)
     elif teacher_tok is not None and tokenizer is not teacher_tok:
@@ -267,7 +270,7 @@ def train_student(cfg: Config, scfg: StudentConfig) -> Path:
 
     examples = build_examples(cfg, tokenizer, same_tokenizer)
     if cross is not None:
-        from distill.crosstok import add_teacher_side
+        from distill.data.crosstok import add_teacher_side
 
         examples = add_teacher_side(examples, tokenizer, teacher_tok, cfg.train.max_length)
     random.Random(cfg.seed).shuffle(examples)

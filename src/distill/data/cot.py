@@ -27,9 +27,9 @@ from typing import Any
 
 import torch
 
-from distill.batching import tokenize_pair
 from distill.config import Config, CotConfig
-from distill.data import DataError, Record
+from distill.data.batching import tokenize_pair
+from distill.data.prompts import DataError, Record
 
 THINK_CLOSE = "</think>"
 
@@ -119,7 +119,7 @@ def read_cot_rows(cfg: Config, tokenizer=None) -> tuple[list[dict], str]:
     """Rows with prompt / reasoning / response: from `train.input` (fields prompt, reasoning and
     train.response_field) when set, else from the teacher store. Returns (rows, where they came from)."""
     if cfg.train.input:
-        from distill.data import iter_rows, record_from_row, render_prompt
+        from distill.data.prompts import iter_rows, record_from_row, render_prompt
 
         rows = []
         for where, row in iter_rows(cfg.train.input, cfg.data.split):
@@ -127,7 +127,7 @@ def read_cot_rows(cfg: Config, tokenizer=None) -> tuple[list[dict], str]:
             rows.append({"prompt": render_prompt(record, tokenizer, cfg.data), "reasoning": row.get("reasoning"),
                          "response": row.get(cfg.train.response_field), "where": where})
         return rows, str(cfg.train.input)
-    from distill.store import read_store
+    from distill.store.shards import read_store
 
     path = cfg.path(cfg.train.store or cfg.generate.store)
     if not Path(path).exists():

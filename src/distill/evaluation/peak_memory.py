@@ -52,7 +52,7 @@ def _preimport(spec: dict[str, Any]) -> None:
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-    from distill.evaluate import is_adapter
+    from distill.evaluation.generation import is_adapter
 
     try:
         base = spec["path"]
@@ -69,19 +69,19 @@ def probe(spec: dict[str, Any]) -> dict[str, Any]:
     """Peak RSS increase of loading spec['path'] and generating spec['new_tokens'] for spec['batch']."""
     import torch
 
-    from distill.evaluate import _generate_ids, load_for_eval
+    from distill.evaluation.generation import generate_ids, load_for_eval
 
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
     args = (spec["path"], "cpu", spec["dtype"], spec["trust_remote_code"])
     model, tok = load_for_eval(*args)
-    _generate_ids(model, tok, spec["batch"][:1], 1, True)
+    generate_ids(model, tok, spec["batch"][:1], 1, True)
     del model
     gc.collect()
     reset = _reset_peak_rss()
     before = _rss()
     model, tok = load_for_eval(*args)
-    _generate_ids(model, tok, spec["batch"], spec["new_tokens"], True)
+    generate_ids(model, tok, spec["batch"], spec["new_tokens"], True)
     return {"peak_bytes": max(0, _peak_rss() - before), "hwm_reset": reset}
 
 
@@ -108,7 +108,7 @@ def _main() -> None:
     """Helper process entry: a JSON list of specs on stdin, a JSON list of results as the last stdout line."""
     specs = json.loads(sys.stdin.read())
     # torch, transformers and our loaders, imported once for all children
-    import distill.evaluate  # noqa: F401
+    import distill.evaluation.generation  # noqa: F401
 
     for spec in specs:
         _preimport(spec)
@@ -124,7 +124,7 @@ def measure_cpu(specs: list[dict[str, Any]], threads: int | None = None) -> list
     env = dict(os.environ)
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
-    cmd = [sys.executable, "-c", "from distill.peak_memory import _main; _main()"]
+    cmd = [sys.executable, "-c", "from distill.evaluation.peak_memory import _main; _main()"]
     proc = subprocess.run(cmd, input=json.dumps(specs), capture_output=True, text=True, env=env, check=False)
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]

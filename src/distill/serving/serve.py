@@ -32,7 +32,7 @@ def build_app(
     device: str = "auto",
 ):
     """Load MODEL_DIR (a full model or a LoRA adapter dir, merged) and wrap it in the app."""
-    from distill.export import load_student
+    from distill.exporting.export import load_student
     from distill.serving import Engine, ServeOptions, create_app
 
     model, tokenizer, _ = load_student(model_dir, dtype=dtype, device=device)

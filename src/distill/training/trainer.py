@@ -19,8 +19,8 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from distill.losses import CROSS_TOKENIZER_LOSSES, HIDDEN_LOSSES, LOSSES, align_responses
-from distill.onpolicy import SAMPLED_KEY, onpolicy_inputs, sampled_reverse_kl
 from distill.signals import SparseSignal
+from distill.training.onpolicy import SAMPLED_KEY, onpolicy_inputs, sampled_reverse_kl
 
 
 @dataclass
@@ -70,8 +70,8 @@ class DistillationTrainer(Trainer):
         self.chunk_size = chunk_size
         self.vocab_size = vocab_size
         self.projections = projections
-        # on-policy (distill.onpolicy): settings with lmbda/max_new_tokens/temperature/top_p, an API scorer,
-        # and a hook that sees every sampled batch; cross-tokenizer (distill.crosstok.CrossTokenizer)
+        # on-policy (distill.training.onpolicy): settings with lmbda/max_new_tokens/temperature/top_p, an API scorer,
+        # and a hook that sees every sampled batch; cross-tokenizer (distill.data.crosstok.CrossTokenizer)
         self.onpolicy, self.scorer, self.onpolicy_hook = onpolicy, scorer, onpolicy_hook
         self.cross_tokenizer = cross_tokenizer
         self._onpolicy_rng = random.Random(self.args.seed)

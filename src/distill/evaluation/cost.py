@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from distill.config import Config
-from distill.metrics import percent_retained
+from distill.evaluation.metrics import percent_retained
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
@@ -54,14 +54,14 @@ def measure_latency(
 ) -> list[float]:
     """Seconds per batch-1 request of exactly `new_tokens` new tokens, cycling through the prompts, after
     one untimed warm-up request."""
-    from distill.evaluate import _generate_ids
+    from distill.evaluation.generation import generate_ids
 
-    _generate_ids(model, tokenizer, [prompt_ids[0]], new_tokens, True)
+    generate_ids(model, tokenizer, [prompt_ids[0]], new_tokens, True)
     times = []
     for i in range(requests):
         _sync(model.device)
         t0 = time.perf_counter()
-        _generate_ids(model, tokenizer, [prompt_ids[i % len(prompt_ids)]], new_tokens, True)
+        generate_ids(model, tokenizer, [prompt_ids[i % len(prompt_ids)]], new_tokens, True)
         _sync(model.device)
         times.append(time.perf_counter() - t0)
     return times
@@ -77,14 +77,14 @@ def measure_throughput(
 ) -> float:
     """Generated tokens per second for a batch of `batch_size` prompts, each making exactly `new_tokens`
     tokens, after a warm-up of the same shape."""
-    from distill.evaluate import _generate_ids
+    from distill.evaluation.generation import generate_ids
 
     batch = throughput_batch(prompt_ids, batch_size)
-    _generate_ids(model, tokenizer, batch, new_tokens, True)
+    generate_ids(model, tokenizer, batch, new_tokens, True)
     _sync(model.device)
     t0 = time.perf_counter()
     for _ in range(repeats):
-        _generate_ids(model, tokenizer, batch, new_tokens, True)
+        generate_ids(model, tokenizer, batch, new_tokens, True)
     _sync(model.device)
     return repeats * len(batch) * new_tokens / (time.perf_counter() - t0)
 
@@ -102,7 +102,7 @@ def measure_cost(
     """Parameters, disk size, latency, throughput, peak memory and $ per million generated tokens."""
     import torch
 
-    from distill.evaluate import is_adapter
+    from distill.evaluation.generation import is_adapter
     from distill.modeling import count_parameters
 
     ev = cfg.eval
@@ -116,7 +116,7 @@ def measure_cost(
         memory = torch.cuda.max_memory_allocated(model.device) - cuda_base
         method = "cuda: max_memory_allocated during the throughput batch minus allocation before loading"
     elif ev.measure_memory:
-        method = "pending: measured in a separate process after all models (distill.peak_memory)"
+        method = "pending: measured in a separate process after all models (distill.evaluation.peak_memory)"
     return {
         "params": count_parameters(model),
         "bytes_on_disk": bytes_on_disk(path),

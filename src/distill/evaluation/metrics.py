@@ -13,10 +13,6 @@ from collections.abc import Callable
 from decimal import Decimal, InvalidOperation
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    import torch
 
 Metric = Callable[[str, str], float]
 BUILTIN_METRICS = ("exact_match", "accuracy", "rouge_l")
@@ -180,29 +176,3 @@ def percent_retained(student_score: float | None, teacher_score: float | None) -
     if student_score is None or teacher_score is None or teacher_score == 0:
         return None
     return 100.0 * student_score / teacher_score
-
-
-# ---------------------------------------------------------------- fidelity
-
-
-def token_fidelity(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor
-) -> tuple[int, int, float]:
-    """Agreement and KL(teacher || student) on teacher-forced positions.
-
-    student_logits, teacher_logits: (batch, seq, vocab), already aligned with `targets` (the caller did the
-    causal shift); targets: (batch, seq) the teacher's generated tokens; mask: (batch, seq) bool, True where
-    a teacher token is counted. Returns (matching positions, counted positions, summed KL in nats), so
-    callers can sum over batches and divide once. The KL is the training loss `forward_kl` at T=1 (one
-    definition of the divergence in the project), which cuts padded vocab rows and never yields 0*log 0 NaNs.
-    """
-    from distill.losses import LOSSES
-
-    mask = mask.bool()
-    vocab = min(student_logits.shape[-1], teacher_logits.shape[-1])
-    count = int(mask.sum().item())
-    if count == 0:
-        return 0, 0, 0.0
-    agree = int(((student_logits[..., :vocab].argmax(-1) == targets) & mask).sum().item())
-    mean_kl = LOSSES["forward_kl"](student_logits, teacher_logits, mask, temperature=1.0, vocab_size=vocab)
-    return agree, count, float(mean_kl.item()) * count

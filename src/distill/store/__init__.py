@@ -1,0 +1,14 @@
+"""The teacher store: Parquet shards + manifest, resumable and safe against kill -9 (see `shards`)."""
+
+from distill.store.shards import (
+    Store,
+    StoreError,
+    iter_keys,
+    manifest,
+    read_store,
+    row_key,
+    shard_files,
+    store_stats,
+)
+
+__all__ = ["Store", "StoreError", "iter_keys", "manifest", "read_store", "row_key", "shard_files", "store_stats"]
