@@ -28,7 +28,7 @@ class TeacherConfig(Section):
     """Where teacher outputs come from."""
 
     model: str | None = Field(None, description="HF hub id, local directory or .gguf file; or the served model name")
-    backend: Literal["hf", "openai", "vllm"] = Field("hf", description="hf | openai | vllm")
+    backend: str = Field("hf", description="a backend of distill.teachers.registry: hf | openai | vllm")
     dtype: str = Field("auto", description="auto | float32 | bfloat16 | float16")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     trust_remote_code: bool = Field(False, description="run model code from the checkpoint (only if you trust it)")
@@ -43,6 +43,15 @@ class TeacherConfig(Section):
     extra_body: dict[str, Any] = Field(default_factory=dict, description="extra JSON fields sent to the endpoint")
     tensor_parallel_size: int = Field(1, ge=1, description="vLLM tensor parallel degree")
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="vLLM memory fraction")
+
+    @field_validator("backend")
+    @classmethod
+    def _known_backend(cls, name: str) -> str:
+        # a local import, as for losses: config stays importable on its own
+        from distill.teachers.registry import backend_spec
+
+        backend_spec(name)  # raises with the known names and a did-you-mean
+        return name
 
 
 class DataConfig(Section):
