@@ -15,6 +15,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from distill.evaluation.metrics import METRICS, check_metric_name  # stdlib only: config stays light
+
 
 class ConfigError(ValueError):
     """A config file or override that does not fit the schema; the message names the key."""
@@ -202,7 +204,9 @@ class EvalConfig(Section):
 
     input: str | None = Field(None, description="held-out prompts with references")
     limit: int | None = Field(None, ge=1)
-    metric: str = Field("exact_match", description="exact_match | accuracy | rouge_l | module:function")
+    metric: str = Field(
+        "exact_match", description=f"{' | '.join(METRICS)} (distill.evaluation.metrics.METRICS) | module:function"
+    )
     answer_regex: str = Field(r"answer is\s*(-?[\d.,]+)", description="extracts the answer for exact_match")
     max_new_tokens: int = Field(128, ge=1)
     batch_size: int = Field(16, ge=1)
@@ -213,6 +217,11 @@ class EvalConfig(Section):
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N for every evaluated model")
     dtype: str = Field("auto", description="auto | float32 | bfloat16 | float16 for every evaluated model")
     samples: int = Field(5, ge=0, description="prompts whose outputs are kept in results.json and the report")
+
+    @field_validator("metric")
+    @classmethod
+    def _known_metric(cls, spec: str) -> str:
+        return check_metric_name(spec)  # a typo fails at config load, with a did-you-mean
 
 
 class Config(Section):

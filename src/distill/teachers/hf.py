@@ -16,7 +16,7 @@ from distill.config import DataConfig, GenerateConfig, TeacherConfig
 from distill.data.batching import left_pad
 from distill.data.encoding import encode_prompt, uses_template
 from distill.data.prompts import Record, render_prompt
-from distill.modeling import load_model, load_tokenizer_for
+from distill.modeling import eos_token_ids, load_model, load_tokenizer_for
 from distill.teachers.base import (
     Completion,
     Prompt,
@@ -51,11 +51,8 @@ class HFTeacher:
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.templated = uses_template(self.tokenizer, self.dcfg)
-        eos = self.model.generation_config.eos_token_id
-        eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
-        if self.tokenizer.eos_token_id is not None:
-            eos.append(self.tokenizer.eos_token_id)
-        self.eos_ids = sorted(set(eos))
+        self.eos_ids = eos_token_ids(self.tokenizer, getattr(self.model, "generation_config", None),
+                                     self.model.config)
 
     @classmethod
     def from_config(cls, config, device: str | None = None, tokenizer=None) -> HFTeacher:

@@ -19,6 +19,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from distill.losses import CROSS_TOKENIZER_LOSSES, HIDDEN_LOSSES, LOSSES, align_responses
+from distill.modeling import eos_token_ids
 from distill.signals import SparseSignal
 from distill.training.onpolicy import SAMPLED_KEY, onpolicy_inputs, sampled_reverse_kl
 
@@ -120,9 +121,8 @@ class DistillationTrainer(Trainer):
         """With probability onpolicy.lmbda, train on the student's own samples of the batch prompts."""
         if self.onpolicy is not None and self.onpolicy.lmbda > 0 and self._onpolicy_rng.random() < self.onpolicy.lmbda:
             tok = self.processing_class
-            eos = self.accelerator.unwrap_model(model).generation_config.eos_token_id
-            eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
-            eos = sorted(set(eos) | ({tok.eos_token_id} if tok.eos_token_id is not None else set()))
+            student = self.accelerator.unwrap_model(model)
+            eos = eos_token_ids(tok, getattr(student, "generation_config", None), student.config)
             seed = self.args.seed * 1_000_003 + self.state.global_step * 1009 + self._onpolicy_rng.randrange(1009)
             inputs, num_items_in_batch = onpolicy_inputs(
                 self.accelerator.unwrap_model(model), self._prepare_inputs(inputs), self.onpolicy,
