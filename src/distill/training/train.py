@@ -213,6 +213,27 @@ def loss_chunk_size(configured: int | None, vocab: int) -> int | None:
     return configured or None
 
 
+def hidden_projections(cfg: Config, student, teacher):
+    """One learned student->teacher width projection per layer pair of the hidden losses' layer_map (config
+    validation made it one map for all of them; by default every student hidden state, evenly spread over
+    the teacher's), after checking its indices against the two models."""
+    from distill.losses import HIDDEN_LOSSES, default_layer_map, make_projections
+
+    if teacher is None:  # config validation refuses this; a guard for callers that built a Config by hand
+        raise ValueError("hidden-state losses need a live teacher: train.signal=online with a local teacher")
+    n_s, n_t = student.config.num_hidden_layers + 1, teacher.config.num_hidden_layers + 1  # embeddings + layers
+    i, term = next((i, t) for i, t in enumerate(cfg.train.losses) if t.name in HIDDEN_LOSSES)
+    layer_map = term.params.get("layer_map")
+    pairs = [tuple(p) for p in layer_map] if layer_map is not None else default_layer_map(n_s, n_t)
+    for j, (si, ti) in enumerate(pairs):
+        if not (-n_s <= si < n_s and -n_t <= ti < n_t):
+            raise ValueError(
+                f"train.losses[{i}].params.layer_map[{j}] = ({si}, {ti}) is out of range: {n_s} student and {n_t} "
+                "teacher hidden states (index 0 is the embeddings, i is the output of layer i)"
+            )
+    return make_projections(student.config.hidden_size, teacher.config.hidden_size, len(pairs))
+
+
 def _last_checkpoint(output_dir: str) -> str | None:
     from transformers.trainer_utils import get_last_checkpoint
 
@@ -284,12 +305,7 @@ def train_student(cfg: Config, scfg: StudentConfig) -> Path:
         n_eval = max(1, int(len(examples) * cfg.train.eval_fraction))
         eval_examples, examples = examples[:n_eval], examples[n_eval:]
 
-    projections = None
-    if names & HIDDEN_LOSSES:
-        from distill.losses import make_projections
-
-        projections = make_projections(student.config.hidden_size, teacher.config.hidden_size,
-                                       student.config.num_hidden_layers + 1)
+    projections = hidden_projections(cfg, student, teacher) if names & HIDDEN_LOSSES else None
 
     out = student_dir(cfg, scfg.name)
     args = _training_args(cfg, out, scfg.name)
