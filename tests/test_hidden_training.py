@@ -98,7 +98,7 @@ def test_projections_are_checkpointed_and_restored_on_resume(tmp_path, hidden_te
     from distill.training.trainer import PROJECTIONS_FILE
 
     losses = [{"name": "forward_kl"}, {"name": "hidden_mse"}]
-    common = dict(losses=losses, save_steps=2, lr_scheduler_type="constant", learning_rate=1e-2)
+    common = {"losses": losses, "save_steps": 2, "lr_scheduler_type": "constant", "learning_rate": 1e-2}
     cfg = load_config(_tree(tmp_path, hidden_teacher_dir, max_steps=2, **common))
     train(cfg)
     ckpt = tmp_path / "run" / "checkpoints" / "student" / "checkpoint-2"
