@@ -63,6 +63,18 @@ def test_hidden_loss_with_a_pruned_student(tmp_path, hidden_teacher_dir):
     assert all(e["loss/hidden_cosine"] >= 0 for e in _summary_log(out))
 
 
+def test_hidden_loss_with_a_lora_student_and_onpolicy_batches(tmp_path, hidden_teacher_dir, tokenizer):
+    base = tmp_path / "base"
+    make_llama(len(tokenizer), hidden=32, layers=1, seed=5).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    cfg = load_config(_tree(tmp_path, hidden_teacher_dir, max_steps=3,
+                            student={"init": "lora", "model": str(base), "lora": {"r": 4, "alpha": 8, "dropout": 0.0}},
+                            losses=[{"name": "reverse_kl"}, {"name": "hidden_mse", "weight": 0.5}],
+                            onpolicy={"lmbda": 0.5, "max_new_tokens": 4}))
+    (out,) = train(cfg)
+    assert all(e["loss/hidden_mse"] > 0 for e in _summary_log(out))
+
+
 @pytest.mark.parametrize("train_section, message", [
     ({"signal": "offline"}, "train.signal=offline"),
     ({"signal": "none"}, "train.signal=none"),
