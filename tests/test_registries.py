@@ -10,7 +10,7 @@ from typing import ClassVar
 import pytest
 from conftest import make_llama, make_tokenizer
 
-from distill.config import ConfigError, EvalConfig, load_config
+from distill.config import ConfigError, EvalConfig, TeacherConfig, load_config
 from distill.evaluation.metrics import METRICS, get_metric, metric_help, rouge_l
 from distill.modeling import eos_token_ids
 from distill.teachers import build_teacher, teacher_identity
@@ -27,6 +27,7 @@ def test_backend_names_validated_against_the_registry():
         backend_spec("tgi")
     for name in BACKENDS:
         assert load_config({"teacher": {"backend": name}}).teacher.backend == name
+        assert name in TeacherConfig.model_fields["backend"].description  # the field's help lists every one
 
 
 def test_each_backend_declares_what_it_supports():
