@@ -39,11 +39,15 @@ class FakeOpenAIServer:
     """`with FakeOpenAIServer(fault_rate=0.3) as srv: srv.url` -> 'http://127.0.0.1:PORT/v1'."""
 
     def __init__(self, model: str = "scripted", fault_rate: float = 0.0, seed: int = 0, fault_attempts: int = 3,
-                 slow_seconds: float = 1.0, always_fail: set[str] | None = None, logprobs: bool = True):
+                 slow_seconds: float = 1.0, always_fail: set[str] | None = None, logprobs: bool = True,
+                 score_fn=None):
         self.model, self.fault_rate, self.seed = model, fault_rate, seed
         self.fault_attempts, self.slow_seconds = fault_attempts, slow_seconds
         self.always_fail = always_fail or set()
         self.logprobs = logprobs  # False: a server that ignores logprobs requests
+        # echo scoring of token-id prompts (the on-policy API scorer): ids -> logprob of each id given the ones
+        # before it (the first is None, as vLLM sends); default: a fixed function of the ids
+        self.score_fn = score_fn or (lambda ids: [None] + [-0.01 * (t % 50) - 0.05 for t in ids[1:]])
         self.attempts: Counter = Counter()  # per prompt
         self.faults: Counter = Counter()  # per fault kind
         self.ok: Counter = Counter()  # successful replies per prompt
@@ -104,6 +108,8 @@ class FakeOpenAIServer:
                     self._send(404, {"error": {"message": f"The model `{body.get('model')}` does not exist."}})
                     return
                 prompt = body["messages"][-1]["content"] if chat else body["prompt"]
+                if isinstance(prompt, list):  # token ids (echo scoring): counted and faulted by their text
+                    prompt = json.dumps(prompt)
                 with server.lock:
                     attempt = server.attempts[prompt]
                     server.attempts[prompt] += 1
@@ -127,6 +133,15 @@ class FakeOpenAIServer:
                     self._send(200, self._reply(body, prompt, chat))
 
             def _reply(self, body: dict, prompt: str, chat: bool) -> dict:
+                if not chat and body.get("echo") and isinstance(body.get("prompt"), list):
+                    ids = body["prompt"]
+                    lps = [*server.score_fn(ids), -1.0]  # the prompt's logprobs, then the one generated token
+                    choice = {"index": 0, "finish_reason": "length", "text": "x",
+                              "logprobs": {"tokens": [f"token_id:{t}" for t in [*ids, 0]], "token_logprobs": lps,
+                                           "text_offset": [0] * len(lps), "top_logprobs": None}}
+                    return {"id": "c", "object": "text_completion", "created": 0, "model": server.model,
+                            "choices": [choice], "usage": {"prompt_tokens": len(ids), "completion_tokens": 1,
+                                                           "total_tokens": len(ids) + 1}}
                 text = reply_text(prompt)
                 tokens = text.split(" ")
                 as_ids = bool(body.get("return_tokens_as_token_ids"))

@@ -112,9 +112,10 @@ def test_openai_scorer_reads_echoed_prompt_logprobs(tokenizer, sharp_teacher, mo
         tok_lp = [None] + [float(lp[j - 1, prompt[j]]) for j in range(1, len(prompt))] + [-0.1]
         return SimpleNamespace(choices=[SimpleNamespace(logprobs=SimpleNamespace(token_logprobs=tok_lp))])
 
-    scorer = OpenAIScorer.__new__(OpenAIScorer)
-    scorer.model = "teacher"
-    scorer.client = SimpleNamespace(completions=SimpleNamespace(create=create))
+    from distill.config import TeacherConfig
+
+    scorer = OpenAIScorer(TeacherConfig(backend="openai", model="teacher", base_url="http://127.0.0.1:9/v1"))
+    scorer.pool.clients = [SimpleNamespace(completions=SimpleNamespace(create=create))]  # the pool's one client
     prompts, completions = [[1, 40, 41], [1, 50]], [[7, 8, 2], [9]]
     got = scorer.token_logprobs(prompts, completions)
     want = local.token_logprobs(prompts, completions)

@@ -15,6 +15,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from distill.evaluation.metrics import METRICS, check_metric_name  # stdlib only: config stays light
+
 
 class ConfigError(ValueError):
     """A config file or override that does not fit the schema; the message names the key."""
@@ -28,7 +30,7 @@ class TeacherConfig(Section):
     """Where teacher outputs come from."""
 
     model: str | None = Field(None, description="HF hub id, local directory or .gguf file; or the served model name")
-    backend: Literal["hf", "openai", "vllm"] = Field("hf", description="hf | openai | vllm")
+    backend: str = Field("hf", description="a backend of distill.teachers.registry: hf | openai | vllm")
     dtype: str = Field("auto", description="auto | float32 | bfloat16 | float16")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     trust_remote_code: bool = Field(False, description="run model code from the checkpoint (only if you trust it)")
@@ -43,6 +45,15 @@ class TeacherConfig(Section):
     extra_body: dict[str, Any] = Field(default_factory=dict, description="extra JSON fields sent to the endpoint")
     tensor_parallel_size: int = Field(1, ge=1, description="vLLM tensor parallel degree")
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="vLLM memory fraction")
+
+    @field_validator("backend")
+    @classmethod
+    def _known_backend(cls, name: str) -> str:
+        # a local import, as for losses: config stays importable on its own
+        from distill.teachers.registry import backend_spec
+
+        backend_spec(name)  # raises with the known names and a did-you-mean
+        return name
 
 
 class DataConfig(Section):
@@ -193,7 +204,9 @@ class EvalConfig(Section):
 
     input: str | None = Field(None, description="held-out prompts with references")
     limit: int | None = Field(None, ge=1)
-    metric: str = Field("exact_match", description="exact_match | accuracy | rouge_l | module:function")
+    metric: str = Field(
+        "exact_match", description=f"{' | '.join(METRICS)} (distill.evaluation.metrics.METRICS) | module:function"
+    )
     answer_regex: str = Field(r"answer is\s*(-?[\d.,]+)", description="extracts the answer for exact_match")
     max_new_tokens: int = Field(128, ge=1)
     batch_size: int = Field(16, ge=1)
@@ -204,6 +217,11 @@ class EvalConfig(Section):
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N for every evaluated model")
     dtype: str = Field("auto", description="auto | float32 | bfloat16 | float16 for every evaluated model")
     samples: int = Field(5, ge=0, description="prompts whose outputs are kept in results.json and the report")
+
+    @field_validator("metric")
+    @classmethod
+    def _known_metric(cls, spec: str) -> str:
+        return check_metric_name(spec)  # a typo fails at config load, with a did-you-mean
 
 
 class Config(Section):
@@ -233,6 +251,14 @@ class Config(Section):
                 raise ValueError(_format_errors(err, where).replace("\n  ", "\n  train.")) from None
         return self
 
+    @model_validator(mode="after")
+    def _hidden_losses_need_a_live_teacher(self) -> Config:
+        """Hidden-state losses compare the teacher's hidden states on every batch: only a live local teacher
+        has them (a store keeps top-k logprobs, an endpoint returns none). Refused here, before any work."""
+        for s in self.all_students():
+            check_hidden_losses(self.train_for(s), self.teacher, f"student '{s.name}': " if self.students else "")
+        return self
+
     def all_students(self) -> list[StudentConfig]:
         return list(self.students) if self.students else [self.student]
 
@@ -252,6 +278,43 @@ class Config(Section):
             return None
         q = Path(p)
         return q if q.is_absolute() else Path(self.run_dir) / q
+
+
+def check_hidden_losses(train: TrainConfig, teacher: TeacherConfig, where: str = "") -> None:
+    """Hidden losses need train.signal=online with a backend that has local weights, and one layer_map (a
+    list of [student, teacher] hidden-state index pairs) shared by every hidden loss (one set of projections)."""
+    from distill.losses import HIDDEN_LOSSES  # local imports: config stays importable on its own
+    from distill.teachers.registry import backend_spec
+
+    terms = [(i, t) for i, t in enumerate(train.losses) if t.name in HIDDEN_LOSSES]
+    if not terms:
+        return
+    i, first = terms[0]
+    if train.signal != "online":
+        raise ValueError(
+            f"{where}train.losses[{i}]: {first.name} needs the teacher's hidden states on every batch, which "
+            f"train.signal={train.signal} does not give (a store keeps top-k logprobs only); use train.signal=online "
+            "with a local teacher, or drop the hidden-state loss"
+        )
+    if not backend_spec(teacher.backend).local_weights:
+        raise ValueError(
+            f"{where}train.losses[{i}]: {first.name} needs a teacher whose weights load here (hidden states); "
+            f"teacher.backend={teacher.backend} has none: use a local backend such as hf"
+        )
+    maps = []
+    for j, term in terms:
+        layer_map = term.params.get("layer_map")
+        if layer_map is not None and (
+            not isinstance(layer_map, list) or not layer_map
+            or not all(isinstance(p, (list, tuple)) and len(p) == 2 and all(isinstance(x, int) for x in p)
+                       for p in layer_map)
+        ):
+            raise ValueError(f"{where}train.losses[{j}].params.layer_map: expected a non-empty list of "
+                             f"[student, teacher] hidden-state index pairs such as [[0, 0], [2, 4]], got {layer_map!r}")
+        maps.append(None if layer_map is None else [list(p) for p in layer_map])
+    if any(m != maps[0] for m in maps):
+        raise ValueError(f"{where}train.losses: every hidden-state loss must use the same layer_map (they share "
+                         f"one set of learned projections), got {maps}")
 
 
 # ---------------------------------------------------------------- loading
@@ -308,7 +371,7 @@ def _format_errors(err: ValidationError, source: str) -> str:
                 msg += f" (did you mean '{hint[0]}'?)"
         else:
             msg = e["msg"]
-            if "input" in e and e["type"] != "missing":
+            if "input" in e and e["type"] != "missing" and e["loc"]:  # not the whole tree for a root error
                 msg += f" (got {e['input']!r})"
         lines.append(f"  {loc or '<root>'}: {msg}")
     return "\n".join(lines)

@@ -50,7 +50,7 @@ def load_model(
 
     dev = resolve_device(device)
     path = Path(str(name_or_path))
-    kwargs: dict = dict(dtype=resolve_dtype(dtype, str(dev)), trust_remote_code=trust_remote_code)
+    kwargs: dict = {"dtype": resolve_dtype(dtype, str(dev)), "trust_remote_code": trust_remote_code}
     if path.suffix == ".gguf":
         model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, **kwargs)
     else:
@@ -76,6 +76,21 @@ def load_tokenizer_for(name_or_path: str | Path, trust_remote_code: bool = False
             tok.pad_token = tok.eos_token
         return tok
     return load_tokenizer(path, trust_remote_code=trust_remote_code)
+
+
+def eos_token_ids(tokenizer, *configs) -> list[int]:
+    """Every id that ends a generation: the `eos_token_id` (an int or a list) of each config given (pass the
+    model's generation_config and config: chat models often list several, e.g. <|eot_id|> besides
+    <|end_of_text|>) plus the tokenizer's EOS; sorted, no repeats. The one collector of training (on-policy
+    sampling), the hf teacher and the serving engine, so they stop on the same tokens."""
+    ids: set[int] = set()
+    for source in configs:
+        eos = getattr(source, "eos_token_id", None) if source is not None else None
+        if eos is not None:
+            ids.update(int(i) for i in (eos if isinstance(eos, (list, tuple)) else [eos]))
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return sorted(ids)
 
 
 def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:

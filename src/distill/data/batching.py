@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from distill.data.encoding import encode_prompt
+
 
 def left_pad(seqs: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded (ids, attention mask) for generation: every row's last prompt token sits at the end."""
@@ -60,16 +62,15 @@ def encode_example(
     return ex
 
 
-def tokenize_pair(tokenizer, prompt: str, response: str, max_length: int) -> dict[str, Any] | None:
+def tokenize_pair(
+    tokenizer, prompt: str, response: str, max_length: int, rendered_with_template: bool = False
+) -> dict[str, Any] | None:
     """Prompt and response text to an example, EOS appended to the response.
 
-    An empty prompt still gets a start token (BOS, else EOS): without one the first response token would
-    have no position predicting it, and response indices would not line up across tokenizers.
+    The prompt follows the one prompt rule (`distill.data.encoding.encode_prompt`): the ids eval, generation
+    and serving give the same text, one start token and never two.
     """
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
-    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    if start is not None and (not prompt_ids or getattr(tokenizer, "add_bos_token", False)):
-        prompt_ids = [start] + prompt_ids
+    prompt_ids = encode_prompt(tokenizer, prompt, rendered_with_template)
     response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
     if tokenizer.eos_token_id is not None:
         response_ids = response_ids + [tokenizer.eos_token_id]

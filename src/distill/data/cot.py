@@ -29,6 +29,7 @@ import torch
 
 from distill.config import Config, CotConfig
 from distill.data.batching import tokenize_pair
+from distill.data.encoding import uses_template
 from distill.data.prompts import DataError, Record
 
 THINK_CLOSE = "</think>"
@@ -146,7 +147,7 @@ def build_cot_examples(cfg: Config, tokenizer) -> list[dict]:
         )
     out = []
     for prompt, target, weight in pairs:
-        ex = tokenize_pair(tokenizer, prompt, target, cfg.train.max_length)
+        ex = tokenize_pair(tokenizer, prompt, target, cfg.train.max_length, uses_template(tokenizer, cfg.data))
         if ex is not None:
             ex["loss_weight"] = weight
             out.append(ex)

@@ -40,7 +40,8 @@ def add_teacher_side(examples: list[dict], student_tok: Any, teacher_tok: Any, m
         p = ex["prompt_len"]
         prompt = student_tok.decode(ex["input_ids"][:p], skip_special_tokens=True)
         response = student_tok.decode(ex["input_ids"][p:], skip_special_tokens=True)
-        t = tokenize_pair(teacher_tok, prompt, response, max_length)
+        # decoded without special tokens: plain text, so the teacher's own BOS goes in front (one prompt rule)
+        t = tokenize_pair(teacher_tok, prompt, response, max_length, rendered_with_template=False)
         if t is None:
             continue
         out.append({**ex, "teacher_input_ids": t["input_ids"], "teacher_labels": t["labels"]})

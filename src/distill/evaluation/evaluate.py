@@ -33,6 +33,7 @@ from distill.evaluation.fidelity import fidelity
 from distill.evaluation.generation import generate_batch, is_adapter, load_for_eval, vocabulary_mismatch
 from distill.evaluation.metrics import get_metric, score_outputs
 from distill.evaluation.peak_memory import measure_cpu
+from distill.teachers.registry import backend_spec
 
 
 def student_dirs(cfg: Config) -> dict[str, Path]:
@@ -155,7 +156,7 @@ def _evaluate(cfg: Config) -> dict[str, Any]:
 
     probes: dict[str, dict[str, Any]] = {}
 
-    if cfg.teacher.backend == "openai":
+    if not backend_spec(cfg.teacher.backend).local_weights:  # scored over its endpoint
         console.print(f"[bold]eval[/] teacher: {cfg.teacher.model} over the API")
         teacher_entry, teacher_texts = api_teacher_entry(cfg, records, metric, references)
         teacher = None

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from distill.data.batching import left_pad
+from distill.data.encoding import encode_prompt
 
 
 def is_adapter(path: str | Path) -> bool:
@@ -62,7 +63,9 @@ class Generation:
 
 
 def encode_prompts(tokenizer, prompts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
-    return [tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"] for p in prompts]
+    """Prompt ids by the one prompt rule (`distill.data.encoding.encode_prompt`); add_special_tokens=False
+    means the prompts were rendered with the chat template (which wrote the special tokens)."""
+    return [encode_prompt(tokenizer, p, rendered_with_template=not add_special_tokens) for p in prompts]
 
 
 def generate_ids(model, tokenizer, batch: list[list[int]], max_new_tokens: int, fixed: bool):

@@ -1,21 +1,24 @@
 """Task metrics (prediction vs reference) and fidelity metrics (student vs teacher token distributions).
 
 Task metrics are plain functions `(prediction: str, reference: str) -> float` so that a user metric given as
-`module:function` in `eval.metric` is the same kind of thing as a built-in one.
+`module:function` in `eval.metric` is the same kind of thing as a built-in one. The built-in ones are named
+once, in `METRICS` (name -> function, description, whether it needs a reference, aliases): config
+validation, `get_metric` and the docs (`metric_help()`) all read it.
 """
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import importlib.util
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from functools import partial
 from pathlib import Path
 
 Metric = Callable[[str, str], float]
-BUILTIN_METRICS = ("exact_match", "accuracy", "rouge_l")
 
 
 # ---------------------------------------------------------------- answers
@@ -96,6 +99,69 @@ def rouge_l(prediction: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
+# ---------------------------------------------------------------- the registry
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """One built-in task metric."""
+
+    name: str
+    fn: Metric
+    description: str
+    needs_reference: bool = True  # prompts without a reference are skipped (not scored 0)
+    aliases: tuple[str, ...] = ()
+    uses_answer_regex: bool = False  # eval.answer_regex configures it
+
+    def build(self, answer_regex: str | None = None) -> Metric:
+        if not self.uses_answer_regex or answer_regex is None:
+            return self.fn
+        try:
+            re.compile(answer_regex)
+        except re.error as exc:
+            raise ValueError(f"eval.answer_regex '{answer_regex}': not a valid regular expression ({exc})") from None
+        return partial(self.fn, answer_regex=answer_regex)
+
+
+METRICS: dict[str, MetricSpec] = {
+    m.name: m
+    for m in (
+        MetricSpec("exact_match", exact_match, "answer extracted by eval.answer_regex equals the reference's",
+                   uses_answer_regex=True),
+        MetricSpec("accuracy", accuracy, "whole output equals the reference (stripped, lower-cased)"),
+        MetricSpec("rouge_l", rouge_l, "ROUGE-L F1 of output vs reference (LCS of words)", aliases=("rouge", "rougeL")),
+    )
+}
+BUILTIN_METRICS = tuple(METRICS)  # the names, in registry order (kept for callers of the old constant)
+
+
+def metric_spec(name: str) -> MetricSpec | None:
+    """The built-in metric called `name` (or one of its aliases); None for anything else."""
+    if name in METRICS:
+        return METRICS[name]
+    return next((m for m in METRICS.values() if name in m.aliases), None)
+
+
+def metric_help() -> str:
+    """One line per built-in metric, for docs and `--help`."""
+    def line(m: MetricSpec) -> str:
+        aka = f" (also {', '.join(m.aliases)})" if m.aliases else ""
+        ref = "needs a reference" if m.needs_reference else "no reference needed"
+        return f"{m.name}{aka}: {m.description}; {ref}"
+
+    return "\n".join(line(m) for m in METRICS.values())
+
+
+def check_metric_name(spec: str) -> str:
+    """Config validation of eval.metric: a built-in name (did-you-mean on a typo) or 'module:function'."""
+    if metric_spec(spec) is not None or ":" in spec:
+        return spec
+    names = [n for m in METRICS.values() for n in (m.name, *m.aliases)]
+    hint = difflib.get_close_matches(spec, names, n=1)
+    extra = f"; did you mean '{hint[0]}'?" if hint else ""
+    raise ValueError(f"unknown metric '{spec}': expected one of {', '.join(METRICS)} or 'module:function'{extra}")
+
+
 # ---------------------------------------------------------------- choosing a metric
 
 
@@ -132,21 +198,10 @@ def _import_user_metric(spec: str) -> Metric:
 
 
 def get_metric(spec: str, answer_regex: str | None = None) -> Metric:
-    """The metric function for `eval.metric`: a built-in name or `module:function`."""
-    if spec == "exact_match":
-        if answer_regex is None:
-            return exact_match
-        try:
-            re.compile(answer_regex)
-        except re.error as exc:
-            raise ValueError(
-                f"eval.answer_regex '{answer_regex}': not a valid regular expression ({exc})"
-            ) from None
-        return partial(exact_match, answer_regex=answer_regex)
-    if spec == "accuracy":
-        return accuracy
-    if spec in ("rouge_l", "rouge", "rougeL"):
-        return rouge_l
+    """The metric function for `eval.metric`: a registered name (METRICS) or `module:function`."""
+    builtin = metric_spec(spec)
+    if builtin is not None:
+        return builtin.build(answer_regex)
     return _import_user_metric(spec)
 
 

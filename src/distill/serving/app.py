@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from distill.data.encoding import encode_prompt
 from distill.serving.engine import Engine, Row, RowEvent, SamplingParams
 from distill.serving.protocol import (
     ChatMessage,
@@ -168,7 +169,10 @@ def _completion_prompts(req: CompletionRequest, engine: Engine) -> list[list[int
         raise OpenAIError(400, "prompt must not be empty", param="prompt", code="invalid_value")
     out = []
     for i, item in enumerate(items):
-        ids = engine.tok(item).input_ids if isinstance(item, str) else list(item)
+        if isinstance(item, str):  # the one prompt rule; an empty string stays empty (rejected below)
+            ids = encode_prompt(engine.tok, item, rendered_with_template=False) if item else []
+        else:
+            ids = list(item)
         vocab = len(engine.tok)
         if any(not 0 <= t < max(vocab, engine.model.config.vocab_size) for t in ids):
             raise OpenAIError(400, f"prompt {i}: token id out of range", param="prompt", code="invalid_value")
@@ -186,10 +190,10 @@ def _chat_prompt(messages: list[ChatMessage], tok) -> list[int]:
         except Exception as exc:  # noqa: BLE001  (any template error is the request's fault)
             raise OpenAIError(400, f"chat template rejected the messages: {exc}", param="messages",
                               code="invalid_value") from None
-        return tok(text, add_special_tokens=False).input_ids
+        return encode_prompt(tok, text, rendered_with_template=True)
     # no template: a plain "role: content" transcript, the same fallback the hf teacher uses
     text = "".join(f"{t['role']}: {t['content']}\n" for t in turns) + "assistant:"
-    return tok(text).input_ids
+    return encode_prompt(tok, text, rendered_with_template=False)
 
 
 def _max_tokens(req, prompts: list[list[int]], engine: Engine, opts: ServeOptions) -> int:

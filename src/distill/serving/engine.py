@@ -20,6 +20,8 @@ from functools import lru_cache
 
 import torch
 
+from distill.modeling import eos_token_ids
+
 
 @dataclass(frozen=True)
 class Alt:
@@ -354,14 +356,7 @@ class Engine:
 
 
 def _eos_ids(model, tokenizer) -> set[int]:
-    ids: set[int] = set()
-    for source in (getattr(model, "generation_config", None), model.config):
-        eos = getattr(source, "eos_token_id", None) if source is not None else None
-        if eos is not None:
-            ids.update(eos if isinstance(eos, (list, tuple)) else [eos])
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    return {int(i) for i in ids}
+    return set(eos_token_ids(tokenizer, getattr(model, "generation_config", None), model.config))
 
 
 def _joinable(cache) -> bool:

@@ -1,30 +1,23 @@
-"""Teacher backends behind one protocol: `hf` (local transformers), `openai` (any compatible endpoint) and
-`vllm` (offline engine). `build_teacher(config)` picks one; heavy imports happen only for the chosen one."""
+"""Teacher backends behind one protocol, named in one registry (`distill.teachers.registry.BACKENDS`: hf,
+openai, vllm, each declaring what it supports). `build_teacher(config)` builds the configured one; heavy
+imports happen only for the chosen one."""
 
 from __future__ import annotations
 
 from distill.config import Config
 from distill.teachers.base import Completion, Prompt, Teacher, TeacherError, teacher_identity
-
-BACKENDS = ("hf", "openai", "vllm")
-
-
-def build_teacher(config: Config, device: str | None = None) -> Teacher:
-    """The teacher named by config.teacher.backend; `device` overrides teacher.device (one GPU per rank)."""
-    t = config.teacher
-    if t.backend == "hf":
-        from distill.teachers.hf import HFTeacher
-
-        return HFTeacher(t, config.data, device=device)
-    if t.backend == "openai":
-        from distill.teachers.openai import OpenAITeacher
-
-        return OpenAITeacher(t, config.data)
-    if t.backend == "vllm":
-        from distill.teachers.vllm import VLLMTeacher
-
-        return VLLMTeacher(t, config.data, top_k=config.generate.top_k, seed=config.generate.seed)
-    raise TeacherError(f"teacher.backend '{t.backend}' is unknown; expected one of {', '.join(BACKENDS)}")
+from distill.teachers.registry import BACKENDS, BackendSpec, UnknownBackend, backend_spec
 
 
-__all__ = ["BACKENDS", "Completion", "Prompt", "Teacher", "TeacherError", "build_teacher", "teacher_identity"]
+def build_teacher(config: Config, device: str | None = None, tokenizer=None) -> Teacher:
+    """The teacher named by config.teacher.backend; `device` overrides teacher.device (one GPU per rank) and
+    `tokenizer` reuses one already loaded (backends with tokenizer access)."""
+    try:
+        spec = backend_spec(config.teacher.backend)
+    except UnknownBackend as exc:
+        raise TeacherError(f"teacher.backend: {exc}") from None
+    return spec.load().from_config(config, device=device, tokenizer=tokenizer)
+
+
+__all__ = ["BACKENDS", "BackendSpec", "Completion", "Prompt", "Teacher", "TeacherError", "backend_spec",
+           "build_teacher", "teacher_identity"]

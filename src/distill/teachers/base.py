@@ -15,6 +15,7 @@ import numpy as np
 
 from distill.config import GenerateConfig, TeacherConfig
 from distill.data.prompts import Record
+from distill.teachers.registry import backend_spec
 
 
 class TeacherError(RuntimeError):
@@ -72,9 +73,10 @@ class Teacher(Protocol):
 
 
 def teacher_identity(tcfg: TeacherConfig) -> str:
-    """The teacher part of every row key, e.g. 'hf:Qwen/Qwen3-8B' or 'openai:chat:gpt-4o-mini'."""
-    if tcfg.backend == "openai":
-        return f"openai:{tcfg.api}:{tcfg.model}"
+    """The teacher part of every row key, e.g. 'hf:Qwen/Qwen3-8B' or 'openai:chat:gpt-4o-mini' (an endpoint's
+    API flavour changes what it returns, so it is part of the identity)."""
+    if backend_spec(tcfg.backend).remote:
+        return f"{tcfg.backend}:{tcfg.api}:{tcfg.model}"
     return f"{tcfg.backend}:{tcfg.model}"
 
 

@@ -32,6 +32,7 @@ from distill.data.cot import request_reasoning, split_completion
 from distill.data.prompts import Record, load_records, render_prompt
 from distill.store.shards import Store, row_key
 from distill.teachers import Completion, Prompt, TeacherError, build_teacher, teacher_identity
+from distill.teachers.registry import backend_spec
 
 console = Console(stderr=True)
 
@@ -62,14 +63,15 @@ def generation_params(config: Config) -> dict:
         params["seed"] = g.seed  # greedy outputs do not depend on the seed
     if g.reasoning:  # the request and the split change what is stored
         params.update(reasoning_prompt=g.reasoning_prompt, answer_marker=g.answer_marker)
-    if config.teacher.backend == "openai" and config.teacher.extra_body:
+    if backend_spec(config.teacher.backend).remote and config.teacher.extra_body:
         params["extra_body"] = config.teacher.extra_body
     return params
 
 
 def _prompt_tokenizer(config: Config):
-    """The tokenizer whose chat template renders prompts (local backends), loaded without the model."""
-    if config.teacher.backend == "openai":
+    """The tokenizer whose chat template renders prompts (backends with tokenizer access), loaded without the
+    model."""
+    if not backend_spec(config.teacher.backend).tokenizer_access:
         return None
     if not config.teacher.model:
         raise TeacherError("teacher.model is not set: give a hub id, a local directory or a .gguf file")
@@ -115,7 +117,7 @@ class TokensPerSecond(ProgressColumn):
 
 def _device_for(rank: int, world: int, config: Config) -> str | None:
     """One GPU per local rank when several workers share a machine and the device is 'auto'."""
-    if world == 1 or config.teacher.device != "auto" or config.teacher.backend != "hf":
+    if world == 1 or config.teacher.device != "auto" or not backend_spec(config.teacher.backend).takes_device:
         return None
     import torch
 
@@ -174,8 +176,4 @@ def _run(config: Config, todo: list[Prompt], store: Store, identity: str, device
 
 
 def _build(config: Config, device, tokenizer):
-    if config.teacher.backend == "hf":
-        from distill.teachers.hf import HFTeacher
-
-        return HFTeacher(config.teacher, config.data, tokenizer=tokenizer, device=device)
-    return build_teacher(config, device)
+    return build_teacher(config, device, tokenizer)

@@ -14,8 +14,9 @@ import torch
 
 from distill.config import DataConfig, GenerateConfig, TeacherConfig
 from distill.data.batching import left_pad
+from distill.data.encoding import encode_prompt, uses_template
 from distill.data.prompts import Record, render_prompt
-from distill.modeling import load_model, load_tokenizer_for
+from distill.modeling import eos_token_ids, load_model, load_tokenizer_for
 from distill.teachers.base import (
     Completion,
     Prompt,
@@ -49,12 +50,14 @@ class HFTeacher:
         self.model.eval()
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.templated = bool(self.dcfg.chat_template and getattr(self.tokenizer, "chat_template", None))
-        eos = self.model.generation_config.eos_token_id
-        eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
-        if self.tokenizer.eos_token_id is not None:
-            eos.append(self.tokenizer.eos_token_id)
-        self.eos_ids = sorted(set(eos))
+        self.templated = uses_template(self.tokenizer, self.dcfg)
+        self.eos_ids = eos_token_ids(self.tokenizer, getattr(self.model, "generation_config", None),
+                                     self.model.config)
+
+    @classmethod
+    def from_config(cls, config, device: str | None = None, tokenizer=None) -> HFTeacher:
+        """The registry's constructor (distill.teachers.registry)."""
+        return cls(config.teacher, config.data, tokenizer=tokenizer, device=device)
 
     @property
     def device(self) -> torch.device:
@@ -64,8 +67,8 @@ class HFTeacher:
         return render_prompt(record, self.tokenizer, self.dcfg)
 
     def encode(self, text: str) -> list[int]:
-        # A chat template already writes the special tokens (BOS); plain prompts get the tokenizer's own.
-        return self.tokenizer(text, add_special_tokens=not self.templated)["input_ids"]
+        # The one prompt rule: a chat template already wrote BOS; plain prompts get the tokenizer's own.
+        return encode_prompt(self.tokenizer, text, self.templated)
 
     def close(self) -> None:
         self.model = None

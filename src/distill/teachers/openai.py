@@ -127,6 +127,11 @@ class OpenAITeacher:
         self._stop = threading.Event()
         self.requests_sent = 0
 
+    @classmethod
+    def from_config(cls, config, device: str | None = None, tokenizer=None) -> OpenAITeacher:
+        """The registry's constructor (distill.teachers.registry); an endpoint has no device or tokenizer."""
+        return cls(config.teacher, config.data)
+
     def render(self, record: Record) -> str:
         return render_prompt(record, None, self.dcfg)  # the API applies the model's own chat template
 

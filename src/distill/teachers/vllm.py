@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from distill.config import DataConfig, GenerateConfig, TeacherConfig
+from distill.data.encoding import encode_prompt, uses_template
 from distill.data.prompts import Record, render_prompt
 from distill.teachers.base import (
     Completion,
@@ -67,7 +68,12 @@ class VLLMTeacher:
             seed=seed,
         )
         self.tokenizer = self.llm.get_tokenizer()
-        self.templated = bool(self.dcfg.chat_template and getattr(self.tokenizer, "chat_template", None))
+        self.templated = uses_template(self.tokenizer, self.dcfg)
+
+    @classmethod
+    def from_config(cls, config, device: str | None = None, tokenizer=None) -> VLLMTeacher:
+        """The registry's constructor (distill.teachers.registry); vLLM places and tokenizes itself."""
+        return cls(config.teacher, config.data, top_k=config.generate.top_k, seed=config.generate.seed)
 
     def render(self, record: Record) -> str:
         return render_prompt(record, self.tokenizer, self.dcfg)
@@ -90,7 +96,7 @@ class VLLMTeacher:
         sampling = self.sampling_params(params)
         for start in range(0, len(prompts), CHUNK):
             chunk = prompts[start:start + CHUNK]
-            ids = [self.tokenizer(p.text, add_special_tokens=not self.templated)["input_ids"] for p in chunk]
+            ids = [encode_prompt(self.tokenizer, p.text, self.templated) for p in chunk]
             outputs = self.llm.generate([{"prompt_token_ids": i} for i in ids], sampling, use_tqdm=False)
             for prompt, prompt_ids, out in zip(chunk, ids, outputs):
                 yield prompt, self._completion(out.outputs[0], prompt_ids, params)

@@ -22,11 +22,16 @@ Works with LoRA students: generation goes through the (peft-wrapped) model's own
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
 
+from distill.config import GenerateConfig
 from distill.data.batching import DistillCollator, encode_example, left_pad
+from distill.data.prompts import Record
+from distill.teachers.base import Completion, Prompt, TeacherError
+from distill.teachers.openai import MalformedResponse, OpenAITeacher
 
 SAMPLED_KEY = "teacher_token_logprobs"  # (batch, seq - 1) teacher logprob of each sampled token, shifted
 
@@ -120,37 +125,64 @@ class LocalScorer:
         return out
 
 
+@dataclass
+class ScoringPrompt(Prompt):
+    """One (prompt ids, sampled completion ids) pair to score, in the teacher pool's `Prompt` shape."""
+
+    prompt_ids: list[int] = field(default_factory=list)
+    completion_ids: list[int] = field(default_factory=list)
+
+
+class EchoScoring(OpenAITeacher):
+    """The openai teacher's client (thread pool, round robin over every teacher.base_url, our retry policy,
+    fatal errors after the finished requests) with one different request: prompt + completion as token ids,
+    `echo=True, logprobs=0`, read back as the teacher's logprob of each completion token."""
+
+    def _request(self, client, prompt: ScoringPrompt, params) -> Completion:
+        kwargs: dict[str, Any] = {"model": self.tcfg.model, "prompt": prompt.prompt_ids + prompt.completion_ids,
+                                  "max_tokens": 1, "echo": True, "logprobs": 0, "temperature": 0.0}
+        if self.tcfg.extra_body:
+            kwargs["extra_body"] = dict(self.tcfg.extra_body)
+        resp = client.completions.create(**kwargs)
+        choices = getattr(resp, "choices", None)
+        if not isinstance(choices, list) or not choices:
+            raise MalformedResponse(f"reply has no choices: {str(resp)[:200]}")  # retried like a 5xx
+        logprobs = getattr(choices[0], "logprobs", None)
+        lps = list(getattr(logprobs, "token_logprobs", None) or [])
+        p, c = len(prompt.prompt_ids), len(prompt.completion_ids)
+        got = lps[p: p + c]
+        if len(got) != c or any(v is None for v in got):
+            raise TeacherError(
+                f"teacher endpoint returned {len(got)} prompt logprobs for {c} sampled tokens: it must "
+                "support echo=True with logprobs on token-id prompts (vLLM / SGLang completions API)"
+            )
+        return Completion(text="", finish_reason="stop", extra={"token_logprobs": [float(v) for v in got]})
+
+
 class OpenAIScorer:
-    """`Scorer` over an OpenAI-compatible completions endpoint (vLLM, SGLang) serving the teacher.
+    """`Scorer` over OpenAI-compatible completions endpoints (vLLM, SGLang) serving the teacher.
 
     Sends prompt + completion as token ids with `echo=True, logprobs=0` and reads the echoed prompt
     logprobs back: the server must use the student's tokenizer (same-family teacher), since the ids are sent.
+    Requests go through the same client as generation (`EchoScoring`, an `OpenAITeacher`): up to
+    teacher.max_concurrency in flight, spread over every teacher.base_url, retried by teacher.max_retries /
+    retry_base_delay / retry_max_delay (Retry-After honoured).
     """
 
-    def __init__(self, tcfg: Any):
-        import os
-
-        from openai import OpenAI
-
-        base = tcfg.base_url[0] if isinstance(tcfg.base_url, list) else tcfg.base_url
-        self.model = tcfg.model
-        self.client = OpenAI(base_url=base, api_key=os.environ.get(tcfg.api_key_env, "EMPTY"),
-                             timeout=tcfg.timeout, max_retries=tcfg.max_retries)
+    def __init__(self, tcfg: Any, policy: Any = None):
+        self.pool = EchoScoring(tcfg, policy=policy)
 
     def token_logprobs(self, prompts: list[list[int]], completions: list[list[int]]) -> list[list[float]]:
-        out = []
-        for p, c in zip(prompts, completions):
-            resp = self.client.completions.create(model=self.model, prompt=p + c, max_tokens=1, echo=True,
-                                                  logprobs=0, temperature=0.0)
-            lps = resp.choices[0].logprobs.token_logprobs
-            got = lps[len(p): len(p) + len(c)]
-            if len(got) != len(c) or any(v is None for v in got):
-                raise RuntimeError(
-                    f"teacher endpoint returned {len(got)} prompt logprobs for {len(c)} sampled tokens: it must "
-                    "support echo=True with logprobs on token-id prompts (vLLM / SGLang completions API)"
-                )
-            out.append([float(v) for v in got])
+        items = [ScoringPrompt(i, Record(source=f"on-policy sample {i}"), "", prompt_ids=list(p),
+                               completion_ids=list(c)) for i, (p, c) in enumerate(zip(prompts, completions))]
+        out: list[list[float]] = [[] for _ in items]
+        todo = [item for item in items if item.completion_ids]  # nothing to score in an empty sample
+        for item, completion in self.pool.generate(todo, GenerateConfig(seed=0)):
+            out[item.index] = completion.extra["token_logprobs"]
         return out
+
+    def close(self) -> None:
+        self.pool.close()
 
 
 def scored_batch(batch: dict[str, torch.Tensor], prompts: list[list[int]], completions: list[list[int]],

@@ -21,9 +21,11 @@ import torch
 
 from distill.config import Config, StudentConfig, load_config, save_config
 from distill.data.batching import DistillCollator, encode_example, tokenize_pair
+from distill.data.encoding import uses_template
 from distill.data.prompts import DataError, iter_rows, record_from_row, render_prompt
 from distill.modeling import load_model, load_tokenizer_for
 from distill.students.build import build_student
+from distill.teachers.registry import backend_spec
 
 
 def _as_config(config: Config | str | Path | dict, overrides: list[str] | None = None) -> Config:
@@ -61,6 +63,8 @@ def _examples_from_store(cfg: Config, tokenizer, same_tokenizer: bool, want_topk
     rows = read_store(path)
     if not rows:
         raise DataError(f"{path}: the teacher store has no finished rows")
+    # the store's prompts were rendered by the teacher: with its chat template only if it renders locally
+    templated = backend_spec(cfg.teacher.backend).tokenizer_access and uses_template(tokenizer, cfg.data)
     out = []
     for row in rows:
         ids_ok = same_tokenizer and row.get("prompt_ids") is not None and row.get("response_ids") is not None
@@ -77,7 +81,7 @@ def _examples_from_store(cfg: Config, tokenizer, same_tokenizer: bool, want_topk
                     f"{path}: row {row.get('index')} has no teacher token ids/top-k for this tokenizer; offline "
                     "logit distillation needs a local teacher with the student's tokenizer (or use cross_entropy)"
                 )
-            ex = tokenize_pair(tokenizer, row["prompt"], row["response"], cfg.train.max_length)
+            ex = tokenize_pair(tokenizer, row["prompt"], row["response"], cfg.train.max_length, templated)
         if ex is not None:
             out.append(ex)
     if not out:
@@ -105,7 +109,8 @@ def _examples_from_file(cfg: Config, tokenizer, source: str) -> list[dict]:
                     f"{where}: missing field '{cfg.train.response_field}' (the target response); fields present: "
                     f"{', '.join(row)}. Set train.response_field, or train on the teacher store (train.input unset)"
                 )
-            ex = tokenize_pair(tokenizer, render_prompt(record, tokenizer, cfg.data), response, cfg.train.max_length)
+            ex = tokenize_pair(tokenizer, render_prompt(record, tokenizer, cfg.data), response, cfg.train.max_length,
+                               uses_template(tokenizer, cfg.data))
         if ex is not None:
             out.append(ex)
     if not out:
@@ -187,7 +192,7 @@ def _check_onpolicy(cfg: Config, local_teacher: bool, names: set[str], cross):
         return None
     if cross is not None:
         raise ValueError("train.onpolicy with cross-tokenizer losses (uld) is not supported: use one tokenizer")
-    if cfg.teacher.backend == "openai":
+    if backend_spec(cfg.teacher.backend).remote:  # an endpoint scores the samples (sampled reverse KL)
         from distill.training.onpolicy import OpenAIScorer
 
         return OpenAIScorer(cfg.teacher)
@@ -206,6 +211,27 @@ def loss_chunk_size(configured: int | None, vocab: int) -> int | None:
     if configured is None:
         return AUTO_CHUNK if vocab >= AUTO_CHUNK_VOCAB else None
     return configured or None
+
+
+def hidden_projections(cfg: Config, student, teacher):
+    """One learned student->teacher width projection per layer pair of the hidden losses' layer_map (config
+    validation made it one map for all of them; by default every student hidden state, evenly spread over
+    the teacher's), after checking its indices against the two models."""
+    from distill.losses import HIDDEN_LOSSES, default_layer_map, make_projections
+
+    if teacher is None:  # config validation refuses this; a guard for callers that built a Config by hand
+        raise ValueError("hidden-state losses need a live teacher: train.signal=online with a local teacher")
+    n_s, n_t = student.config.num_hidden_layers + 1, teacher.config.num_hidden_layers + 1  # embeddings + layers
+    i, term = next((i, t) for i, t in enumerate(cfg.train.losses) if t.name in HIDDEN_LOSSES)
+    layer_map = term.params.get("layer_map")
+    pairs = [tuple(p) for p in layer_map] if layer_map is not None else default_layer_map(n_s, n_t)
+    for j, (si, ti) in enumerate(pairs):
+        if not (-n_s <= si < n_s and -n_t <= ti < n_t):
+            raise ValueError(
+                f"train.losses[{i}].params.layer_map[{j}] = ({si}, {ti}) is out of range: {n_s} student and {n_t} "
+                "teacher hidden states (index 0 is the embeddings, i is the output of layer i)"
+            )
+    return make_projections(student.config.hidden_size, teacher.config.hidden_size, len(pairs))
 
 
 def _last_checkpoint(output_dir: str) -> str | None:
@@ -232,7 +258,7 @@ def train_student(cfg: Config, scfg: StudentConfig) -> Path:
     if int(os.environ.get("RANK", "0")) == 0:  # one writer under torchrun / accelerate launch
         save_config(cfg, run_dir / "config.yaml")
 
-    local_teacher = cfg.teacher.backend != "openai" and cfg.teacher.model is not None
+    local_teacher = backend_spec(cfg.teacher.backend).local_weights and cfg.teacher.model is not None
     teacher_tok = load_tokenizer_for(cfg.teacher.model, cfg.teacher.trust_remote_code) if local_teacher else None
     if scfg.init in ("lora", "pretrained") and scfg.model:
         tokenizer = load_tokenizer_for(scfg.model, cfg.teacher.trust_remote_code)
@@ -279,12 +305,7 @@ def train_student(cfg: Config, scfg: StudentConfig) -> Path:
         n_eval = max(1, int(len(examples) * cfg.train.eval_fraction))
         eval_examples, examples = examples[:n_eval], examples[n_eval:]
 
-    projections = None
-    if names & HIDDEN_LOSSES:
-        from distill.losses import make_projections
-
-        projections = make_projections(student.config.hidden_size, teacher.config.hidden_size,
-                                       student.config.num_hidden_layers + 1)
+    projections = hidden_projections(cfg, student, teacher) if names & HIDDEN_LOSSES else None
 
     out = student_dir(cfg, scfg.name)
     args = _training_args(cfg, out, scfg.name)

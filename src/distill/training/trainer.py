@@ -19,6 +19,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from distill.losses import CROSS_TOKENIZER_LOSSES, HIDDEN_LOSSES, LOSSES, align_responses
+from distill.modeling import eos_token_ids
 from distill.signals import SparseSignal
 from distill.training.onpolicy import SAMPLED_KEY, onpolicy_inputs, sampled_reverse_kl
 
@@ -78,6 +79,7 @@ class DistillationTrainer(Trainer):
         if projections is not None:
             projections.to(self.args.device)
             self.add_callback(AverageProjectionGrads(projections, self.accelerator))
+            self.add_callback(SaveProjections(projections))
         self._component_sums: dict[str, list[float]] = defaultdict(list)
         # Our loss is always normalised by the global token count, so let the Trainer count it (over shifted
         # labels) and not divide again by the accumulation steps.
@@ -92,6 +94,19 @@ class DistillationTrainer(Trainer):
             optimizer.add_param_group({"params": list(self.projections.parameters()), "weight_decay": 0.0})
             self._projections_added = True
         return optimizer
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        """Trainer.train, restoring the learned projections of the checkpoint it resumes from first: the
+        Trainer restores their optimizer state (they are a param group), so they must not start afresh."""
+        if self.projections is not None and resume_from_checkpoint:
+            checkpoint = resume_from_checkpoint
+            if checkpoint is True:
+                from transformers.trainer_utils import get_last_checkpoint
+
+                checkpoint = get_last_checkpoint(self.args.output_dir)
+            if checkpoint:
+                load_projections(self.projections, checkpoint)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     # ----------------------------------------------------------------- the loss
     def _needs(self) -> tuple[bool, bool]:
@@ -120,9 +135,8 @@ class DistillationTrainer(Trainer):
         """With probability onpolicy.lmbda, train on the student's own samples of the batch prompts."""
         if self.onpolicy is not None and self.onpolicy.lmbda > 0 and self._onpolicy_rng.random() < self.onpolicy.lmbda:
             tok = self.processing_class
-            eos = self.accelerator.unwrap_model(model).generation_config.eos_token_id
-            eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
-            eos = sorted(set(eos) | ({tok.eos_token_id} if tok.eos_token_id is not None else set()))
+            student = self.accelerator.unwrap_model(model)
+            eos = eos_token_ids(tok, getattr(student, "generation_config", None), student.config)
             seed = self.args.seed * 1_000_003 + self.state.global_step * 1009 + self._onpolicy_rng.randrange(1009)
             inputs, num_items_in_batch = onpolicy_inputs(
                 self.accelerator.unwrap_model(model), self._prepare_inputs(inputs), self.onpolicy,
@@ -261,6 +275,56 @@ class AverageProjectionGrads(TrainerCallback):
             for param in self.projections.parameters():
                 if param.grad is not None:
                     param.grad = self.accelerator.reduce(param.grad, reduction="mean")
+
+
+PROJECTIONS_FILE = "projections.safetensors"  # beside the student's weights in every checkpoint-N
+
+
+def save_projections(projections: torch.nn.Module, directory) -> None:
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().cpu().contiguous() for k, v in projections.state_dict().items()}
+    save_file(state, str(Path(directory) / PROJECTIONS_FILE))
+
+
+def load_projections(projections: torch.nn.Module, directory) -> None:
+    """Projection weights from a checkpoint; a checkpoint without them cannot be resumed faithfully."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    path = Path(directory) / PROJECTIONS_FILE
+    if not path.exists():
+        raise ValueError(
+            f"{directory}: no {PROJECTIONS_FILE} in this checkpoint (written before hidden-state projections were "
+            "checkpointed, or by a run without hidden losses); delete the checkpoint or set train.resume=false"
+        )
+    state = load_file(str(path))
+    try:
+        projections.load_state_dict(state)
+    except RuntimeError as exc:  # another layer_map or width than the run that wrote it
+        raise ValueError(f"{path}: does not fit this run's projections (layer_map or widths changed): "
+                         f"{str(exc).splitlines()[0]}; set train.resume=false to start over") from None
+
+
+class SaveProjections(TrainerCallback):
+    """The projections are not part of the student, so the Trainer does not save them: write them into each
+    checkpoint it saves (the main process only), for `DistillationTrainer.train` to restore on resume."""
+
+    def __init__(self, projections: torch.nn.Module):
+        self.projections = projections
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            from pathlib import Path
+
+            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+            directory = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+            if directory.is_dir():
+                save_projections(self.projections, directory)
 
 
 def attention_mask_for_hidden(inputs: dict, labels: torch.Tensor) -> torch.Tensor:
