@@ -40,7 +40,7 @@ class StoreReader:
     cache_bytes: budget of the decoded row-group LRU (per reader, i.e. per process).
     """
 
-    def __init__(self, path: str | Path, columns: Sequence[str] | None = None, cache_bytes: int = 64 << 20,
+    def __init__(self, path: str | Path, columns: Sequence[str] | None = None, cache_bytes: int = 32 << 20,
                  _index: tuple | None = None):
         self.path = Path(path)
         if not (self.path / "shards").is_dir():
@@ -94,11 +94,13 @@ class StoreReader:
         Reads that one column shard by shard (cheap: no top-k values decoded when asking for prompt_ids)."""
         if column not in LIST_DTYPES and column not in ("response_tokens", "topk_tokens"):
             raise ValueError(f"'{column}' is not a list column")
-        per_file = []
-        for f in self._files:
-            col = pq.read_table(f, columns=[column]).column(column)
-            per_file.append(pc.list_value_length(col).fill_null(-1).to_numpy().astype(np.int64))
-        flat = np.concatenate(per_file) if per_file else np.zeros(0, np.int64)
+        parts = []
+        for f in range(len(self._files)):  # one row group at a time: the transient memory stays small
+            pf = self._handle(f)
+            for g in range(pf.num_row_groups):
+                col = pf.read_row_group(g, columns=[column]).column(column)
+                parts.append(pc.list_value_length(col).fill_null(-1).to_numpy().astype(np.int64))
+        flat = np.concatenate(parts) if parts else np.zeros(0, np.int64)
         return flat[self._pos]
 
     # -- decoding

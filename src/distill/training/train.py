@@ -236,12 +236,16 @@ def train_student(cfg: Config, scfg: StudentConfig) -> Path:
 
     local_teacher = cfg.teacher.backend != "openai" and cfg.teacher.model is not None
     teacher_tok = load_tokenizer_for(cfg.teacher.model, cfg.teacher.trust_remote_code) if local_teacher else None
+    api_tok = None  # an API teacher's tokenizer (teacher.tokenizer): the store's ids are in its vocabulary
+    if teacher_tok is None and cfg.teacher.backend == "openai" and cfg.teacher.tokenizer:
+        api_tok = load_tokenizer_for(cfg.teacher.tokenizer, cfg.teacher.trust_remote_code)
     if scfg.init in ("lora", "pretrained") and scfg.model:
         tokenizer = load_tokenizer_for(scfg.model, cfg.teacher.trust_remote_code)
-    elif teacher_tok is not None:
-        tokenizer = teacher_tok
+    elif teacher_tok is not None or api_tok is not None:
+        tokenizer = teacher_tok or api_tok
     else:
-        raise ValueError(f"student '{scfg.name}': no tokenizer; set teacher.model (local) or student.model")
+        raise ValueError(f"student '{scfg.name}': no tokenizer; set teacher.model (local), teacher.tokenizer "
+                         "(openai) or student.model")
 
     needs_teacher_logits = cfg.train.signal == "online"
     names = {t.name for t in cfg.train.losses}
@@ -259,6 +263,10 @@ def train_student(cfg: Config, scfg: StudentConfig) -> Path:
             check_tokenizers(tokenizer, teacher_tok)  # raises with a pointer to cross-tokenizer mode
         else:
             same_tokenizer = False
+    if api_tok is not None:  # the store's ids are usable when the student has the API teacher's vocabulary
+        if cfg.train.signal == "offline" and names != {"cross_entropy"}:
+            check_tokenizers(tokenizer, api_tok)  # raises with a pointer to cross-tokenizer mode
+        same_tokenizer = tokenizer.get_vocab() == api_tok.get_vocab()
     scorer = _check_onpolicy(cfg, local_teacher, names, cross)
 
     teacher = None
