@@ -253,3 +253,16 @@ def test_split_shuffles_indices_exactly_as_the_examples_were_shuffled(tmp_path, 
     train_set, eval_set = split_examples(cfg, examples, None)
     assert [eval_set[i] for i in range(len(eval_set))] == old[:5]
     assert [train_set[i] for i in range(len(train_set))] == old[5:]
+
+
+def test_a_row_with_token_ids_but_top_k_strings_fails_when_read(tmp_path, tokenizer):
+    row = _row(0)
+    row.pop("topk_ids")
+    row["topk_tokens"] = [[f"t{j}" for j in range(4)] for _ in row["response_ids"]]
+    with Store(tmp_path, meta=META) as store:
+        store.add(row)
+        store.add(_row(1))
+    examples = StoreExamples(tmp_path, tokenizer, 64, True, True)
+    assert "topk_ids" in examples[1]
+    with pytest.raises(DataError, match=r"row 0, top-k of token 0: teacher token 't0' does not map"):
+        examples[0]

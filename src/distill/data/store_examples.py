@@ -48,7 +48,8 @@ class StoreExamples(torch.utils.data.Dataset):
         self.text_reader = base.with_columns(["prompt", "response"])
         p_len, r_len = base.list_lengths("prompt_ids"), base.list_lengths("response_ids")
         ids_ok = (p_len >= 0) & (r_len >= 0) if same_tokenizer else np.zeros(len(base), bool)
-        usable = ids_ok & (base.list_lengths("topk_ids") >= 0) if want_topk else ids_ok
+        # top-k presence from `k` (a small column): reading topk_ids here would decode the whole store per rank
+        usable = ids_ok & (base.values("k") > 0) if want_topk else ids_ok
         if want_topk and not usable.all():
             from distill.data.tokenmap import missing_ids_reason
 
@@ -77,6 +78,11 @@ class StoreExamples(torch.utils.data.Dataset):
             row = self.text_reader[r]
             return tokenize_pair(self.tokenizer, row["prompt"], row["response"], self.max_length)
         row = self.ids_reader[r]
+        if self.want_topk and row.get("topk_ids") is None:  # k > 0 but top-k as strings only
+            from distill.data.tokenmap import missing_ids_reason
+
+            full = self.ids_reader.with_columns(None)[r]
+            raise DataError(f"{self.path}: {missing_ids_reason(full, self.tokenizer, True)}")
         return encode_example(row["prompt_ids"], row["response_ids"], self.max_length,
                               row.get("topk_ids"), row.get("topk_logprobs"), row.get("tail"))
 

@@ -88,6 +88,13 @@ class StoreReader:
             row.pop(c, None)
         return row
 
+    def values(self, column: str) -> np.ndarray:
+        """A scalar column (index, n_tokens, k) for every row, in reader order, read shard by shard."""
+        if column not in ("index", "n_tokens", "k"):
+            raise ValueError(f"'{column}' is not a numeric scalar column")
+        parts = [pq.read_table(f, columns=[column]).column(column).to_numpy().astype(np.int64) for f in self._files]
+        return (np.concatenate(parts) if parts else np.zeros(0, np.int64))[self._pos]
+
     def list_lengths(self, column: str) -> np.ndarray:
         """Length of a list column for every row, in reader order; -1 where the value is null.
 
