@@ -266,3 +266,26 @@ def test_a_row_with_token_ids_but_top_k_strings_fails_when_read(tmp_path, tokeni
     assert "topk_ids" in examples[1]
     with pytest.raises(DataError, match=r"row 0, top-k of token 0: teacher token 't0' does not map"):
         examples[0]
+
+
+def test_examples_load_in_dataloader_workers_and_pickle_without_their_cache(tmp_path, tokenizer):
+    import pickle
+
+    from torch.utils.data import DataLoader
+
+    from distill.data.batching import DistillCollator
+
+    with Store(tmp_path, shard_rows=20, meta=META) as store:
+        for i in range(40):
+            store.add(_row(i))
+    examples = StoreExamples(tmp_path, tokenizer, 64, True, True)
+    examples[0]  # fills the readers' caches and open files
+    clone = pickle.loads(pickle.dumps(examples))  # what a spawned worker gets: the index, no cache
+    assert not clone.ids_reader._cache and not clone.ids_reader._handles
+    _assert_examples_equal([clone[i] for i in range(len(clone))], list(examples))
+    collate = DistillCollator(tokenizer.pad_token_id)
+    plain = list(DataLoader(examples, batch_size=4, collate_fn=collate))
+    workers = list(DataLoader(examples, batch_size=4, collate_fn=collate, num_workers=2))
+    assert len(plain) == len(workers) == 10
+    for a, b in zip(plain, workers):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

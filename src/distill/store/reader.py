@@ -96,17 +96,13 @@ class StoreReader:
         return (np.concatenate(parts) if parts else np.zeros(0, np.int64))[self._pos]
 
     def list_lengths(self, column: str) -> np.ndarray:
-        """Length of a list column for every row, in reader order; -1 where the value is null.
-
-        Reads that one column shard by shard (cheap: no top-k values decoded when asking for prompt_ids)."""
+        """Length of a list column for every row, in reader order; -1 where the value is null."""
         if column not in LIST_DTYPES and column not in ("response_tokens", "topk_tokens"):
             raise ValueError(f"'{column}' is not a list column")
         parts = []
-        for f in range(len(self._files)):  # one row group at a time: the transient memory stays small
-            pf = self._handle(f)
-            for g in range(pf.num_row_groups):
-                col = pf.read_row_group(g, columns=[column]).column(column)
-                parts.append(pc.list_value_length(col).fill_null(-1).to_numpy().astype(np.int64))
+        for f in self._files:  # one shard's column at a time (ids columns: small next to the top-k ones)
+            col = pq.read_table(f, columns=[column]).column(column)
+            parts.append(pc.list_value_length(col).fill_null(-1).to_numpy().astype(np.int64))
         flat = np.concatenate(parts) if parts else np.zeros(0, np.int64)
         return flat[self._pos]
 

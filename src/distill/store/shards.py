@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 SCHEMA_VERSION = 1
-ROW_GROUP_ROWS = 32  # small row groups: a random-access reader (store.reader) decodes 32 rows to get one
+ROW_GROUP_ROWS = 8  # small row groups: a random-access reader (store.reader) decodes 8 rows to get one
 SPARSE_COLUMNS = ("topk_ids", "topk_logprobs", "topk_tokens")
 
 SCHEMA = pa.schema(
