@@ -289,3 +289,12 @@ def test_examples_load_in_dataloader_workers_and_pickle_without_their_cache(tmp_
     assert len(plain) == len(workers) == 10
     for a, b in zip(plain, workers):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_non_ascii_keys_dedupe_and_sort_like_read_store(tmp_path):
+    with Store(tmp_path, shard_rows=2, meta=META) as store:
+        for key, i in [("é-b", 1), ("a", 1), ("é-b", 1), ("ü", 0), ("b", 1)]:
+            store.add({**_row(i), "key": key})
+    old, reader = read_store(tmp_path), StoreReader(tmp_path)
+    assert [r["key"] for r in old] == ["ü", "a", "b", "é-b"]
+    assert [reader[i]["key"] for i in range(len(reader))] == [r["key"] for r in old]

@@ -146,7 +146,7 @@ def _build_index(files: list[Path]) -> tuple[list[Path], np.ndarray, list[np.nda
     keys, idx, file_starts, group_starts = [], [], [0], []
     for f in files:
         t = pq.read_table(f, columns=["key", "index"])
-        keys.append(t.column("key").to_numpy(zero_copy_only=False).astype(str))
+        keys.append(t.column("key").to_numpy(zero_copy_only=False))
         idx.append(t.column("index").to_numpy().astype(np.int64))
         file_starts.append(file_starts[-1] + t.num_rows)
         md = pq.ParquetFile(f).metadata
@@ -154,10 +154,18 @@ def _build_index(files: list[Path]) -> tuple[list[Path], np.ndarray, list[np.nda
         group_starts.append(np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64))
     if not keys:
         return files, np.zeros(1, np.int64), [], np.zeros(0, np.int64)
-    all_keys, all_idx = np.concatenate(keys), np.concatenate(idx)
+    all_keys, all_idx = _fixed_width(np.concatenate(keys)), np.concatenate(idx)
     _, first = np.unique(all_keys, return_index=True)  # position of each key's first occurrence
     order = np.lexsort((all_keys[first], all_idx[first]))  # by index, then key
     return files, np.asarray(file_starts, np.int64), group_starts, first[order].astype(np.int64)
+
+
+def _fixed_width(keys: np.ndarray) -> np.ndarray:
+    """Keys as a fixed-width array to sort: 1 byte per character when ASCII (hash keys are), else unicode."""
+    try:
+        return keys.astype(np.bytes_)
+    except UnicodeEncodeError:
+        return keys.astype(str)
 
 
 def _decode_group(table: pa.Table) -> dict[str, Any]:
