@@ -154,8 +154,8 @@ def test_resume_from_checkpoint_continues(tmp_path, sharp_teacher_dir):
     assert summary["global_steps"] == 4
 
 
-def test_offline_sparse_signal_trains(tmp_path, sharp_teacher_dir, tokenizer, monkeypatch):
-    """Top-k rows from a (fake) store: the student moves towards the teacher without a live teacher."""
+def test_offline_sparse_signal_trains(tmp_path, sharp_teacher_dir, tokenizer):
+    """Top-k rows from a store: the student moves towards the teacher without a live teacher."""
     from distill.modeling import load_model
 
     teacher = load_model(sharp_teacher_dir)
@@ -172,12 +172,13 @@ def test_offline_sparse_signal_trains(tmp_path, sharp_teacher_dir, tokenizer, mo
             "prompt_ids": ex["input_ids"][: ex["prompt_len"]], "response_ids": ex["input_ids"][ex["prompt_len"]:],
             "topk_ids": top.indices.numpy().astype("int32"), "topk_logprobs": top.values.numpy(),
             "tail": (1 - top.values.exp().sum(-1)).clamp_min(0).numpy(),
+            "key": f"k{i}", "finish_reason": "stop", "teacher": "hf:tiny",
         })
-    import distill.store.shards
+    from distill.store.shards import Store
 
-    monkeypatch.setattr(distill.store.shards, "read_store", lambda path: rows, raising=False)
-    store_dir = tmp_path / "run" / "teacher"
-    store_dir.mkdir(parents=True)
+    with Store(tmp_path / "run" / "teacher", shard_rows=5) as store:
+        for row in rows:
+            store.add(row)
     cfg = _cfg(tmp_path, sharp_teacher_dir, "unused", signal="offline", max_steps=40)
     cfg = load_config(cfg.model_dump(mode="json"), ["train.input=null"])
     fresh_kl = None

@@ -43,6 +43,9 @@ class TeacherConfig(Section):
     retry_base_delay: float = Field(1.0, ge=0, description="seconds before the first retry; doubles each retry")
     retry_max_delay: float = Field(60.0, ge=0, description="cap on one backoff delay (Retry-After wins)")
     extra_body: dict[str, Any] = Field(default_factory=dict, description="extra JSON fields sent to the endpoint")
+    tokenizer: str | None = Field(
+        None, description="openai backend: the served model's tokenizer (hub id or directory); the store then gets "
+        "prompt ids and token strings mapped to ids, so train.signal=offline works for a student sharing it")
     tensor_parallel_size: int = Field(1, ge=1, description="vLLM tensor parallel degree")
     gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="vLLM memory fraction")
 

@@ -21,6 +21,7 @@ Run as: `distill generate cfg.yaml generate.reasoning=true` then `distill train 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -96,7 +97,7 @@ def trace_text(reasoning: str, answer: str, marker: str) -> str:
     return f"{reasoning}\n{marker} {answer}" if marker else f"{reasoning}\n{answer}"
 
 
-def cot_pairs(rows: list[dict], cfg: Config) -> list[tuple[str, str, float]]:
+def cot_pairs(rows: Iterable[dict], cfg: Config) -> list[tuple[str, str, float]]:
     """(student prompt, target, loss weight) for every row with a reasoning, per `train.cot`."""
     cot, marker, suffix = cfg.train.cot, cfg.generate.answer_marker, cfg.generate.reasoning_prompt
     out = []
@@ -116,7 +117,7 @@ def cot_pairs(rows: list[dict], cfg: Config) -> list[tuple[str, str, float]]:
     return out
 
 
-def read_cot_rows(cfg: Config, tokenizer=None) -> tuple[list[dict], str]:
+def read_cot_rows(cfg: Config, tokenizer=None) -> tuple[Iterable[dict], str]:
     """Rows with prompt / reasoning / response: from `train.input` (fields prompt, reasoning and
     train.response_field) when set, else from the teacher store. Returns (rows, where they came from)."""
     if cfg.train.input:
@@ -128,12 +129,12 @@ def read_cot_rows(cfg: Config, tokenizer=None) -> tuple[list[dict], str]:
             rows.append({"prompt": render_prompt(record, tokenizer, cfg.data), "reasoning": row.get("reasoning"),
                          "response": row.get(cfg.train.response_field), "where": where})
         return rows, str(cfg.train.input)
-    from distill.store.shards import read_store
+    from distill.store.reader import StoreReader
 
     path = cfg.path(cfg.train.store or cfg.generate.store)
     if not Path(path).exists():
         raise DataError(f"{path}: teacher store not found; run `distill generate` with generate.reasoning=true")
-    return read_store(path), str(path)
+    return StoreReader(path, columns=["index", "prompt", "reasoning", "response"]), str(path)  # text only
 
 
 def build_cot_examples(cfg: Config, tokenizer) -> list[dict]:

@@ -85,7 +85,7 @@ def _rows_parquet(path: Path):
 def _rows_hf(spec: str, split: str):
     import datasets
 
-    name = spec[3:] if spec.startswith("hf:") else spec
+    name = spec.removeprefix("hf:")
     ds = datasets.load_dataset(name, split=split)
     for i, row in enumerate(ds):
         yield f"{name}[{split}]:row {i}", dict(row)

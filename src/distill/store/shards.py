@@ -30,6 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 SCHEMA_VERSION = 1
+ROW_GROUP_ROWS = 8  # small row groups: a random-access reader (store.reader) decodes 8 rows to get one
 SPARSE_COLUMNS = ("topk_ids", "topk_logprobs", "topk_tokens")
 
 SCHEMA = pa.schema(
@@ -252,7 +253,7 @@ class Store:
         table = _records_table(self._buffer)
         name = f"{self.worker}-{self._seq:06d}-{secrets.token_hex(3)}.parquet"
         tmp = self.shards_dir / f".{self.worker}-{self._seq:06d}.tmp"
-        pq.write_table(table, tmp, compression="zstd")
+        pq.write_table(table, tmp, compression="zstd", row_group_size=ROW_GROUP_ROWS)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         final = self.shards_dir / name
@@ -368,6 +369,9 @@ def _rows_of(table: pa.Table) -> list[dict]:
 
 def read_store(path: str | Path) -> list[dict]:
     """All finished rows of a store, merged over shards and workers, each key once, in prompt order.
+
+    Everything in memory at once: for small stores and checks. Training and evaluation read a store with
+    `distill.store.reader.StoreReader`, which gives the same rows by index without loading them all.
 
     Each row: key, index, prompt, messages, reference, response, reasoning, prompt_ids, response_ids,
     response_tokens, topk_ids (n_tokens, k) int32, topk_logprobs (n_tokens, k) float32, topk_tokens,

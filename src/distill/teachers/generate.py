@@ -65,6 +65,8 @@ def generation_params(config: Config) -> dict:
         params.update(reasoning_prompt=g.reasoning_prompt, answer_marker=g.answer_marker)
     if backend_spec(config.teacher.backend).remote and config.teacher.extra_body:
         params["extra_body"] = config.teacher.extra_body
+    if backend_spec(config.teacher.backend).remote and config.teacher.tokenizer:  # rows then carry prompt ids
+        params["tokenizer"] = config.teacher.tokenizer
     return params
 
 

@@ -9,7 +9,10 @@ ones finish, yields every finished output, and only then raises, so the store ke
 Top-k: with generate.top_k > 0 the request asks for logprobs/top_logprobs (APIs usually cap k at 20). An
 API returns token *strings*, so rows carry `topk_tokens` / `response_tokens` and `topk_ids = None`; a vLLM
 server started with `--return-tokens-as-token-ids` (or `teacher.extra_body: {return_tokens_as_token_ids:
-true}`) sends "token_id:N" strings, which are parsed into ids.
+true}`) sends "token_id:N" strings, which are parsed into ids. With `teacher.tokenizer` (the served model's
+tokenizer) rows also get prompt ids (completions: the ids are sent; chat: the tokenizer's chat template is
+applied as the server does), and token strings that map one-to-one onto its vocabulary become ids, so the
+store feeds `train.signal=offline`.
 """
 
 from __future__ import annotations
@@ -126,6 +129,14 @@ class OpenAITeacher:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self.requests_sent = 0
+        self.tokenizer = self._token_map = None
+        if tcfg.tokenizer:  # ids for the store: prompt ids, and token strings mapped to ids (distill.data.tokenmap)
+            from distill.modeling import load_tokenizer_for
+
+            self.tokenizer = load_tokenizer_for(tcfg.tokenizer, tcfg.trust_remote_code)
+            if tcfg.api == "chat" and not getattr(self.tokenizer, "chat_template", None):
+                raise TeacherError(f"teacher.tokenizer '{tcfg.tokenizer}' has no chat template, so the prompt ids "
+                                   "the chat API sees cannot be reproduced; set teacher.api=completions")
 
     @classmethod
     def from_config(cls, config, device: str | None = None, tokenizer=None) -> OpenAITeacher:
@@ -222,12 +233,40 @@ class OpenAITeacher:
         if self.tcfg.api == "chat":
             if k > 0:
                 common.update(logprobs=True, top_logprobs=k)
-            resp = client.chat.completions.create(messages=self.messages(prompt.record), **common)
-            return parse_chat(resp, k)
+            messages = self.messages(prompt.record)
+            resp = client.chat.completions.create(messages=messages, **common)
+            return self._with_ids(parse_chat(resp, k), prompt, messages)
         if k > 0:
             common["logprobs"] = k
-        resp = client.completions.create(prompt=prompt.text, **common)
-        return parse_completion(resp, k)
+        prompt_ids = self.tokenizer(prompt.text).input_ids if self.tokenizer is not None else None
+        # with a tokenizer the ids are sent, so the stored prompt ids are exactly what the teacher saw
+        resp = client.completions.create(prompt=prompt_ids or prompt.text, **common)
+        return self._with_ids(parse_completion(resp, k), prompt, prompt_ids)
+
+    def _with_ids(self, c: Completion, prompt: Prompt, sent: Any) -> Completion:
+        """With teacher.tokenizer: the prompt ids, and token strings mapped to ids when one-to-one."""
+        if self.tokenizer is None:
+            return c
+        if self.tcfg.api == "chat":  # the server applies the chat template; reproduce what it tokenises
+            text = self.tokenizer.apply_chat_template(sent, add_generation_prompt=True, tokenize=False)
+            c.prompt_ids = self.tokenizer(text, add_special_tokens=False).input_ids
+        else:
+            c.prompt_ids = list(sent)
+        if c.token_ids is None and c.tokens is not None:
+            from distill.data.tokenmap import TokenMap, TokenMapError
+
+            with self._lock:
+                if self._token_map is None:
+                    self._token_map = TokenMap(self.tokenizer)
+            try:
+                ids = self._token_map.sequence(c.tokens, f"prompt {prompt.index} response")
+                topk = self._token_map.topk(c.topk_tokens, f"prompt {prompt.index}") if c.topk_tokens else None
+            except TokenMapError:
+                return c  # strings kept (text-only training); `distill train` says which token fails and why
+            c.token_ids, c.tokens = ids, None
+            if topk is not None:
+                c.topk_ids, c.topk_tokens = topk, None
+        return c
 
     # ------------------------------------------------------------ errors
 

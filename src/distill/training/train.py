@@ -54,40 +54,15 @@ def store_path(cfg: Config) -> Path:
 # ---------------------------------------------------------------- examples
 
 
-def _examples_from_store(cfg: Config, tokenizer, same_tokenizer: bool, want_topk: bool) -> list[dict]:
-    from distill.store.shards import read_store
+def _examples_from_store(cfg: Config, tokenizer, same_tokenizer: bool, want_topk: bool):
+    """A lazy Dataset over the store (distill.data.store_examples): rows are decoded per example, never all
+    held in memory, and each rank decodes only the indices its sampler gives it."""
+    from distill.data.store_examples import StoreExamples
 
-    path = store_path(cfg)
-    if not Path(path).exists():
-        raise DataError(f"{path}: teacher store not found; run `distill generate` first or set train.store")
-    rows = read_store(path)
-    if not rows:
-        raise DataError(f"{path}: the teacher store has no finished rows")
     # the store's prompts were rendered by the teacher: with its chat template only if it renders locally
     templated = backend_spec(cfg.teacher.backend).tokenizer_access and uses_template(tokenizer, cfg.data)
-    out = []
-    for row in rows:
-        ids_ok = same_tokenizer and row.get("prompt_ids") is not None and row.get("response_ids") is not None
-        if ids_ok:
-            topk = want_topk and row.get("topk_ids") is not None
-            ex = encode_example(
-                row["prompt_ids"], row["response_ids"], cfg.train.max_length,
-                row["topk_ids"] if topk else None, row["topk_logprobs"] if topk else None,
-                row.get("tail") if topk and cfg.train.sparse_mode == "tail" else None,
-            )
-        else:
-            if want_topk:
-                raise DataError(
-                    f"{path}: row {row.get('index')} has no teacher token ids/top-k for this tokenizer; offline "
-                    "logit distillation needs a local teacher with the student's tokenizer (or use cross_entropy)"
-                )
-            ex = tokenize_pair(tokenizer, row["prompt"], row["response"], cfg.train.max_length, templated)
-        if ex is not None:
-            out.append(ex)
-    if not out:
-        raise DataError(f"{path}: every row's prompt is at least train.max_length={cfg.train.max_length} tokens; "
-                        "raise train.max_length")
-    return out
+    return StoreExamples(store_path(cfg), tokenizer, cfg.train.max_length, same_tokenizer, want_topk,
+                         tail=cfg.train.sparse_mode == "tail", templated=templated)
 
 
 def _examples_from_file(cfg: Config, tokenizer, source: str) -> list[dict]:
@@ -119,7 +94,8 @@ def _examples_from_file(cfg: Config, tokenizer, source: str) -> list[dict]:
     return out
 
 
-def build_examples(cfg: Config, tokenizer, same_tokenizer: bool) -> list[dict]:
+def build_examples(cfg: Config, tokenizer, same_tokenizer: bool):
+    """The training examples: a list (files, chain of thought) or a map-style Dataset (the store)."""
     offline = cfg.train.signal == "offline"
     if cfg.train.cot.mode != "off":  # chain of thought: two-task or trace examples from reasoning rows
         from distill.data.cot import build_cot_examples
@@ -128,6 +104,32 @@ def build_examples(cfg: Config, tokenizer, same_tokenizer: bool) -> list[dict]:
     if cfg.train.input and not offline:
         return _examples_from_file(cfg, tokenizer, cfg.train.input)
     return _examples_from_store(cfg, tokenizer, same_tokenizer, want_topk=offline)
+
+
+def split_examples(cfg: Config, examples, tokenizer, cross_teacher_tok=None):
+    """(train, eval or None): a seeded shuffle of example *indices* (the examples stay lazy), the first
+    `eval_fraction` held out; cross-tokenizer examples get their teacher side on access."""
+    from torch.utils.data import Subset
+
+    if cross_teacher_tok is not None:
+        from functools import partial
+
+        from distill.data.store_examples import MappedExamples
+
+        examples = MappedExamples(examples, partial(_with_teacher_side, tokenizer, cross_teacher_tok,
+                                                    cfg.train.max_length))
+    order = list(range(len(examples)))
+    random.Random(cfg.seed).shuffle(order)  # the same permutation shuffling the examples themselves gave
+    n_eval = max(1, int(len(order) * cfg.train.eval_fraction)) if cfg.train.eval_fraction > 0 else 0
+    train_idx, eval_idx = np.asarray(order[n_eval:], np.int64), np.asarray(order[:n_eval], np.int64)
+    return Subset(examples, train_idx), (Subset(examples, eval_idx) if n_eval else None)
+
+
+def _with_teacher_side(student_tok, teacher_tok, max_length: int, ex: dict) -> dict | None:
+    from distill.data.crosstok import add_teacher_side
+
+    out = add_teacher_side([ex], student_tok, teacher_tok, max_length)
+    return out[0] if out else None
 
 
 # ---------------------------------------------------------------- the stage
@@ -260,12 +262,16 @@ def train_student(cfg: Config, scfg: StudentConfig) -> Path:
 
     local_teacher = backend_spec(cfg.teacher.backend).local_weights and cfg.teacher.model is not None
     teacher_tok = load_tokenizer_for(cfg.teacher.model, cfg.teacher.trust_remote_code) if local_teacher else None
+    api_tok = None  # an API teacher's tokenizer (teacher.tokenizer): the store's ids are in its vocabulary
+    if teacher_tok is None and backend_spec(cfg.teacher.backend).remote and cfg.teacher.tokenizer:
+        api_tok = load_tokenizer_for(cfg.teacher.tokenizer, cfg.teacher.trust_remote_code)
     if scfg.init in ("lora", "pretrained") and scfg.model:
         tokenizer = load_tokenizer_for(scfg.model, cfg.teacher.trust_remote_code)
-    elif teacher_tok is not None:
-        tokenizer = teacher_tok
+    elif teacher_tok is not None or api_tok is not None:
+        tokenizer = teacher_tok or api_tok
     else:
-        raise ValueError(f"student '{scfg.name}': no tokenizer; set teacher.model (local) or student.model")
+        raise ValueError(f"student '{scfg.name}': no tokenizer; set teacher.model (local), teacher.tokenizer "
+                         "(openai) or student.model")
 
     needs_teacher_logits = cfg.train.signal == "online"
     names = {t.name for t in cfg.train.losses}
@@ -283,6 +289,10 @@ def train_student(cfg: Config, scfg: StudentConfig) -> Path:
             check_tokenizers(tokenizer, teacher_tok)  # raises with a pointer to cross-tokenizer mode
         else:
             same_tokenizer = False
+    if api_tok is not None:  # the store's ids are usable when the student has the API teacher's vocabulary
+        if cfg.train.signal == "offline" and names != {"cross_entropy"}:
+            check_tokenizers(tokenizer, api_tok)  # raises with a pointer to cross-tokenizer mode
+        same_tokenizer = tokenizer.get_vocab() == api_tok.get_vocab()
     scorer = _check_onpolicy(cfg, local_teacher, names, cross)
 
     teacher = None
@@ -294,16 +304,8 @@ def train_student(cfg: Config, scfg: StudentConfig) -> Path:
     if not needs_teacher_logits:
         teacher = None  # only needed for pruning: free it before training
 
-    examples = build_examples(cfg, tokenizer, same_tokenizer)
-    if cross is not None:
-        from distill.data.crosstok import add_teacher_side
-
-        examples = add_teacher_side(examples, tokenizer, teacher_tok, cfg.train.max_length)
-    random.Random(cfg.seed).shuffle(examples)
-    eval_examples = None
-    if cfg.train.eval_fraction > 0:
-        n_eval = max(1, int(len(examples) * cfg.train.eval_fraction))
-        eval_examples, examples = examples[:n_eval], examples[n_eval:]
+    examples, eval_examples = split_examples(cfg, build_examples(cfg, tokenizer, same_tokenizer),
+                                             tokenizer, teacher_tok if cross is not None else None)
 
     projections = hidden_projections(cfg, student, teacher) if names & HIDDEN_LOSSES else None
 
