@@ -243,7 +243,7 @@ def test_malformed_and_invalid_requests_are_4xx_in_openai_shape(server):
                          param="temperature")
     _assert_openai_error(_post(server, {"model": NAME, "prompt": "hi", "max_tokens": 0}), 400, param="max_tokens")
     _assert_openai_error(_post(server, {"model": NAME, "prompt": [[99999]]}), 400, param="prompt")
-    _assert_openai_error(_post(server, {"model": NAME, "prompt": "hi", "stop": ["a"] * 5}), 400, param="stop")
+    _assert_openai_error(_post(server, {"model": NAME, "prompt": "hi", "stop": ["a"] * 65}), 400, param="stop")
     _assert_openai_error(_post(server, {"model": NAME, "prompt": "hi", "presence_penalty": 1}), 400,
                          param="presence_penalty")
     _assert_openai_error(_post(server, {"model": "other", "prompt": "hi"}), 404, "model_not_found")
