@@ -7,6 +7,7 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import httpx
 import openai
@@ -28,15 +29,11 @@ def student_dir(tmp_path_factory):
     return out
 
 
-@pytest.fixture(scope="module")
-def server(student_dir):
-    """A uvicorn server on a free 127.0.0.1 port in a background thread; yields (base_url, app)."""
+@contextmanager
+def running(app):
+    """`app` on a uvicorn server on a free 127.0.0.1 port in a background thread; yields its base url."""
     import uvicorn
 
-    from distill.serving.serve import build_app
-
-    app = build_app(student_dir, served_model_name=NAME, api_key=KEY, max_batch_size=8, batch_wait_ms=20,
-                    device="cpu", **LIMITS)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -47,9 +44,22 @@ def server(student_dir):
     while not srv.started and time.time() < deadline:
         time.sleep(0.05)
     assert srv.started, "server did not start"
-    yield f"http://127.0.0.1:{port}", app
-    srv.should_exit = True
-    thread.join(timeout=10)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server(student_dir):
+    """The student served with an API key and tight limits; yields (base_url, app)."""
+    from distill.serving.serve import build_app
+
+    app = build_app(student_dir, served_model_name=NAME, api_key=KEY, max_batch_size=8, batch_wait_ms=20,
+                    device="cpu", **LIMITS)
+    with running(app) as url:
+        yield url, app
 
 
 @pytest.fixture(scope="module")

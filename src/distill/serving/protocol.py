@@ -53,9 +53,12 @@ def error_body(message: str, type: str = "invalid_request_error", param: str | N
 
 
 def validation_error(exc: ValidationError | Any) -> OpenAIError:
-    """The first pydantic error as a 400 whose `param` is the dotted field path."""
+    """The most telling pydantic error as a 400 whose `param` is the dotted field path: when a union's
+    branches all fail, a branch's type mismatch (`str` for a list) says less than a bad value inside the
+    branch that matched in shape (a lone surrogate in `prompt.1`)."""
     errors = exc.errors()
-    first = errors[0] if errors else {"loc": (), "msg": str(exc)}
+    telling = [e for e in errors if not str(e.get("type", "")).endswith("_type")]
+    first = (telling or errors or [{"loc": (), "msg": str(exc)}])[0]
     loc = [str(p) for p in first.get("loc", ()) if p != "body" and not _union_tag(p)]
     param = ".".join(loc) or None
     msg = first.get("msg", "invalid request")
