@@ -178,6 +178,32 @@ def test_engine_row_errors_fail_only_their_row(engine):
         assert got[i][-1].finish_reason in ("stop", "length")
 
 
+def test_a_row_failing_in_the_engine_fails_only_its_request(server, engine, monkeypatch):
+    """An exception while sampling one row (here: forced for seed 666) answers that request with a
+    server error (500; in a stream, an error event then [DONE]); concurrent requests are unaffected."""
+    sample = engine._sample
+
+    def flaky(logits, st):
+        if st.p.seed == 666:
+            raise RuntimeError("forced failure")
+        return sample(logits, st)
+
+    monkeypatch.setattr(engine, "_sample", flaky)
+    bad = body(max_tokens=8, temperature=1.0, seed=666)
+    good = [body(prompt=f"item {i}", max_tokens=8, temperature=1.0, seed=i) for i in range(6)]
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda b: post(server, b), good[:3] + [bad, {**bad, "stream": True}] + good[3:]))
+    assert [r.status_code for r in answers] == [200] * 3 + [500, 200] + [200] * 3
+    for r in answers[:3] + answers[5:]:
+        assert r.json()["choices"][0]["finish_reason"] in ("stop", "length")
+    err = answers[3].json()["error"]
+    assert err["type"] == "server_error" and "forced failure" in err["message"]
+    events = [e[6:] for e in answers[4].text.split("\n\n") if e]
+    assert "forced failure" in json.loads(events[-2])["error"]["message"] and events[-1] == "[DONE]"
+    alone = [post(server, b).json()["choices"][0]["text"] for b in good]  # seeded: same as in the batch
+    assert alone == [r.json()["choices"][0]["text"] for r in answers[:3] + answers[5:]]
+
+
 # ---- abandoned requests -------------------------------------------------------------------------
 def _wait_idle(engine, timeout=120.0):
     deadline = time.monotonic() + timeout
@@ -195,7 +221,7 @@ def test_a_disconnected_client_has_its_rows_cancelled(server, engine, stream):
     big = body(prompt=prompts, n=16, max_tokens=MAX_TOKENS, temperature=1.0, seed=1, stream=stream)
     payload = json.dumps(big).encode()
     host, port = server[0].removeprefix("http://").split(":")
-    before = (engine.stats.rows, engine.stats.cancelled, engine.stats.generated_tokens)
+    before = (engine.stats.rows, engine.stats.cancelled, engine.stats.generated_tokens, engine.stats.failed)
     with socket.create_connection((host, int(port))) as sock:
         sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                      b"Content-Length: %d\r\n\r\n" % len(payload) + payload)
@@ -209,6 +235,7 @@ def test_a_disconnected_client_has_its_rows_cancelled(server, engine, stream):
     total = len(prompts) * 16
     started = engine.stats.rows - before[0]
     cancelled = engine.stats.cancelled - before[1]
+    assert engine.stats.failed == before[3], "rows failed instead of being cancelled"
     assert cancelled > 0, "no row of the abandoned request was cancelled"
     assert started < total, "every row of the abandoned request was still generated"
     assert engine.stats.generated_tokens - before[2] < total * MAX_TOKENS

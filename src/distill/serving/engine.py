@@ -235,7 +235,7 @@ class Engine:
             first = self._queue.get(timeout=0.1)
         except queue.Empty:
             return []
-        batch = [first]
+        batch = self._running = [first]  # counted as running while the batch is collected
         deadline = time.monotonic() + self.batch_wait
         while len(batch) < self.max_batch_size:
             try:
@@ -273,6 +273,7 @@ class Engine:
         while not self._stop.is_set():
             batch = self._collect()
             if not batch:
+                self._running = []
                 continue
             self.stats.batches += 1
             self._running = list(batch)

@@ -61,7 +61,7 @@ def validation_error(exc: ValidationError | Any) -> OpenAIError:
     first = (telling or errors or [{"loc": (), "msg": str(exc)}])[0]
     loc = [str(p) for p in first.get("loc", ()) if p != "body" and not _union_tag(p)]
     param = ".".join(loc) or None
-    msg = first.get("msg", "invalid request")
+    msg = first.get("msg", "invalid request").removeprefix("Value error, ")
     return OpenAIError(400, f"{param}: {msg}" if param else msg, param=param, code="invalid_value")
 
 
