@@ -20,13 +20,17 @@ NAME = "tiny-student"
 LIMITS = {"max_prompt_tokens": 64, "max_tokens_limit": 32, "max_body_bytes": 20_000}
 
 
-@pytest.fixture(scope="module")
-def student_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("student")
-    tok = make_tokenizer(chat_template=True)
-    make_llama(len(tok), hidden=64, layers=2, seed=1).save_pretrained(out, safe_serialization=True)
+def save_student(out, chat_template: bool = True, hidden: int = 64, seed: int = 1):
+    """A tiny random Llama student and its tokenizer in `out` (HF format), as `distill serve` loads one."""
+    tok = make_tokenizer(chat_template=chat_template)
+    make_llama(len(tok), hidden=hidden, layers=2, seed=seed).save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="module")
+def student_dir(tmp_path_factory):
+    return save_student(tmp_path_factory.mktemp("student"))
 
 
 @contextmanager

@@ -11,8 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 import torch
-from conftest import make_llama, make_tokenizer
-from test_serve import _assert_openai_error, _stop_inside, running
+from test_serve import _assert_openai_error, _stop_inside, running, save_student
 
 NAME = "tiny"
 MAX_TOKENS = 64
@@ -20,11 +19,7 @@ MAX_TOKENS = 64
 
 @pytest.fixture(scope="module")
 def student_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("student")
-    tok = make_tokenizer(chat_template=True)
-    make_llama(len(tok), hidden=64, layers=2, seed=3).save_pretrained(out, safe_serialization=True)
-    tok.save_pretrained(out)
-    return out
+    return save_student(tmp_path_factory.mktemp("student"), seed=3)
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,7 @@ import json
 
 import pytest
 import torch
-from conftest import make_llama, make_tokenizer
-from test_serve import running
+from test_serve import running, save_student
 
 NAME = "tiny-lm-eval"
 DOCS = [
@@ -23,11 +22,7 @@ UNTIL = ["\n\n", "Q:", "###", "</x>"]
 
 @pytest.fixture(scope="module")
 def student_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("student")
-    tok = make_tokenizer()
-    make_llama(len(tok), hidden=32, layers=2, seed=5).save_pretrained(out, safe_serialization=True)
-    tok.save_pretrained(out)
-    return out
+    return save_student(tmp_path_factory.mktemp("student"), chat_template=False, hidden=32, seed=5)
 
 
 def _tasks(tmp_path):
