@@ -17,7 +17,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -277,9 +277,7 @@ class _Submission:
         for p_index, ids in enumerate(prompts):
             for j in range(n):
                 index = p_index * n + j
-                seed = None if params.seed is None else params.seed + j
-                rp = SamplingParams(params.max_tokens, params.temperature, params.top_p, params.stop,
-                                    params.logprobs, seed, params.prompt_logprobs)
+                rp = replace(params, seed=None if params.seed is None else params.seed + j)
 
                 def sink(ev: RowEvent, index=index) -> None:
                     loop.call_soon_threadsafe(self.queue.put_nowait, (index, ev))

@@ -182,9 +182,8 @@ class RowState:
 
     def fail(self, exc: BaseException) -> None:
         """This row alone ends with an error event."""
-        if not self.finished:
-            self.finished = self.row.done = True
-            self.row.sink(RowEvent(error=f"{type(exc).__name__}: {exc}", finish_reason="error"))
+        self.finished = True
+        _fail(self.row, exc)
 
     def _find_stop(self, text: str) -> int | None:
         start = max(0, self.sent_chars - self.max_stop)
@@ -282,9 +281,8 @@ class Engine:
             except Exception as exc:  # noqa: BLE001  (a failed batch answers its rows, never hangs them)
                 for row in self._running:
                     if not row.done:
-                        row.done = True
                         self.stats.failed += 1
-                        row.sink(RowEvent(error=f"{type(exc).__name__}: {exc}", finish_reason="error"))
+                        _fail(row, exc)
             self._running = []
 
     @property
@@ -304,9 +302,7 @@ class Engine:
                 states.append(RowState(r, self.tok, self.pieces, self.eos_ids))
             except Exception as exc:  # noqa: BLE001  (this row's fault; the others go on)
                 self.stats.failed += 1
-                if not r.done:
-                    r.done = True
-                    r.sink(RowEvent(error=f"{type(exc).__name__}: {exc}", finish_reason="error"))
+                _fail(r, exc)
         return states
 
     def _prefill(self, rows: list[Row]):
@@ -463,6 +459,13 @@ class Engine:
         if gen is not None and gen.device != probs.device:
             probs = probs.cpu()
         return int(torch.multinomial(probs, 1, generator=gen).item())
+
+
+def _fail(row: Row, exc: BaseException) -> None:
+    """End a row with an error event (once)."""
+    if not row.done:
+        row.done = True
+        row.sink(RowEvent(error=f"{type(exc).__name__}: {exc}", finish_reason="error"))
 
 
 def _eos_ids(model, tokenizer) -> set[int]:
