@@ -7,6 +7,7 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import httpx
 import openai
@@ -19,24 +20,24 @@ NAME = "tiny-student"
 LIMITS = {"max_prompt_tokens": 64, "max_tokens_limit": 32, "max_body_bytes": 20_000}
 
 
-@pytest.fixture(scope="module")
-def student_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("student")
-    tok = make_tokenizer(chat_template=True)
-    make_llama(len(tok), hidden=64, layers=2, seed=1).save_pretrained(out, safe_serialization=True)
+def save_student(out, chat_template: bool = True, hidden: int = 64, seed: int = 1):
+    """A tiny random Llama student and its tokenizer in `out` (HF format), as `distill serve` loads one."""
+    tok = make_tokenizer(chat_template=chat_template)
+    make_llama(len(tok), hidden=hidden, layers=2, seed=seed).save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     return out
 
 
 @pytest.fixture(scope="module")
-def server(student_dir):
-    """A uvicorn server on a free 127.0.0.1 port in a background thread; yields (base_url, app)."""
+def student_dir(tmp_path_factory):
+    return save_student(tmp_path_factory.mktemp("student"))
+
+
+@contextmanager
+def running(app):
+    """`app` on a uvicorn server on a free 127.0.0.1 port in a background thread; yields its base url."""
     import uvicorn
 
-    from distill.serving.serve import build_app
-
-    app = build_app(student_dir, served_model_name=NAME, api_key=KEY, max_batch_size=8, batch_wait_ms=20,
-                    device="cpu", **LIMITS)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -47,9 +48,22 @@ def server(student_dir):
     while not srv.started and time.time() < deadline:
         time.sleep(0.05)
     assert srv.started, "server did not start"
-    yield f"http://127.0.0.1:{port}", app
-    srv.should_exit = True
-    thread.join(timeout=10)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server(student_dir):
+    """The student served with an API key and tight limits; yields (base_url, app)."""
+    from distill.serving.serve import build_app
+
+    app = build_app(student_dir, served_model_name=NAME, api_key=KEY, max_batch_size=8, batch_wait_ms=20,
+                    device="cpu", **LIMITS)
+    with running(app) as url:
+        yield url, app
 
 
 @pytest.fixture(scope="module")
@@ -243,7 +257,7 @@ def test_malformed_and_invalid_requests_are_4xx_in_openai_shape(server):
                          param="temperature")
     _assert_openai_error(_post(server, {"model": NAME, "prompt": "hi", "max_tokens": 0}), 400, param="max_tokens")
     _assert_openai_error(_post(server, {"model": NAME, "prompt": [[99999]]}), 400, param="prompt")
-    _assert_openai_error(_post(server, {"model": NAME, "prompt": "hi", "stop": ["a"] * 5}), 400, param="stop")
+    _assert_openai_error(_post(server, {"model": NAME, "prompt": "hi", "stop": ["a"] * 65}), 400, param="stop")
     _assert_openai_error(_post(server, {"model": NAME, "prompt": "hi", "presence_penalty": 1}), 400,
                          param="presence_penalty")
     _assert_openai_error(_post(server, {"model": "other", "prompt": "hi"}), 404, "model_not_found")

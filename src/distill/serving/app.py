@@ -2,6 +2,9 @@
 
 Bodies are read and validated by hand (not as FastAPI body parameters) so that the size limit applies
 while reading (413) and malformed JSON or a bad field is a 400 in OpenAI's error shape, never a 500.
+Everything is validated before a request's rows reach the engine (and so before a stream starts: a
+stream's 200 cannot be taken back). A request whose client disconnects is abandoned: its rows are
+cancelled, queued or mid-decode, so they stop costing other requests time.
 """
 
 from __future__ import annotations
@@ -9,11 +12,12 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -47,6 +51,7 @@ class ServeOptions:
     max_n: int = 16
     max_logprobs: int = 20
     return_tokens_as_token_ids: bool = False  # default for requests that do not say
+    disconnect_poll_s: float = 0.1  # how often a waiting request checks that its client is still there
 
 
 def create_app(engine: Engine, options: ServeOptions | None = None) -> FastAPI:
@@ -79,7 +84,8 @@ def create_app(engine: Engine, options: ServeOptions | None = None) -> FastAPI:
         s = engine.stats
         return {"status": "ok", "model": opts.served_model_name, "batches": s.batches, "rows": s.rows,
                 "joined": s.joined, "max_rows_in_batch": s.max_rows_in_batch,
-                "mean_rows_per_step": s.step_rows / max(s.steps, 1), "generated_tokens": s.generated_tokens}
+                "mean_rows_per_step": s.step_rows / max(s.steps, 1), "generated_tokens": s.generated_tokens,
+                "cancelled": s.cancelled, "failed": s.failed, "queued": engine.queued, "running": engine.running}
 
     def model_card() -> dict:
         return {"id": opts.served_model_name, "object": "model", "created": created, "owned_by": "distill",
@@ -100,15 +106,15 @@ def create_app(engine: Engine, options: ServeOptions | None = None) -> FastAPI:
     async def completions(request: Request):
         auth(request)
         req = await _parse(request, CompletionRequest, opts)
-        prompts = _completion_prompts(req, engine)
-        return await _respond(engine, opts, req, prompts, chat=False)
+        prompts, texts = _completion_prompts(req, engine)
+        return await _respond(request, engine, opts, req, prompts, chat=False, prompt_texts=texts)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         auth(request)
         req = await _parse(request, ChatRequest, opts)
         prompts = [_chat_prompt(req.messages, engine.tok)]
-        return await _respond(engine, opts, req, prompts, chat=True)
+        return await _respond(request, engine, opts, req, prompts, chat=True)
 
     return app
 
@@ -132,7 +138,12 @@ async def _parse(request: Request, schema, opts: ServeOptions):
     raw = await _read_body(request, opts.max_body_bytes)
     try:
         data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except RecursionError:
+        param = _deep_param(raw)
+        where = f"'{param}'" if param else "the request body"
+        raise OpenAIError(400, f"{where} is nested too deeply to parse", param=param,
+                          code="invalid_json") from None
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError, or an integer of > 4300 digits
         raise OpenAIError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from None
     if not isinstance(data, dict):
         raise OpenAIError(400, "request body must be a JSON object", code="invalid_json")
@@ -151,23 +162,54 @@ async def _parse(request: Request, schema, opts: ServeOptions):
     return req
 
 
+_JSON_TOKEN = re.compile(rb'"(?:[^"\\]|\\.)*"|[\[\]{}]')
+
+
+def _deep_param(raw: bytes, limit: int = 200) -> str | None:
+    """The top-level field under which `raw` nests deeper than `limit` (None: the body itself, or not
+    an object). Only run once parsing failed, so a normal request never pays for it."""
+    depth, key, last, is_object = 0, None, None, None
+    for m in _JSON_TOKEN.finditer(raw):
+        tok = m.group()
+        if tok[:1] == b'"':
+            if depth == 1:
+                last = tok  # at depth 1 a string right before a bracket is that value's key
+        elif tok in (b"[", b"{"):
+            if is_object is None:
+                is_object = tok == b"{"
+            if depth == 1:
+                key = last
+            depth += 1
+            if depth > limit:
+                break
+        else:
+            depth -= 1
+    if depth <= limit or not is_object or key is None:
+        return None
+    try:
+        return json.loads(key)
+    except ValueError:
+        return None
+
+
 def _check_model(name: str, opts: ServeOptions) -> None:
     if name != opts.served_model_name:
         raise OpenAIError(404, f"The model '{name}' does not exist; this server serves "
                                f"'{opts.served_model_name}'.", param="model", code="model_not_found")
 
 
-def _completion_prompts(req: CompletionRequest, engine: Engine) -> list[list[int]]:
+def _completion_prompts(req: CompletionRequest, engine: Engine) -> tuple[list[list[int]], list[str]]:
+    """Token ids of each prompt, and its text (what `echo` sends back: the string as sent, or the ids decoded)."""
     p = req.prompt
     if isinstance(p, str):
         items: list = [p]
-    elif p and all(isinstance(x, int) for x in p):
+    elif p and all(type(x) is int for x in p):
         items = [p]
     else:
         items = list(p)
     if not items:
         raise OpenAIError(400, "prompt must not be empty", param="prompt", code="invalid_value")
-    out = []
+    out, texts = [], []
     for i, item in enumerate(items):
         if isinstance(item, str):  # the one prompt rule; an empty string stays empty (rejected below)
             ids = encode_prompt(engine.tok, item, rendered_with_template=False) if item else []
@@ -179,7 +221,8 @@ def _completion_prompts(req: CompletionRequest, engine: Engine) -> list[list[int
         if not ids:
             raise OpenAIError(400, f"prompt {i} is empty", param="prompt", code="invalid_value")
         out.append(ids)
-    return out
+        texts.append(item if isinstance(item, str) else engine.tok.decode(ids, skip_special_tokens=True))
+    return out, texts
 
 
 def _chat_prompt(messages: list[ChatMessage], tok) -> list[int]:
@@ -224,6 +267,10 @@ def _max_tokens(req, prompts: list[list[int]], engine: Engine, opts: ServeOption
     return asked
 
 
+class ClientGone(Exception):
+    """The client of a request disconnected; its rows were cancelled."""
+
+
 class _Submission:
     """The rows of one request and the asyncio queue their events come back on."""
 
@@ -234,9 +281,7 @@ class _Submission:
         for p_index, ids in enumerate(prompts):
             for j in range(n):
                 index = p_index * n + j
-                seed = None if params.seed is None else params.seed + j
-                rp = SamplingParams(params.max_tokens, params.temperature, params.top_p, params.stop,
-                                    params.logprobs, seed)
+                rp = replace(params, seed=None if params.seed is None else params.seed + j)
 
                 def sink(ev: RowEvent, index=index) -> None:
                     loop.call_soon_threadsafe(self.queue.put_nowait, (index, ev))
@@ -244,64 +289,99 @@ class _Submission:
                 self.rows.append(Row(ids, rp, sink))
         self.engine = engine
 
-    async def events(self) -> AsyncIterator[tuple[int, RowEvent]]:
+    async def events(self, request: Request, poll_s: float) -> AsyncIterator[tuple[int, RowEvent]]:
+        """Every row's events until all rows finished; raises ClientGone (rows cancelled) when the
+        client disconnects first."""
         self.engine.submit(self.rows)
+        watcher = asyncio.create_task(self._watch(request, poll_s))
         pending = len(self.rows)
         try:
             while pending:
-                index, ev = await self.queue.get()
+                item = await self.queue.get()
+                if item is None:
+                    raise ClientGone()
+                index, ev = item
                 if ev.finish_reason is not None:
                     pending -= 1
                 yield index, ev
         finally:
+            watcher.cancel()
             self.cancel()
+
+    async def _watch(self, request: Request, poll_s: float) -> None:
+        while not await request.is_disconnected():
+            await asyncio.sleep(poll_s)
+        self.cancel()
+        self.queue.put_nowait(None)
 
     def cancel(self) -> None:
         for row in self.rows:
             row.cancelled.set()
 
 
-async def _respond(engine: Engine, opts: ServeOptions, req, prompts: list[list[int]], chat: bool):
+async def _respond(request: Request, engine: Engine, opts: ServeOptions, req, prompts: list[list[int]],
+                   chat: bool, prompt_texts: list[str] | None = None):
     max_tokens = _max_tokens(req, prompts, engine, opts)
     if chat:
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
     else:
         logprobs = req.logprobs
-    params = SamplingParams(max_tokens, req.temperature, req.top_p, tuple(req.stop or ()), logprobs, req.seed)
+    echo = not chat and req.echo
+    prompt_lp = logprobs if echo else None
+    params = SamplingParams(max_tokens, req.temperature, req.top_p, tuple(req.stop or ()), logprobs, req.seed,
+                            prompt_lp)
     sub = _Submission(engine, prompts, req.n, params)
+    echoes = [prompt_texts[i // req.n] for i in range(len(sub.rows))] if echo else None
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     head = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
             "model": opts.served_model_name, "system_fingerprint": None}
     prompt_tokens = sum(len(p) for p in prompts)
     as_ids = req.return_tokens_as_token_ids
     as_ids = opts.return_tokens_as_token_ids if as_ids is None else as_ids
+    lp_mode = None if logprobs is None else as_ids
+    special = frozenset(engine.tok.all_special_ids)
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        lp_mode = None if logprobs is None else as_ids
-        return StreamingResponse(_stream(sub, head, chat, lp_mode, prompt_tokens, include_usage),
+        return StreamingResponse(_stream(request, opts, sub, head, chat, lp_mode, prompt_tokens, include_usage,
+                                         echoes, special),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     n_choices = len(sub.rows)
     texts, tokens, reasons = [[] for _ in range(n_choices)], [[] for _ in range(n_choices)], [None] * n_choices
-    async for index, ev in sub.events():
-        if ev.error:
-            sub.cancel()
-            raise OpenAIError(500, f"generation failed: {ev.error}", type="server_error")
-        texts[index].append(ev.text)
-        tokens[index].extend(ev.tokens)
-        reasons[index] = ev.finish_reason or reasons[index]
+    prompt_infos: list[list] = [[] for _ in range(n_choices)]
+    try:
+        async for index, ev in sub.events(request, opts.disconnect_poll_s):
+            if ev.error:
+                raise OpenAIError(500, f"generation failed: {ev.error}", type="server_error")
+            prompt_infos[index].extend(ev.prompt_tokens)
+            texts[index].append(ev.text)
+            tokens[index].extend(ev.tokens)
+            reasons[index] = ev.finish_reason or reasons[index]
+    except ClientGone:  # nobody reads this answer; 499 is what nginx logs for it
+        return JSONResponse(error_body("client disconnected", code="client_disconnected"), status_code=499)
     choices = []
     for i in range(n_choices):
         text = "".join(texts[i])
         lp = None
-        if logprobs is not None:
-            lp = chat_logprobs(tokens[i], as_ids) if chat else completion_logprobs(tokens[i], 0, as_ids)
+        if logprobs is not None and chat:
+            lp = chat_logprobs(tokens[i], as_ids)
+        elif logprobs is not None:
+            start = len(echoes[i]) if echo else 0
+            lp = completion_logprobs(tokens[i], start, as_ids)
+            if echo:
+                lp = _join_logprobs(completion_logprobs(prompt_infos[i], 0, as_ids, special), lp)
         if chat:
             choices.append({"index": i, "message": {"role": "assistant", "content": text}, "logprobs": lp,
                             "finish_reason": reasons[i]})
         else:
-            choices.append({"index": i, "text": text, "logprobs": lp, "finish_reason": reasons[i]})
+            choices.append({"index": i, "text": (echoes[i] if echo else "") + text, "logprobs": lp,
+                            "finish_reason": reasons[i]})
     completion_tokens = sum(len(t) for t in tokens)
     return {**head, "choices": choices, "usage": _usage(prompt_tokens, completion_tokens)}
+
+
+def _join_logprobs(a: dict, b: dict) -> dict:
+    """Echo: the prompt's logprobs, then the completion's, as one completions `logprobs` object."""
+    return {key: a[key] + b[key] for key in a}
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
@@ -309,13 +389,16 @@ def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-async def _stream(sub: _Submission, head: dict, chat: bool, lp_mode: bool | None, prompt_tokens: int,
-                  include_usage: bool) -> AsyncIterator[str]:
+async def _stream(request: Request, opts: ServeOptions, sub: _Submission, head: dict, chat: bool,
+                  lp_mode: bool | None, prompt_tokens: int, include_usage: bool, echoes: list[str] | None,
+                  special: frozenset) -> AsyncIterator[str]:
     """SSE: `data: {chunk}\\n\\n` per event, an optional usage chunk, then `data: [DONE]`.
-    `lp_mode`: None (no logprobs), else whether token strings are "token_id:N"."""
+    `lp_mode`: None (no logprobs), else whether token strings are "token_id:N". With `echoes` (completions
+    with echo) each choice's first chunk is its prompt text, with the prompt's logprobs."""
     head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
     extra = {"usage": None} if include_usage else {}
     offsets = [0] * len(sub.rows)
+    echoed = [echoes is None] * len(sub.rows)
     completion_tokens = 0
 
     def chunk(choices: list) -> str:
@@ -324,24 +407,38 @@ async def _stream(sub: _Submission, head: dict, chat: bool, lp_mode: bool | None
     if chat:
         yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                       "finish_reason": None} for i in range(len(sub.rows))])
-    async for index, ev in sub.events():
-        if ev.error:
-            yield f"data: {json.dumps(error_body(f'generation failed: {ev.error}', 'server_error'))}\n\n"
-            return
-        completion_tokens += len(ev.tokens)
-        lp = None
-        if lp_mode is not None and ev.tokens:
-            lp = (chat_logprobs(ev.tokens, lp_mode) if chat
-                  else completion_logprobs(ev.tokens, offsets[index], lp_mode))
-        offsets[index] += len(ev.text)
-        if chat:
-            delta = {"content": ev.text} if ev.text or not ev.finish_reason else {}
-            yield chunk([{"index": index, "delta": delta, "logprobs": lp, "finish_reason": ev.finish_reason}])
+    try:
+        async for index, ev in sub.events(request, opts.disconnect_poll_s):
+            if ev.error:  # the 200 is sent already: an error event, then the end of the stream
+                yield f"data: {json.dumps(error_body(f'generation failed: {ev.error}', 'server_error'))}\n\n"
+                break
+            if not echoed[index]:  # the prompt goes first, once (with its logprobs if they were asked)
+                echoed[index] = True
+                text = echoes[index]
+                lp = None
+                if lp_mode is not None and ev.prompt_tokens:
+                    lp = completion_logprobs(ev.prompt_tokens, 0, lp_mode, special)
+                offsets[index] = len(text)
+                yield chunk([{"index": index, "text": text, "logprobs": lp, "finish_reason": None}])
+                if ev.prompt_tokens:
+                    continue
+            completion_tokens += len(ev.tokens)
+            lp = None
+            if lp_mode is not None and ev.tokens:
+                lp = (chat_logprobs(ev.tokens, lp_mode) if chat
+                      else completion_logprobs(ev.tokens, offsets[index], lp_mode))
+            offsets[index] += len(ev.text)
+            if chat:
+                delta = {"content": ev.text} if ev.text or not ev.finish_reason else {}
+                yield chunk([{"index": index, "delta": delta, "logprobs": lp, "finish_reason": ev.finish_reason}])
+            else:
+                yield chunk([{"index": index, "text": ev.text, "logprobs": lp, "finish_reason": ev.finish_reason}])
         else:
-            yield chunk([{"index": index, "text": ev.text, "logprobs": lp, "finish_reason": ev.finish_reason}])
-    if include_usage:
-        usage_chunk = {**head, "choices": [], "usage": _usage(prompt_tokens, completion_tokens)}
-        yield f"data: {json.dumps(usage_chunk)}\n\n"
+            if include_usage:
+                usage_chunk = {**head, "choices": [], "usage": _usage(prompt_tokens, completion_tokens)}
+                yield f"data: {json.dumps(usage_chunk)}\n\n"
+    except ClientGone:
+        return
     yield "data: [DONE]\n\n"
 
 

@@ -7,6 +7,11 @@ hand-written loop instead of `model.generate` lets every row keep its own temper
 strings, max_tokens and logprobs count inside the same batch, and report raw (temperature 1) logprobs,
 the teacher signal distillation wants. Each row streams events
 (text delta + its tokens) back through a callback, so streaming and plain requests share one path.
+
+Rows are isolated: what can fail for one row (its seed, its sampling, its prompt logprobs, its stop
+strings) fails only that row, with an error event; the rest of the batch goes on. Only a failure of the
+batched forward itself fails every row in it. A cancelled row (its client went away) leaves the queue or
+the running batch at the next step and is counted in `EngineStats.cancelled`.
 """
 
 from __future__ import annotations
@@ -25,12 +30,12 @@ from distill.modeling import eos_token_ids
 
 @dataclass(frozen=True)
 class Alt:
-    """One token: id, its text, its exact bytes and its logprob."""
+    """One token: id, its text, its exact bytes and its logprob (None for a first prompt token)."""
 
     id: int
     text: str
     bytes: bytes
-    logprob: float
+    logprob: float | None
 
 
 @dataclass(frozen=True)
@@ -46,14 +51,18 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     logprobs: int | None = None  # None: none reported; k >= 0: chosen token + k alternatives
     seed: int | None = None
+    # None: no prompt logprobs; k >= 0: one event with every prompt token's teacher-forced logprob (+ k
+    # alternatives) before any generated token. max_tokens 0 then scores the prompt and generates nothing.
+    prompt_logprobs: int | None = None
 
 
 @dataclass
 class RowEvent:
     text: str = ""
     tokens: list[TokenInfo] = field(default_factory=list)
-    finish_reason: str | None = None  # "stop" | "length" when the row is done
+    finish_reason: str | None = None  # "stop" | "length" when the row is done ("error" with `error`)
     error: str | None = None
+    prompt_tokens: list[TokenInfo] = field(default_factory=list)  # the prompt-logprobs event only
 
 
 @dataclass
@@ -74,6 +83,8 @@ class EngineStats:
     steps: int = 0  # decode steps
     step_rows: int = 0  # rows summed over decode steps (step_rows / steps = mean batch size)
     generated_tokens: int = 0
+    cancelled: int = 0  # rows dropped (queued or mid-decode) because their request was abandoned
+    failed: int = 0  # rows answered with an error event
 
 
 def _bytes_decoder() -> dict[str, int]:
@@ -123,10 +134,11 @@ class RowState:
         self.sent_chars = 0
         self.sent_tokens = 0
         self.finished = False
+        self.last = 0  # the token chosen at the latest step (the next forward's input)
         self.max_stop = max((len(s) for s in self.p.stop), default=0)
         self.generator = None
-        if self.p.seed is not None:
-            self.generator = torch.Generator().manual_seed(int(self.p.seed))
+        if self.p.seed is not None:  # any int: torch takes 64 bits, so it wraps (seed + j for n > 1 too)
+            self.generator = torch.Generator().manual_seed(int(self.p.seed) % 2**64)
 
     def _emit(self, text_end: int, token_end: int, text: str, finish: str | None = None) -> None:
         ev = RowEvent(text=text[self.sent_chars:text_end], tokens=self.infos[self.sent_tokens:token_end],
@@ -140,9 +152,7 @@ class RowState:
     def push(self, info: TokenInfo) -> None:
         if self.finished:
             return
-        if self.row.cancelled.is_set():
-            self.finished = True
-            return
+        self.last = info.id
         self.ids.append(info.id)
         self.infos.append(info)
         text = self.tok.decode(self.ids, skip_special_tokens=True)
@@ -171,6 +181,11 @@ class RowState:
         k = next(k for k in range(len(self.prefix_lens) - 1, -1, -1) if self.prefix_lens[k] <= safe)
         if safe > self.sent_chars or k > self.sent_tokens:
             self._emit(safe, max(k, self.sent_tokens), text)
+
+    def fail(self, exc: BaseException) -> None:
+        """This row alone ends with an error event."""
+        self.finished = True
+        _fail(self.row, exc)
 
     def _find_stop(self, text: str) -> int | None:
         start = max(0, self.sent_chars - self.max_stop)
@@ -221,7 +236,7 @@ class Engine:
             first = self._queue.get(timeout=0.1)
         except queue.Empty:
             return []
-        batch = [first]
+        batch = self._running = [first]  # counted as running while the batch is collected
         deadline = time.monotonic() + self.batch_wait
         while len(batch) < self.max_batch_size:
             try:
@@ -236,7 +251,13 @@ class Engine:
                 batch.append(self._queue.get(timeout=remaining))
             except queue.Empty:
                 break
-        return [r for r in batch if not r.cancelled.is_set()]
+        return self._live(batch)
+
+    def _live(self, rows: list[Row]) -> list[Row]:
+        """Rows still wanted; abandoned ones are dropped here and counted."""
+        kept = [r for r in rows if not r.cancelled.is_set()]
+        self.stats.cancelled += len(rows) - len(kept)
+        return kept
 
     def _take(self, n: int) -> list[Row]:
         """Up to n queued rows without waiting (rows that join a running batch)."""
@@ -246,14 +267,14 @@ class Engine:
                 row = self._queue.get_nowait()
             except queue.Empty:
                 break
-            if not row.cancelled.is_set():
-                rows.append(row)
+            rows.extend(self._live([row]))
         return rows
 
     def _loop(self) -> None:
         while not self._stop.is_set():
             batch = self._collect()
             if not batch:
+                self._running = []
                 continue
             self.stats.batches += 1
             self._running = list(batch)
@@ -262,15 +283,40 @@ class Engine:
             except Exception as exc:  # noqa: BLE001  (a failed batch answers its rows, never hangs them)
                 for row in self._running:
                     if not row.done:
-                        row.done = True
-                        row.sink(RowEvent(error=f"{type(exc).__name__}: {exc}", finish_reason="error"))
+                        self.stats.failed += 1
+                        _fail(row, exc)
             self._running = []
 
+    @property
+    def queued(self) -> int:
+        return self._queue.qsize()
+
+    @property
+    def running(self) -> int:
+        return sum(not r.done for r in self._running)
+
     # ---- decoding --------------------------------------------------------------------------------
+    def _states(self, rows: list[Row]) -> list[RowState]:
+        """A decoding state per row; a row whose state cannot be made (say, its seed) fails alone."""
+        states = []
+        for r in rows:
+            try:
+                states.append(RowState(r, self.tok, self.pieces, self.eos_ids))
+            except Exception as exc:  # noqa: BLE001  (this row's fault; the others go on)
+                self.stats.failed += 1
+                _fail(r, exc)
+        return states
+
     def _prefill(self, rows: list[Row]):
-        """One forward over the left-padded prompts: (states, mask, last positions, cache, next-token logits)."""
+        """One forward over the left-padded prompts: (states, mask, last positions, cache, next-token logits).
+
+        Rows that ask for prompt logprobs get them here, from the same forward; rows with max_tokens 0
+        then finish. May return no states (every row failed), with the rest None."""
         self.stats.rows += len(rows)
-        states = [RowState(r, self.tok, self.pieces, self.eos_ids) for r in rows]
+        states = self._states(rows)
+        if not states:
+            return [], None, None, None, None
+        rows = [st.row for st in states]
         width = max(len(r.prompt_ids) for r in rows)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -280,7 +326,52 @@ class Engine:
         ids, mask = ids.to(self.device), mask.to(self.device)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+        for i, st in enumerate(states):
+            if st.p.prompt_logprobs is None and st.p.max_tokens > 0:
+                continue
+            try:
+                if st.p.prompt_logprobs is not None:
+                    st.row.sink(RowEvent(prompt_tokens=self._prompt_tokens(st, out.logits[i], width)))
+                if st.p.max_tokens <= 0:
+                    st.finished = st.row.done = True
+                    st.row.sink(RowEvent(finish_reason="length"))
+            except Exception as exc:  # noqa: BLE001
+                self.stats.failed += 1
+                st.fail(exc)
         return states, mask, pos[:, -1:], cache_of(out), out.logits[:, -1, :]
+
+    def _prompt_tokens(self, st: RowState, logits: torch.Tensor, width: int) -> list[TokenInfo]:
+        """Teacher-forced logprobs of a row's prompt from its (left-padded) prefill logits (width, vocab):
+        token j given tokens < j; the first token has none (None), as OpenAI's echo reports it."""
+        ids = st.row.prompt_ids
+        k = st.p.prompt_logprobs or 0
+        logp = torch.log_softmax(logits[width - len(ids):width - 1].float(), dim=-1)  # predicts ids[1:]
+        target = torch.tensor(ids[1:], device=logp.device, dtype=torch.long)
+        chosen = logp.gather(-1, target[:, None])[:, 0].tolist()
+        top_lp, top_id = logp.topk(k, dim=-1) if k else (None, None)
+        top_lp = top_lp.tolist() if k else None
+        top_id = top_id.tolist() if k else None
+        infos = [TokenInfo(ids[0], *self.pieces.get(ids[0]), None)]
+        for j, tid in enumerate(ids[1:]):
+            alts = tuple(Alt(a, *self.pieces.get(a), lp) for a, lp in zip(top_id[j], top_lp[j])) if k else ()
+            infos.append(TokenInfo(tid, *self.pieces.get(tid), chosen[j], alts))
+        return infos
+
+    def _keep(self, live: list[RowState], cache, mask, pos, logits):
+        """Drop finished and abandoned rows from the batch (when the cache can select rows; otherwise they
+        ride along, ignored). Returns (live, mask, pos, logits, any row still generating)."""
+        for st in live:
+            if not st.finished and st.row.cancelled.is_set():
+                st.finished = True
+                self.stats.cancelled += 1
+        keep = [i for i, st in enumerate(live) if not st.finished]
+        if keep and len(keep) < len(live) and hasattr(cache, "batch_select_indices"):
+            idx = torch.tensor(keep, device=self.device)
+            cache.batch_select_indices(idx)
+            mask, pos = mask[idx], pos[idx]
+            logits = logits[idx] if logits is not None else None
+            live = [live[i] for i in keep]
+        return live, mask, pos, logits, bool(keep)
 
     @torch.inference_mode()
     def generate(self, rows: list[Row], join: bool = False) -> None:
@@ -289,34 +380,20 @@ class Engine:
         Finished rows leave the batch; with `join`, queued rows join it between steps (their prompts are
         prefilled, and the two KV caches are left-padded to one length and stacked), so a long batch never
         makes new requests wait for all of it: continuous batching on a plain HF model."""
-        live, mask, pos, cache, logits = self._prefill(rows)
-        while True:
-            self.stats.max_rows_in_batch = max(self.stats.max_rows_in_batch, len(live))
-            self.stats.steps += 1
-            self.stats.step_rows += len(live)
-            k = max((st.p.logprobs or 0) for st in live)
-            logp = torch.log_softmax(logits.float(), dim=-1)
-            nxt = self._choose(logits, live)
-            chosen = logp.gather(-1, nxt[:, None])[:, 0].tolist()
-            tops = logp.topk(k, dim=-1) if k else None
-            top_lp, top_id = (tops.values.tolist(), tops.indices.tolist()) if tops is not None else (None, None)
-            for i, (st, tid) in enumerate(zip(live, nxt.tolist())):
-                text, raw = self.pieces.get(tid)
-                alts: tuple[Alt, ...] = ()
-                n_alt = st.p.logprobs or 0
-                if n_alt:
-                    alts = tuple(Alt(j, *self.pieces.get(j), lp) for j, lp in zip(top_id[i][:n_alt], top_lp[i][:n_alt]))
-                st.push(TokenInfo(tid, text, raw, chosen[i], alts))
-                self.stats.generated_tokens += 1
-            keep = [i for i, st in enumerate(live) if not st.finished]
-            if not keep:
+        self._decode(*self._prefill(rows), join=join)
+
+    def _decode(self, live: list[RowState], mask, pos, cache, logits, join: bool) -> None:
+        """The decode loop of `generate`, from prefilled rows."""
+        while live:
+            # finished rows leave the batch: later steps only pay for rows still generating
+            live, mask, pos, logits, going = self._keep(live, cache, mask, pos, logits)
+            if not going:
                 return
-            if len(keep) < len(live) and hasattr(cache, "batch_select_indices"):
-                # finished rows leave the batch: later steps only pay for rows still generating
-                idx = torch.tensor(keep, device=self.device)
-                cache.batch_select_indices(idx)
-                nxt, mask, pos = nxt[idx], mask[idx], pos[idx]
-                live = [live[i] for i in keep]
+            self._step(live, logits)
+            live, mask, pos, _, going = self._keep(live, cache, mask, pos, None)
+            if not going:
+                return
+            nxt = torch.tensor([st.last for st in live], dtype=torch.long, device=self.device)
             mask = torch.cat([mask, mask.new_ones((len(live), 1))], dim=-1)
             pos = pos + 1
             out = self.model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos,
@@ -328,6 +405,8 @@ class Engine:
                 if new_rows:
                     self._running.extend(new_rows)
                     n_live, n_mask, n_pos, n_cache, n_logits = self._prefill(new_rows)
+                    if not n_live:
+                        continue
                     if _joinable(n_cache):
                         mask = _stack_left_padded(mask, n_mask)
                         _stack_caches(cache, n_cache)
@@ -335,24 +414,60 @@ class Engine:
                         live = live + n_live
                         self.stats.joined += len(new_rows)
                     else:  # an unusual cache type: decode the newcomers on their own first
-                        self.generate(new_rows, join=False)
+                        self._decode(n_live, n_mask, n_pos, n_cache, n_logits, join=False)
 
-    def _choose(self, logits: torch.Tensor, states: list[RowState]) -> torch.Tensor:
-        """Greedy for temperature 0, else nucleus sampling per row (each row may carry its own seed)."""
+    def _step(self, live: list[RowState], logits: torch.Tensor) -> None:
+        """Choose and push one token for every row still generating; a row that fails here fails alone."""
+        self.stats.max_rows_in_batch = max(self.stats.max_rows_in_batch, len(live))
+        self.stats.steps += 1
+        self.stats.step_rows += len(live)
+        k = max((st.p.logprobs or 0) for st in live)
+        logp = torch.log_softmax(logits.float(), dim=-1)
         nxt = logits.argmax(dim=-1)
-        for i, st in enumerate(states):
-            if st.finished or st.p.temperature <= 0:
+        for i, st in enumerate(live):
+            if not st.finished and st.p.temperature > 0:
+                try:
+                    nxt[i] = self._sample(logits[i], st)
+                except Exception as exc:  # noqa: BLE001
+                    self.stats.failed += 1
+                    st.fail(exc)
+        chosen = logp.gather(-1, nxt[:, None])[:, 0].tolist()
+        tops = logp.topk(k, dim=-1) if k else None
+        top_lp, top_id = (tops.values.tolist(), tops.indices.tolist()) if tops is not None else (None, None)
+        for i, (st, tid) in enumerate(zip(live, nxt.tolist())):
+            if st.finished:
                 continue
-            probs = torch.softmax(logits[i].float() / st.p.temperature, dim=-1)
-            if st.p.top_p < 1.0:
-                sp, si = probs.sort(descending=True)
-                keep = sp.cumsum(-1) - sp < st.p.top_p  # always keeps the most likely token
-                probs = torch.zeros_like(probs).scatter(0, si[keep], sp[keep])
-            gen = st.generator
-            if gen is not None and gen.device != probs.device:
-                probs = probs.cpu()
-            nxt[i] = torch.multinomial(probs, 1, generator=gen).item()
-        return nxt
+            try:
+                text, raw = self.pieces.get(tid)
+                alts: tuple[Alt, ...] = ()
+                n_alt = st.p.logprobs or 0
+                if n_alt:
+                    alts = tuple(Alt(j, *self.pieces.get(j), lp) for j, lp in zip(top_id[i][:n_alt], top_lp[i][:n_alt]))
+                st.push(TokenInfo(tid, text, raw, chosen[i], alts))
+            except Exception as exc:  # noqa: BLE001
+                self.stats.failed += 1
+                st.fail(exc)
+            self.stats.generated_tokens += 1
+
+    @staticmethod
+    def _sample(logits: torch.Tensor, st: RowState) -> int:
+        """Nucleus sampling for one row (temperature > 0), with the row's own seeded generator if any."""
+        probs = torch.softmax(logits.float() / st.p.temperature, dim=-1)
+        if st.p.top_p < 1.0:
+            sp, si = probs.sort(descending=True)
+            keep = sp.cumsum(-1) - sp < st.p.top_p  # always keeps the most likely token
+            probs = torch.zeros_like(probs).scatter(0, si[keep], sp[keep])
+        gen = st.generator
+        if gen is not None and gen.device != probs.device:
+            probs = probs.cpu()
+        return int(torch.multinomial(probs, 1, generator=gen).item())
+
+
+def _fail(row: Row, exc: BaseException) -> None:
+    """End a row with an error event (once)."""
+    if not row.done:
+        row.done = True
+        row.sink(RowEvent(error=f"{type(exc).__name__}: {exc}", finish_reason="error"))
 
 
 def _eos_ids(model, tokenizer) -> set[int]:

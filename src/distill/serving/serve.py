@@ -5,7 +5,9 @@ Concurrent requests are batched by one worker (see distill.serving.engine). Logp
 (temperature 1) and also carry token ids (`token_ids`, `top_token_ids` in completions; `token_id` in each
 chat entry); with `return_tokens_as_token_ids` (per request, vLLM's extension, or `--return-tokens-as-token-ids`)
 the token strings themselves are "token_id:N", which is what distill's openai teacher reads into ids, so
-another distill run can use this server as its teacher.
+another distill run can use this server as its teacher. `echo: true` (with `logprobs`, and `max_tokens: 0`
+allowed) returns the prompt's teacher-forced logprobs, which is how lm-eval's `local-completions` scores
+multiple-choice tasks against this server.
 
 Run as: `distill serve runs/demo/students/small --port 8000 --api-key $KEY`
 """
