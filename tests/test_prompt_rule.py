@@ -83,7 +83,7 @@ def test_same_record_same_prompt_ids_in_every_stage(kind, tmp_path):
     if templated:
         serving = _chat_prompt([ChatMessage(role="user", content=PROMPT)], tok)
     else:
-        serving = _completion_prompts(CompletionRequest(model="m", prompt=PROMPT), _Engine(tok, model))[0]
+        serving = _completion_prompts(CompletionRequest(model="m", prompt=PROMPT), _Engine(tok, model))[0][0]
 
     # on-policy sampling reads the prompt back out of the training batch
     batch = DistillCollator(pad_token_id=tok.pad_token_id)([ex])
