@@ -5,6 +5,8 @@ Run as: `distill --help`, `distill train cfg.yaml train.learning_rate=3e-4`.
 
 from __future__ import annotations
 
+import functools
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -12,11 +14,32 @@ from typing import List, Optional
 import typer
 from rich.console import Console
 
-from distill.config import ConfigError, load_config
-from distill.data.prompts import DataError
+from distill.config import load_config
+from distill.errors import disk_error_message, is_user_error, register
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
 console = Console(stderr=True)
+DEBUG = {"on": False}  # set by --debug (or DISTILL_DEBUG=1): user errors keep their traceback
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            print(f"distill {version('distill')}")
+        except PackageNotFoundError:
+            print("distill (not installed)")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    debug: bool = typer.Option(False, "--debug", help="full tracebacks for every error (also DISTILL_DEBUG=1)"),
+    version: bool = typer.Option(False, "--version", is_eager=True, callback=_version, help="print the version"),
+) -> None:
+    """Distill a large teacher into a small student. `distill config` lists every setting."""
+    DEBUG["on"] = debug or os.environ.get("DISTILL_DEBUG", "") not in ("", "0")
 
 CONFIG_ARG = typer.Argument(..., help="YAML config file", exists=False)
 OVERRIDES_ARG = typer.Argument(None, help="dotted overrides, e.g. train.learning_rate=3e-4")
@@ -26,18 +49,39 @@ def _config(path: Path, overrides: Optional[List[str]]):
     return load_config(path, overrides or [])
 
 
+def _is_user_error(exc: BaseException) -> bool:
+    """Errors the user can fix: distill's UserError, the backends' and store's own error classes, a file we
+    named that is missing (raised with a message, not by the OS), a full or read-only disk."""
+    from distill.losses.vocab import VocabMismatchError
+    from distill.store.shards import StoreError
+    from distill.teachers.base import TeacherError
+
+    register(StoreError, TeacherError, VocabMismatchError)
+    if isinstance(exc, FileNotFoundError) and exc.errno is None:
+        return True
+    return is_user_error(exc)
+
+
 def main_guard(fn):
-    """Turn expected user errors (config, data) into one clear line and exit code 2, not a traceback."""
-    import functools
+    """A user error is one line (naming the setting or file) and exit code 2; a bug keeps its traceback;
+    Ctrl-C says that finished work is kept (exit code 130). `distill --debug` shows every traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (ConfigError, DataError, FileNotFoundError, ValueError) as exc:
-            if not isinstance(exc, (ConfigError, DataError)) and "--debug" in sys.argv:
+        except typer.Exit:
+            raise
+        except KeyboardInterrupt:
+            if DEBUG["on"]:
                 raise
-            console.print(f"[bold red]error:[/] {exc}", highlight=False)
+            console.print("[bold yellow]interrupted:[/] finished work is kept; rerun the same command to resume",
+                          highlight=False)
+            raise typer.Exit(130) from None
+        except Exception as exc:
+            if DEBUG["on"] or not _is_user_error(exc):
+                raise
+            console.print(f"[bold red]error:[/] {disk_error_message(exc) or exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper

@@ -15,9 +15,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from distill.errors import ConfigError
 
-class ConfigError(ValueError):
-    """A config file or override that does not fit the schema; the message names the key."""
+
+STUDENT_CONFIG_FILE = "train_config.yaml"  # each student's resolved view, in run_dir/students/NAME
 
 
 class Section(BaseModel):

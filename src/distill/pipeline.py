@@ -23,6 +23,7 @@ from typing import Any
 from rich.console import Console
 
 from distill.config import Config, load_config, save_config
+from distill.preflight import preflight
 
 console = Console(stderr=True)
 STAGES_FILE = "stages.json"
@@ -124,7 +125,14 @@ def _run_stage(log: StageLog, name: str, fp: str, work: Callable[[], Any], force
     console.print(f"[bold cyan]▶ {name}[/]")
     log.mark(name, fp, "running")
     start = time.perf_counter()
-    work()
+    try:
+        work()
+    except BaseException:  # a crash or Ctrl-C: say so in stages.json instead of leaving it 'running'
+        try:
+            log.mark(name, fp, "failed")
+        except OSError:  # a full or read-only disk: the original error says more
+            pass
+        raise
     log.mark(name, fp, "done", seconds=round(time.perf_counter() - start, 2))
     return True
 
@@ -139,6 +147,7 @@ def run(config: Config | str | Path | dict, overrides: list[str] | None = None, 
     cfg = config if isinstance(config, Config) and not overrides else load_config(
         config.model_dump(mode="json") if isinstance(config, Config) else config, overrides
     )
+    preflight(cfg, ("generate", "train", "eval") if cfg.generate.input else ("train", "eval"))
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")

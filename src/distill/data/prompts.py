@@ -13,10 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from distill.config import DataConfig
-
-
-class DataError(ValueError):
-    """Bad input data; the message names file, line and field."""
+from distill.errors import DataError
 
 
 @dataclass

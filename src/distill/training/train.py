@@ -10,19 +10,23 @@ Teacher signal, from `train.signal`:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
+import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from distill.config import Config, StudentConfig, load_config, save_config
+from distill.config import STUDENT_CONFIG_FILE, Config, StudentConfig, load_config, save_config
 from distill.data.batching import DistillCollator, encode_example, tokenize_pair
 from distill.data.prompts import DataError, iter_rows, record_from_row, render_prompt
+from distill.errors import ConfigError, UserError, disk_error_message, disk_errors
 from distill.modeling import load_model, load_tokenizer_for
+from distill.preflight import preflight
 from distill.students.build import build_student
 
 
@@ -162,7 +166,7 @@ def _training_args(cfg: Config, out: Path, name: str):
         kwargs.update(eval_strategy="steps", eval_steps=t.save_steps)
     for key, value in t.args.items():
         if key not in fields:
-            raise ValueError(f"train.args.{key}: not a transformers.TrainingArguments field")
+            raise ConfigError(f"train.args.{key}: not a transformers.TrainingArguments field")
         kwargs[key] = value
     return TrainingArguments(**kwargs)
 
@@ -186,16 +190,16 @@ def _check_onpolicy(cfg: Config, local_teacher: bool, names: set[str], cross):
     if cfg.train.onpolicy.lmbda <= 0:
         return None
     if cross is not None:
-        raise ValueError("train.onpolicy with cross-tokenizer losses (uld) is not supported: use one tokenizer")
+        raise ConfigError("train.onpolicy with cross-tokenizer losses (uld) is not supported: use one tokenizer")
     if cfg.teacher.backend == "openai":
         from distill.training.onpolicy import OpenAIScorer
 
         return OpenAIScorer(cfg.teacher)
     if not local_teacher or cfg.train.signal != "online":
-        raise ValueError("train.onpolicy needs a teacher to score the student's samples: a local teacher with "
+        raise ConfigError("train.onpolicy needs a teacher to score the student's samples: a local teacher with "
                          "train.signal=online, or teacher.backend=openai (sampled reverse KL)")
     if not names - {"cross_entropy"}:
-        raise ValueError("train.onpolicy with a local teacher needs a divergence in train.losses (e.g. reverse_kl): "
+        raise ConfigError("train.onpolicy with a local teacher needs a divergence in train.losses (e.g. reverse_kl): "
                          "cross_entropy is skipped on sampled batches")
     return None
 
@@ -208,10 +212,110 @@ def loss_chunk_size(configured: int | None, vocab: int) -> int | None:
     return configured or None
 
 
-def _last_checkpoint(output_dir: str) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
+CHECKPOINT_COMPLETE = "distill_complete.json"  # written after the Trainer has written everything else
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors",
+                "pytorch_model.bin")
 
-    return get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
+
+def _step_of(path: Path) -> int:
+    tail = path.name.rpartition("-")[2]
+    return int(tail) if tail.isdigit() else -1
+
+
+def checkpoint_state(ckpt: Path) -> dict | None:
+    """The checkpoint's trainer_state.json when the checkpoint is complete, else None.
+
+    Complete: our marker (written by `_mark_complete` once the Trainer finished the checkpoint) is there, or,
+    for checkpoints written before the marker existed, trainer_state.json (the Trainer's last file) parses and
+    weights are present. A kill or a full disk mid-write leaves neither."""
+    state_file = ckpt / "trainer_state.json"
+    try:
+        state = json.loads(state_file.read_text())
+    except (OSError, ValueError):
+        return None
+    if (ckpt / CHECKPOINT_COMPLETE).exists() or any((ckpt / f).exists() for f in WEIGHT_FILES):
+        return state if isinstance(state, dict) else None
+    return None
+
+
+def _last_checkpoint(output_dir: str, clean: bool = True) -> str | None:
+    """The newest complete checkpoint-N under output_dir; newer incomplete ones are removed (clean=True) so
+    the Trainer does not trip over them later (rank 0 only)."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return None
+    ckpts = sorted((p for p in root.iterdir() if p.is_dir() and p.name.startswith("checkpoint-")
+                    and _step_of(p) >= 0), key=_step_of, reverse=True)
+    for ckpt in ckpts:
+        if checkpoint_state(ckpt) is not None:
+            return str(ckpt)
+        if clean and int(os.environ.get("RANK", "0")) == 0:
+            print(f"[distill] {ckpt}: incomplete checkpoint (cut off mid-write); removed, resuming from an earlier one")
+            shutil.rmtree(ckpt, ignore_errors=True)
+    return None
+
+
+def _finished(resume: str | None, t) -> dict | None:
+    """The checkpoint's state when it is the end of the training this config asks for (rerun: nothing to do)."""
+    if resume is None:
+        return None
+    state = checkpoint_state(Path(resume)) or {}
+    steps, total = state.get("global_step"), state.get("max_steps")
+    if not isinstance(steps, int) or not isinstance(total, int) or total <= 0 or steps < total:
+        return None
+    if t.max_steps > 0:
+        return state if t.max_steps == total else None
+    return state if float(state.get("num_train_epochs", -1)) == float(t.num_train_epochs) else None
+
+
+def _already_trained(cfg: Config, out: Path, name: str) -> bool:
+    """The student dir holds the final result of this very config: its saved view equals this one, its summary
+    is written, and the newest complete checkpoint is the last step."""
+    saved = out / STUDENT_CONFIG_FILE
+    if not cfg.train.resume or not (out / "train_summary.json").exists() or not saved.exists():
+        return False
+    import yaml
+
+    if yaml.safe_load(saved.read_text()) != yaml.safe_load(yaml.safe_dump(cfg.model_dump(mode="json"))):
+        return False
+    last = _last_checkpoint(str(Path(cfg.run_dir) / "checkpoints" / name), clean=False)
+    return _finished(last, cfg.train) is not None
+
+
+def _mark_complete():
+    """A TrainerCallback that writes CHECKPOINT_COMPLETE into each checkpoint once it is fully written."""
+    from transformers import TrainerCallback
+
+    class MarkComplete(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if state.is_world_process_zero and ckpt.is_dir():
+                tmp = ckpt / f".{CHECKPOINT_COMPLETE}.tmp"
+                tmp.write_text(json.dumps({"global_step": state.global_step}))
+                os.replace(tmp, ckpt / CHECKPOINT_COMPLETE)
+            return control
+
+    return MarkComplete()
+
+
+@contextlib.contextmanager
+def _user_errors(key: str, value: str | None):
+    """Loading a model the user named: its OSError / ValueError becomes one line naming the setting."""
+    try:
+        yield
+    except UserError:
+        raise
+    except (OSError, ValueError) as exc:
+        if isinstance(exc, OSError) and disk_error_message(exc) is not None:
+            raise
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        where = f"{key} '{value}'" if value is not None else key
+        raise ConfigError(f"{where}: {first}") from exc
+
+
+def _load_tokenizer(name: str, cfg: Config, key: str):
+    with _user_errors(key, name):
+        return load_tokenizer_for(name, cfg.teacher.trust_remote_code)
 
 
 def train_student(cfg: Config, scfg: StudentConfig) -> Path:
@@ -227,24 +331,28 @@ def train_student(cfg: Config, scfg: StudentConfig) -> Path:
     seed_everything(cfg.seed)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    out = student_dir(cfg, scfg.name)
+    if _already_trained(cfg, out, scfg.name):
+        print(f"[distill] student '{scfg.name}': already trained to the end with this config ({out}); nothing to do")
+        return out
     if int(os.environ.get("RANK", "0")) == 0:  # one writer under torchrun / accelerate launch
-        save_config(cfg, run_dir / "config.yaml")
+        # this student's view (its train overrides applied) beside its weights; run_dir/config.yaml stays the run's
+        with disk_errors(out):
+            save_config(cfg, out / STUDENT_CONFIG_FILE)
 
     local_teacher = cfg.teacher.backend != "openai" and cfg.teacher.model is not None
-    teacher_tok = load_tokenizer_for(cfg.teacher.model, cfg.teacher.trust_remote_code) if local_teacher else None
+    teacher_tok = _load_tokenizer(cfg.teacher.model, cfg, "teacher.model") if local_teacher else None
     if scfg.init in ("lora", "pretrained") and scfg.model:
-        tokenizer = load_tokenizer_for(scfg.model, cfg.teacher.trust_remote_code)
+        tokenizer = _load_tokenizer(scfg.model, cfg, "student.model")
     elif teacher_tok is not None:
         tokenizer = teacher_tok
     else:
-        raise ValueError(f"student '{scfg.name}': no tokenizer; set teacher.model (local) or student.model")
+        raise ConfigError(f"student '{scfg.name}': no tokenizer; set teacher.model (local) or student.model")
 
     needs_teacher_logits = cfg.train.signal == "online"
     names = {t.name for t in cfg.train.losses}
     if needs_teacher_logits and not local_teacher:
-        raise ValueError("train.signal=online needs a local teacher (teacher.backend=hf with teacher.model)")
+        raise ConfigError("train.signal=online needs a local teacher (teacher.backend=hf with teacher.model)")
     same_tokenizer = teacher_tok is not None
     cross = None  # cross-tokenizer mode (distill.data.crosstok): every divergence is a cross-tokenizer loss
     divergences = names - {"cross_entropy"}
@@ -261,10 +369,13 @@ def train_student(cfg: Config, scfg: StudentConfig) -> Path:
 
     teacher = None
     if needs_teacher_logits or scfg.init == "prune":
-        teacher = load_model(cfg.teacher.model, dtype=cfg.teacher.dtype, device="cpu",
-                             trust_remote_code=cfg.teacher.trust_remote_code)
-    student, info = build_student(scfg, teacher=teacher, teacher_path=cfg.teacher.model if local_teacher else None,
-                                  trust_remote_code=cfg.teacher.trust_remote_code)
+        with _user_errors("teacher.model", cfg.teacher.model):
+            teacher = load_model(cfg.teacher.model, dtype=cfg.teacher.dtype, device="cpu",
+                                 trust_remote_code=cfg.teacher.trust_remote_code)
+    with _user_errors(f"student '{scfg.name}'", None):  # build_student's ValueErrors name the student setting
+        student, info = build_student(scfg, teacher=teacher,
+                                      teacher_path=cfg.teacher.model if local_teacher else None,
+                                      trust_remote_code=cfg.teacher.trust_remote_code)
     if not needs_teacher_logits:
         teacher = None  # only needed for pruning: free it before training
 
@@ -286,7 +397,6 @@ def train_student(cfg: Config, scfg: StudentConfig) -> Path:
         projections = make_projections(student.config.hidden_size, teacher.config.hidden_size,
                                        student.config.num_hidden_layers + 1)
 
-    out = student_dir(cfg, scfg.name)
     args = _training_args(cfg, out, scfg.name)
     trainer = DistillationTrainer(
         model=student,
@@ -306,11 +416,27 @@ def train_student(cfg: Config, scfg: StudentConfig) -> Path:
         scorer=scorer,
         cross_tokenizer=cross,
     )
+    trainer.add_callback(_mark_complete())
     resume = _last_checkpoint(args.output_dir) if cfg.train.resume else None
     start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=resume)
+    kept = f"checkpoints already written in {args.output_dir} are kept"
+    with disk_errors(args.output_dir, kept):
+        if _finished(resume, cfg.train) is not None:  # trained to the end before: load, do not step again
+            trainer._load_from_checkpoint(resume)
+            trainer.state = type(trainer.state).load_from_json(str(Path(resume) / "trainer_state.json"))
+            result = None
+        else:
+            result = trainer.train(resume_from_checkpoint=resume)
     runtime = time.perf_counter() - start
 
+    with disk_errors(out, kept):
+        _save_outputs(trainer, out, tokenizer, cfg, scfg, info, examples, result, runtime, resume)
+    trainer.accelerator.wait_for_everyone()
+    return out
+
+
+def _save_outputs(trainer, out: Path, tokenizer, cfg: Config, scfg: StudentConfig, info, examples, result,
+                  runtime: float, resume: str | None) -> None:
     # every rank calls save_model: under FSDP / DeepSpeed ZeRO-3 gathering the full weights is a collective;
     # only the main process writes files
     trainer.save_model(str(out))
@@ -324,17 +450,24 @@ def train_student(cfg: Config, scfg: StudentConfig) -> Path:
             "losses": [t.model_dump() for t in cfg.train.losses],
             "examples": len(examples),
             "global_steps": trainer.state.global_step,
-            "train_loss": result.training_loss,
+            "train_loss": result.training_loss if result is not None else _last_train_loss(trainer.state),
             "train_runtime_s": round(runtime, 2),
             "resumed_from": resume,
             "world_size": int(os.environ.get("WORLD_SIZE", "1")),
         }
         (out / "train_summary.json").write_text(json.dumps(summary, indent=1))
-    trainer.accelerator.wait_for_everyone()
-    return out
+
+
+def _last_train_loss(state) -> float | None:
+    """The run's final training loss as the Trainer logged it (for a finished training loaded from its checkpoint)."""
+    return next((e["train_loss"] for e in reversed(state.log_history) if "train_loss" in e), None)
 
 
 def train(config: Config | str | Path | dict, overrides: list[str] | None = None) -> list[Path]:
     """Train every student of the config; returns their directories."""
     cfg = _as_config(config, overrides)
+    preflight(cfg, ("train",))  # a bad teacher path or layer count fails before any student loads
+    if int(os.environ.get("RANK", "0")) == 0:
+        with disk_errors(cfg.run_dir):
+            save_config(cfg, Path(cfg.run_dir) / "config.yaml")
     return [train_student(cfg, s) for s in cfg.all_students()]
