@@ -17,7 +17,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from distill.errors import ConfigError
 
-
 STUDENT_CONFIG_FILE = "train_config.yaml"  # each student's resolved view, in run_dir/students/NAME
 
 

@@ -50,7 +50,7 @@ def check_model(name: str, key: str) -> Any | None:
         from transformers import AutoConfig
 
         model_config = AutoConfig.from_pretrained(str(p))
-    except Exception as exc:  # noqa: BLE001 - any failure here is the file's, said in one line
+    except Exception as exc:  # any failure here is the file's, said in one line
         raise ConfigError(f"{key}: {config_file} cannot be read as a model config ({type(exc).__name__}: "
                           f"{str(exc).splitlines()[0][:200]})") from exc
     check_safetensors(p, key)
@@ -65,7 +65,7 @@ def check_safetensors(directory: Path, key: str) -> None:
         try:
             with safe_open(str(f), framework="pt") as fh:
                 fh.keys()
-        except Exception as exc:  # noqa: BLE001 - SafetensorError and OSError alike
+        except Exception as exc:  # SafetensorError and OSError alike
             raise ConfigError(f"{key}: {f} is not a valid safetensors file ({exc}); re-save the model with "
                               "save_pretrained(dir, safe_serialization=True)") from exc
 
@@ -127,6 +127,6 @@ def preflight(cfg: Config, stages: tuple[str, ...] = ("generate", "train", "eval
             _check_student(cfg, i if cfg.students else None, teacher_config)
     if "eval" in stages and cfg.eval.input is None:
         raise ConfigError("eval.input: set the held-out prompts file (JSONL/JSON/CSV/Parquet with references)")
-    if "eval" in stages and not cfg.eval.input.startswith("hf:"):
-        if not Path(cfg.eval.input).exists() and not (cfg.path(cfg.eval.input) or Path()).exists():
-            raise ConfigError(f"eval.input: {cfg.eval.input} does not exist")
+    if "eval" in stages and not cfg.eval.input.startswith("hf:") and not Path(cfg.eval.input).exists() \
+            and not (cfg.path(cfg.eval.input) or Path()).exists():
+        raise ConfigError(f"eval.input: {cfg.eval.input} does not exist")
