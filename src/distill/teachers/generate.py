@@ -30,6 +30,7 @@ from rich.text import Text
 from distill.config import Config, ConfigError, save_config
 from distill.data.cot import request_reasoning, split_completion
 from distill.data.prompts import Record, load_records, render_prompt
+from distill.errors import disk_errors
 from distill.store.shards import Store, row_key
 from distill.teachers import Completion, Prompt, TeacherError, build_teacher, teacher_identity
 
@@ -138,7 +139,8 @@ def generate(config: Config) -> Path:
     tokenizer = _prompt_tokenizer(config)
     prompts = make_prompts(records, config, tokenizer)[rank::world]
     meta = {"teacher": identity, "params": generation_params(config)}
-    with Store(path, g.shard_rows, worker=worker, meta=meta) as store:
+    with disk_errors(path, f"rows finished before are kept in {path}"), \
+            Store(path, g.shard_rows, worker=worker, meta=meta) as store:
         save_config(config, path / f"config.{worker}.yaml")
         done = store.done_keys()
         todo = [p for p in prompts if p.key not in done]
@@ -166,6 +168,10 @@ def _run(config: Config, todo: list[Prompt], store: Store, identity: str, device
                 rows += 1
                 tokens += completion.num_tokens()
                 progress.update(task, advance=1, tokens=tokens)
+    except KeyboardInterrupt:
+        console.print(f"stopped: the {rows} rows finished in this run are kept in {store.path}; rerun to resume",
+                      highlight=False, soft_wrap=True)
+        raise
     finally:
         teacher.close()
     elapsed = time.perf_counter() - start
