@@ -55,6 +55,10 @@ class DataConfig(Section):
     chat_template: bool = Field(True, description="use the tokenizer's chat template when it has one")
     system_prompt: str | None = Field(None, description="system message prepended to every prompt")
     split: str = Field("train", description="split name for Hugging Face datasets")
+    truncate: bool = Field(
+        False, description="generate: cut prompts longer than the teacher's context (minus "
+        "generate.max_new_tokens) from the start and count them, instead of refusing them with file:line"
+    )
 
 
 class GenerateConfig(Section):

@@ -105,6 +105,8 @@ def _examples_from_file(cfg: Config, tokenizer, source: str) -> list[dict]:
             record = record_from_row(row, where, cfg.data)
             response = row.get(cfg.train.response_field)
             if not isinstance(response, str) or not response:
+                response = record.response  # the last assistant turn of `messages`, or TRL's `completion`
+            if not isinstance(response, str) or not response:
                 raise DataError(
                     f"{where}: missing field '{cfg.train.response_field}' (the target response); fields present: "
                     f"{', '.join(row)}. Set train.response_field, or train on the teacher store (train.input unset)"
@@ -272,7 +274,8 @@ def _already_trained(cfg: Config, out: Path, name: str) -> bool:
     """The student dir holds the final result of this very config: its saved view equals this one, its summary
     is written, and the newest complete checkpoint is the last step."""
     saved = out / STUDENT_CONFIG_FILE
-    if not cfg.train.resume or not (out / "train_summary.json").exists() or not saved.exists():
+    if not cfg.train.resume or not saved.exists() or not all(
+            (out / f).exists() for f in ("train_summary.json", "config.json")):
         return False
     import yaml
 
