@@ -111,10 +111,27 @@ def generate(
     print(path)
 
 
+@app.command("config")
+@main_guard
+def config_(section: Optional[str] = typer.Argument(None, help="a section (train, eval, ...) or dotted key")) -> None:
+    """Every config key with its type, default and description (override any of them as key=value)."""
+    from distill.config import describe
+
+    rows = describe(section)
+    wk = max(len(r[0]) for r in rows)
+    wt = min(max(len(r[1]) for r in rows), 26)
+    wd = min(max(len(r[2]) for r in rows), 22)
+    for key, typ, default, desc in rows:
+        print(f"{key:<{wk}}  {typ:<{wt}}  {default:<{wd}}  {desc}".rstrip())
+
+
 @app.command()
 @main_guard
 def train(config: Path = CONFIG_ARG, overrides: Optional[List[str]] = OVERRIDES_ARG) -> None:
-    """Train the student(s) of CONFIG; writes run_dir/students/NAME (HF format) and its training log."""
+    """Train the student(s) of CONFIG; writes run_dir/students/NAME (HF format) and its training log.
+
+    Every setting (train.*, student.*, ...) with its type, default and meaning: `distill config train`.
+    """
     from distill.training.train import train as run_train
 
     cfg = _config(config, overrides)
@@ -129,7 +146,8 @@ def run(
     overrides: Optional[List[str]] = OVERRIDES_ARG,
     force: bool = typer.Option(False, "--force", help="rerun every stage even when its inputs are unchanged"),
 ) -> None:
-    """generate → train → eval → report; stages whose inputs (hashed) are unchanged are skipped."""
+    """generate → train → eval → report; a stage is skipped when its inputs (hashed) are unchanged and its
+    outputs are still the files it wrote. Every setting: `distill config`."""
     from distill.pipeline import run as run_pipeline
 
     cfg = _config(config, overrides)

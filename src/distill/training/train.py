@@ -166,10 +166,7 @@ def _training_args(cfg: Config, out: Path, name: str):
         kwargs["warmup_steps"] = t.warmup_ratio  # transformers 5: a float < 1 is a ratio
     if t.eval_fraction > 0:
         kwargs.update(eval_strategy="steps", eval_steps=t.save_steps)
-    for key, value in t.args.items():
-        if key not in fields:
-            raise ConfigError(f"train.args.{key}: not a transformers.TrainingArguments field")
-        kwargs[key] = value
+    kwargs.update(t.args)  # names and types checked when the config loaded (config.coerce_training_args)
     return TrainingArguments(**kwargs)
 
 
