@@ -91,6 +91,18 @@ def test_prompts_longer_than_the_teacher_context(tmp_path, teacher_dir, tokenize
     assert len(ids) <= 48 and prompts[1].text.endswith("word199")  # cut from the start, the end stays
 
 
+def test_training_counts_rows_whose_prompt_fills_max_length(tmp_path, teacher_dir, tokenizer, capsys):
+    from distill.training.train import build_examples
+
+    rows = [{"prompt": "short?", "response": "yes"}, {"prompt": " ".join(["word"] * 80), "response": "no"}]
+    path = _jsonl(tmp_path / "pairs.jsonl", rows)
+    cfg = load_config({"teacher": {"model": str(teacher_dir)},
+                       "train": {"input": str(path), "signal": "none", "max_length": 16,
+                                 "losses": [{"name": "cross_entropy"}]}})
+    assert len(build_examples(cfg, tokenizer, same_tokenizer=True)) == 1
+    assert "1 of 2 rows left out" in capsys.readouterr().out
+
+
 def test_conversational_and_trl_rows_train_without_a_response_field(tmp_path, teacher_dir, tokenizer):
     from distill.training.train import build_examples
 

@@ -65,7 +65,7 @@ def _examples_from_store(cfg: Config, tokenizer, same_tokenizer: bool, want_topk
     rows = read_store(path)
     if not rows:
         raise DataError(f"{path}: the teacher store has no finished rows")
-    out = []
+    out, dropped = [], 0
     for row in rows:
         ids_ok = same_tokenizer and row.get("prompt_ids") is not None and row.get("response_ids") is not None
         if ids_ok:
@@ -84,6 +84,9 @@ def _examples_from_store(cfg: Config, tokenizer, same_tokenizer: bool, want_topk
             ex = tokenize_pair(tokenizer, row["prompt"], row["response"], cfg.train.max_length)
         if ex is not None:
             out.append(ex)
+        else:
+            dropped += 1
+    _say_dropped(dropped, len(out) + dropped, cfg.train.max_length)
     if not out:
         raise DataError(f"{path}: every row's prompt is at least train.max_length={cfg.train.max_length} tokens; "
                         "raise train.max_length")
@@ -92,7 +95,7 @@ def _examples_from_store(cfg: Config, tokenizer, same_tokenizer: bool, want_topk
 
 def _examples_from_file(cfg: Config, tokenizer, source: str) -> list[dict]:
     """Rows with a prompt (or messages) and a response field, or plain text in `train.text_field`."""
-    out = []
+    out, dropped = [], 0
     for where, row in iter_rows(source, cfg.data.split):
         if cfg.train.text_field in row and cfg.data.prompt_field not in row and cfg.data.messages_field not in row:
             text = row[cfg.train.text_field]
@@ -114,10 +117,21 @@ def _examples_from_file(cfg: Config, tokenizer, source: str) -> list[dict]:
             ex = tokenize_pair(tokenizer, render_prompt(record, tokenizer, cfg.data), response, cfg.train.max_length)
         if ex is not None:
             out.append(ex)
+        else:
+            dropped += 1
+    _say_dropped(dropped, len(out) + dropped, cfg.train.max_length)
     if not out:
         raise DataError(f"{source}: no usable training examples: every prompt is at least "
                         f"train.max_length={cfg.train.max_length} tokens; raise train.max_length")
     return out
+
+
+def _say_dropped(dropped: int, total: int, max_length: int) -> None:
+    """Training's rule for long rows: responses are cut at train.max_length; a row whose prompt alone fills it
+    is left out, and counted here."""
+    if dropped:
+        print(f"[distill] train: {dropped} of {total} rows left out: their prompt is at least "
+              f"train.max_length={max_length} tokens (raise train.max_length to keep them)")
 
 
 def build_examples(cfg: Config, tokenizer, same_tokenizer: bool) -> list[dict]:
