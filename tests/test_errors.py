@@ -210,3 +210,20 @@ def test_ctrl_c_with_requests_hung_in_flight_stops_and_keeps_rows(tmp_path):
     rows = read_store(tmp_path / "run" / "teacher")
     assert sorted(r["prompt"] for r in rows) == ["fast one", "fast two"]
     assert sys.exc_info() == (None, None, None)
+
+
+def test_ctrl_c_in_the_cli_says_work_is_kept(tmp_path, monkeypatch):
+    import distill.training.train as train_module
+
+    def interrupted(cfg, overrides=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "train", interrupted)
+    res = CliRunner().invoke(app, ["train", str(_write_cfg(tmp_path, {}))])
+    assert res.exit_code == 130 and "finished work is kept" in res.output and "Traceback" not in res.output
+
+
+def test_divergence_without_teacher_signal_is_refused_before_training(tmp_path, teacher_dir, prompts_file):
+    tree = _run_tree(tmp_path, teacher_dir, prompts_file, train={"signal": "none", "input": str(prompts_file)})
+    res = CliRunner().invoke(app, ["train", str(_write_cfg(tmp_path, tree))])
+    _one_line_error(res, "forward_kl", "train.signal=none")

@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 
 from distill.config import load_config
-from distill.errors import disk_error_message, is_user_error, register
+from distill.errors import UserError, disk_error_message, is_user_error, register
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
 console = Console(stderr=True)
@@ -59,6 +59,10 @@ def _is_user_error(exc: BaseException) -> bool:
     if isinstance(exc, FileNotFoundError) and exc.errno is None:
         return True
     return is_user_error(exc)
+
+
+class _UserMessage(UserError):
+    """A stage's ValueError whose message is known to name the user's option or file."""
 
 
 def main_guard(fn):
@@ -252,7 +256,12 @@ def export(
     """Merged HF model + model card in OUT; optional int8 (with parity and sizes) and ONNX; OUT/export_report.json."""
     from distill.exporting.export import export as run_export
 
-    report = run_export(model_dir, out, quantize=quantize, onnx=onnx, prompts=prompts, limit=limit)
+    try:
+        report = run_export(model_dir, out, quantize=quantize, onnx=onnx, prompts=prompts, limit=limit)
+    except ValueError as exc:  # export's ValueErrors name the option or file (e.g. --quantize, adapter_config)
+        if isinstance(exc, UserError):
+            raise
+        raise _UserMessage(str(exc)) from exc
     if "int8" in report:
         p = report["int8"]["parity"]
         console.print(f"int8: {report['int8']['size_ratio']:.0%} of the size, greedy-token agreement "

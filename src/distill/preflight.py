@@ -109,6 +109,10 @@ def _check_student(cfg: Config, i: int | None, teacher_config: Any | None) -> No
     if t.signal == "online" and not local_teacher:
         raise ConfigError(f"{where}: train.signal=online needs a local teacher (teacher.backend=hf with "
                           "teacher.model); use train.signal=offline (store) or none (labels)")
+    divergences = [term.name for term in t.losses if term.name != "cross_entropy"]
+    if t.signal == "none" and divergences:
+        raise ConfigError(f"{where}: train.losses has {', '.join(divergences)}, which need a teacher signal, but "
+                          "train.signal=none (labels only); use cross_entropy, or train.signal=online / offline")
     if t.input is not None and not str(t.input).startswith("hf:") and not Path(t.input).exists():
         raise ConfigError(f"{where}: train.input {t.input} does not exist")
 

@@ -93,7 +93,10 @@ def _evaluate(cfg: Config) -> dict[str, Any]:
     console = Console(stderr=True)
     if not cfg.teacher.model:
         raise ConfigError("teacher.model: set the teacher to evaluate against")
-    metric = get_metric(ev.metric, ev.answer_regex)  # fail on a bad metric before loading any model
+    try:
+        metric = get_metric(ev.metric, ev.answer_regex)  # fail on a bad metric before loading any model
+    except ValueError as exc:  # its messages name eval.metric / eval.answer_regex: a user error
+        raise ConfigError(str(exc)) from exc
     students = student_dirs(cfg)
     records = load_records(_eval_input(cfg), cfg.data, limit=ev.limit)
     # a conversational row's last assistant turn (or TRL's `completion`) is the reference when none is given
