@@ -82,7 +82,8 @@ def test_prompts_longer_than_the_teacher_context(tmp_path, teacher_dir, tokenize
     cfg = load_config({"teacher": {"model": str(teacher_dir)}, "generate": {"input": str(path), "max_new_tokens": 16}})
     assert teacher_context(cfg) == 256
     records = load_records(path)
-    with pytest.raises(DataError, match=r"long.jsonl:2: the prompt is \d+ tokens, over the limit of 48 .*data.truncate"):
+    with pytest.raises(DataError, match=r"long.jsonl:2: the prompt is \d+ tokens, over the limit of 48 .*minus 16 "
+                                        r"tokens.*data.truncate"):
         make_prompts(records, cfg, tokenizer, context=64)
     cut = load_config(cfg.model_dump(mode="json"), ["data.truncate=true"])
     prompts = make_prompts(records, cut, tokenizer, context=64)
@@ -178,3 +179,18 @@ def test_run_reruns_stages_whose_outputs_were_removed_or_replaced(tmp_path, teac
     assert run(cfg) == {"generate": "skipped", "train:s": "ran", "eval": "ran", "report": "ran"}
     assert weights.exists()
     assert json.loads((run_dir / "students" / "s" / "train_summary.json").read_text())["global_steps"] == 1
+
+
+def test_generate_cli_refuses_a_prompt_over_the_teacher_context(tmp_path, teacher_dir):
+    import yaml
+    from typer.testing import CliRunner
+
+    from distill.cli import app
+
+    path = _jsonl(tmp_path / "huge.jsonl", [{"prompt": "ok"}, {"prompt": " ".join(f"w{i}" for i in range(400))}])
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump({"run_dir": str(tmp_path / "run"), "teacher": {"model": str(teacher_dir)},
+                                   "generate": {"input": str(path), "max_new_tokens": 8}}))
+    res = CliRunner().invoke(app, ["generate", str(cfg)])
+    out = " ".join(res.output.split())
+    assert res.exit_code == 2 and "huge.jsonl:2: the prompt is" in out and "limit of 248" in out, res.output

@@ -56,8 +56,8 @@ class DataConfig(Section):
     system_prompt: str | None = Field(None, description="system message prepended to every prompt")
     split: str = Field("train", description="split name for Hugging Face datasets")
     truncate: bool = Field(
-        False, description="generate: cut prompts longer than the teacher's context (minus "
-        "generate.max_new_tokens) from the start and count them, instead of refusing them with file:line"
+        False, description="generate: cut prompts longer than the teacher's context (minus room for "
+        "generate.max_new_tokens, at most half of it) from the start and count them, instead of refusing them"
     )
 
 

@@ -100,17 +100,17 @@ def teacher_context(config: Config) -> int | None:
 
 def make_prompts(records: list[Record], config: Config, tokenizer=None, context: int | None = None) -> list[Prompt]:
     """Rendered, keyed prompts for the whole corpus; repeats of one prompt are numbered so each gets a row.
-    With `context` (the teacher's), a prompt that leaves no room for generate.max_new_tokens is refused, or
-    cut under data.truncate."""
+    With `context` (the teacher's), a prompt that leaves no room for generate.max_new_tokens (at most half the
+    context) is refused with file:line, or cut under data.truncate."""
     identity, params = teacher_identity(config.teacher), generation_params(config)
     seen: Counter = Counter()
     prompts = []
-    limit = None if context is None or tokenizer is None else context - config.generate.max_new_tokens
-    if limit is not None and limit < 1:
-        raise ConfigError(f"generate.max_new_tokens={config.generate.max_new_tokens} leaves no room for a prompt "
-                          f"in the teacher's context of {context} tokens")
+    # room for generate.max_new_tokens after the prompt, but never more than half the context (max_new_tokens
+    # is a cap: most answers stop at EOS long before it)
+    room = min(config.generate.max_new_tokens, (context or 0) // 2)
+    limit = None if context is None or tokenizer is None else context - room
     templated = bool(config.data.chat_template and getattr(tokenizer, "chat_template", None))
-    why = f" (the teacher's context {context} - generate.max_new_tokens {config.generate.max_new_tokens})"
+    why = f" (the teacher's context {context} minus {room} tokens of room for the answer)"
     truncated = 0
     for i, record in enumerate(records):
         if config.generate.reasoning:  # chain of thought: ask for reasoning + answer (distill.data.cot)
