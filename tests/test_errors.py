@@ -178,7 +178,7 @@ class HungServer(FakeOpenAIServer):
         return None if "fast" in prompt else "timeout"
 
 
-def test_ctrl_c_with_requests_hung_in_flight_stops_and_keeps_rows(tmp_path):
+def test_ctrl_c_with_requests_hung_in_flight_stops_and_keeps_rows(tmp_path, capsys):
     from distill.store.shards import read_store
     from distill.teachers.generate import generate
 
@@ -207,6 +207,7 @@ def test_ctrl_c_with_requests_hung_in_flight_stops_and_keeps_rows(tmp_path):
             generate(cfg)
         elapsed = time.monotonic() - start
     assert elapsed < 120  # generous: the hung requests would hold it for 300 s
+    assert "stopping (Ctrl-C): 4 request(s) in flight abandoned" in capsys.readouterr().err
     rows = read_store(tmp_path / "run" / "teacher")
     assert sorted(r["prompt"] for r in rows) == ["fast one", "fast two"]
     assert sys.exc_info() == (None, None, None)
