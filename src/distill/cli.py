@@ -51,11 +51,14 @@ def _config(path: Path, overrides: Optional[List[str]]):
 def _is_user_error(exc: BaseException) -> bool:
     """Errors the user can fix: distill's UserError, the backends' and store's own error classes, a file we
     named that is missing (raised with a message, not by the OS), a full or read-only disk."""
-    from distill.losses.vocab import VocabMismatchError
-    from distill.store.shards import StoreError
-    from distill.teachers.base import TeacherError
+    import importlib
 
-    register(StoreError, TeacherError, VocabMismatchError)
+    for module, name in (("distill.store.shards", "StoreError"), ("distill.teachers.base", "TeacherError"),
+                         ("distill.losses.vocab", "VocabMismatchError")):
+        try:  # a moved class must not turn the error report itself into a crash
+            register(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            pass
     if isinstance(exc, FileNotFoundError) and exc.errno is None:
         return True
     return is_user_error(exc)
