@@ -120,7 +120,7 @@ def generate(
 
 @app.command("config")
 @main_guard
-def config_(section: Optional[str] = typer.Argument(None, help="a section (train, eval, ...) or dotted key")) -> None:
+def config_(section: str | None = typer.Argument(None, help="a section (train, eval, ...) or dotted key")) -> None:
     """Every config key with its type, default and description (override any of them as key=value)."""
     from distill.config import describe
 
