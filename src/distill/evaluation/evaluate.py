@@ -97,7 +97,6 @@ def _evaluate(cfg: Config) -> dict[str, Any]:
         metric = get_metric(ev.metric, ev.answer_regex)  # fail on a bad metric before loading any model
     except ValueError as exc:  # its messages name eval.metric / eval.answer_regex: a user error
         raise ConfigError(str(exc)) from exc
-    students = student_dirs(cfg)
     records = load_records(_eval_input(cfg), cfg.data, limit=ev.limit)
     # a conversational row's last assistant turn (or TRL's `completion`) is the reference when none is given
     references = [r.reference if r.reference is not None else r.response for r in records]
@@ -108,6 +107,7 @@ def _evaluate(cfg: Config) -> dict[str, Any]:
             f"(data.reference_field), which eval.metric={ev.metric} needs; other fields: {', '.join(fields)}. "
             "Set data.reference_field, or use a metric whose function has `needs_reference = False`"
         )
+    students = student_dirs(cfg)
     device = str(resolve_device(ev.device))
 
     def run_model(name: str, path, trust: bool, teacher=None, cot=None):
