@@ -412,11 +412,13 @@ def _format_errors(err: ValidationError, source: str) -> str:
             msg = f"unknown key; expected one of: {', '.join(known)}"
             if hint:
                 msg += f" (did you mean '{hint[0]}'?)"
+        elif e["type"] == "value_error":  # our validators' messages say what was wrong and name the key
+            msg = str(e.get("ctx", {}).get("error", e["msg"]))
         else:
             msg = e["msg"]
             if "input" in e and e["type"] != "missing":
                 msg += f" (got {e['input']!r})"
-        lines.append(f"  {loc or '<root>'}: {msg}")
+        lines.append(f"  {msg}" if loc and msg.startswith(loc + ".") else f"  {loc or '<root>'}: {msg}")
     return "\n".join(lines)
 
 
