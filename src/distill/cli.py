@@ -5,18 +5,40 @@ Run as: `distill --help`, `distill train cfg.yaml train.learning_rate=3e-4`.
 
 from __future__ import annotations
 
-import sys
+import functools
+import os
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 from rich.console import Console
 
-from distill.config import ConfigError, load_config
-from distill.data.prompts import DataError
+from distill.config import load_config
+from distill.errors import UserError, disk_error_message, is_user_error, register
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
 console = Console(stderr=True)
+DEBUG = {"on": False}  # set by --debug (or DISTILL_DEBUG=1): user errors keep their traceback
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            print(f"distill {version('distill')}")
+        except PackageNotFoundError:
+            print("distill (not installed)")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    debug: bool = typer.Option(False, "--debug", help="full tracebacks for every error (also DISTILL_DEBUG=1)"),
+    version: bool = typer.Option(False, "--version", is_eager=True, callback=_version, help="print the version"),
+) -> None:
+    """Distill a large teacher into a small student. `distill config` lists every setting."""
+    DEBUG["on"] = debug or os.environ.get("DISTILL_DEBUG", "") not in ("", "0")
 
 CONFIG_ARG = typer.Argument(..., help="YAML config file", exists=False)
 OVERRIDES_ARG = typer.Argument(None, help="dotted overrides, e.g. train.learning_rate=3e-4")
@@ -26,18 +48,46 @@ def _config(path: Path, overrides: Optional[List[str]]):
     return load_config(path, overrides or [])
 
 
+def _is_user_error(exc: BaseException) -> bool:
+    """Errors the user can fix: distill's UserError, the backends' and store's own error classes, a file we
+    named that is missing (raised with a message, not by the OS), a full or read-only disk."""
+    import importlib
+
+    for module, name in (("distill.store.shards", "StoreError"), ("distill.teachers.base", "TeacherError"),
+                         ("distill.losses.vocab", "VocabMismatchError")):
+        try:  # a moved class must not turn the error report itself into a crash
+            register(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            pass
+    if isinstance(exc, FileNotFoundError) and exc.errno is None:
+        return True
+    return is_user_error(exc)
+
+
+class _UserMessage(UserError):
+    """A stage's ValueError whose message is known to name the user's option or file."""
+
+
 def main_guard(fn):
-    """Turn expected user errors (config, data) into one clear line and exit code 2, not a traceback."""
-    import functools
+    """A user error is one line (naming the setting or file) and exit code 2; a bug keeps its traceback;
+    Ctrl-C says that finished work is kept (exit code 130). `distill --debug` shows every traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (ConfigError, DataError, FileNotFoundError, ValueError) as exc:
-            if not isinstance(exc, (ConfigError, DataError)) and "--debug" in sys.argv:
+        except typer.Exit:
+            raise
+        except KeyboardInterrupt:
+            if DEBUG["on"]:
                 raise
-            console.print(f"[bold red]error:[/] {exc}", highlight=False)
+            console.print("[bold yellow]interrupted:[/] finished work is kept; rerun the same command to resume",
+                          highlight=False)
+            raise typer.Exit(130) from None
+        except Exception as exc:
+            if DEBUG["on"] or not _is_user_error(exc):
+                raise
+            console.print(f"[bold red]error:[/] {disk_error_message(exc) or exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper
@@ -68,10 +118,27 @@ def generate(
     print(path)
 
 
+@app.command("config")
+@main_guard
+def config_(section: str | None = typer.Argument(None, help="a section (train, eval, ...) or dotted key")) -> None:
+    """Every config key with its type, default and description (override any of them as key=value)."""
+    from distill.config import describe
+
+    rows = describe(section)
+    wk = max(len(r[0]) for r in rows)
+    wt = min(max(len(r[1]) for r in rows), 26)
+    wd = min(max(len(r[2]) for r in rows), 22)
+    for key, typ, default, desc in rows:
+        print(f"{key:<{wk}}  {typ:<{wt}}  {default:<{wd}}  {desc}".rstrip())
+
+
 @app.command()
 @main_guard
 def train(config: Path = CONFIG_ARG, overrides: Optional[List[str]] = OVERRIDES_ARG) -> None:
-    """Train the student(s) of CONFIG; writes run_dir/students/NAME (HF format) and its training log."""
+    """Train the student(s) of CONFIG; writes run_dir/students/NAME (HF format) and its training log.
+
+    Every setting (train.*, student.*, ...) with its type, default and meaning: `distill config train`.
+    """
     from distill.training.train import train as run_train
 
     cfg = _config(config, overrides)
@@ -86,7 +153,8 @@ def run(
     overrides: Optional[List[str]] = OVERRIDES_ARG,
     force: bool = typer.Option(False, "--force", help="rerun every stage even when its inputs are unchanged"),
 ) -> None:
-    """generate → train → eval → report; stages whose inputs (hashed) are unchanged are skipped."""
+    """generate → train → eval → report; a stage is skipped when its inputs (hashed) are unchanged and its
+    outputs are still the files it wrote. Every setting: `distill config`."""
     from distill.pipeline import run as run_pipeline
 
     cfg = _config(config, overrides)
@@ -191,7 +259,12 @@ def export(
     """Merged HF model + model card in OUT; optional int8 (with parity and sizes) and ONNX; OUT/export_report.json."""
     from distill.exporting.export import export as run_export
 
-    report = run_export(model_dir, out, quantize=quantize, onnx=onnx, prompts=prompts, limit=limit)
+    try:
+        report = run_export(model_dir, out, quantize=quantize, onnx=onnx, prompts=prompts, limit=limit)
+    except ValueError as exc:  # export's ValueErrors name the option or file (e.g. --quantize, adapter_config)
+        if isinstance(exc, UserError):
+            raise
+        raise _UserMessage(str(exc)) from exc
     if "int8" in report:
         p = report["int8"]["parity"]
         console.print(f"int8: {report['int8']['size_ratio']:.0%} of the size, greedy-token agreement "

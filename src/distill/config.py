@@ -16,10 +16,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from distill.evaluation.metrics import METRICS, check_metric_name  # stdlib only: config stays light
+from distill.errors import ConfigError
 
-
-class ConfigError(ValueError):
-    """A config file or override that does not fit the schema; the message names the key."""
+STUDENT_CONFIG_FILE = "train_config.yaml"  # each student's resolved view, in run_dir/students/NAME
 
 
 class Section(BaseModel):
@@ -69,6 +68,10 @@ class DataConfig(Section):
     chat_template: bool = Field(True, description="use the tokenizer's chat template when it has one")
     system_prompt: str | None = Field(None, description="system message prepended to every prompt")
     split: str = Field("train", description="split name for Hugging Face datasets")
+    truncate: bool = Field(
+        False, description="generate: cut prompts longer than the teacher's context (minus room for "
+        "generate.max_new_tokens, at most half of it) from the start and count them, instead of refusing them"
+    )
 
 
 class GenerateConfig(Section):
@@ -76,13 +79,13 @@ class GenerateConfig(Section):
 
     input: str | None = Field(None, description="prompts: .jsonl/.json/.parquet/.csv or hf:NAME")
     store: str = Field("teacher", description="store directory, relative to run_dir unless absolute")
-    max_new_tokens: int = Field(256, ge=1)
+    max_new_tokens: int = Field(256, ge=1, description="most tokens the teacher generates per prompt")
     temperature: float = Field(0.0, ge=0, description="0 means greedy")
-    top_p: float = Field(1.0, gt=0, le=1)
-    seed: int = 0
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling: keep the smallest token set with this mass")
+    seed: int = Field(0, description="sampling seed (greedy outputs do not depend on it)")
     stop: list[str] = Field(default_factory=list, description="stop strings")
     top_k: int = Field(0, ge=0, description="top-k logprobs captured per completion token (0: none)")
-    batch_size: int = Field(16, ge=1)
+    batch_size: int = Field(16, ge=1, description="prompts generated together (local backends)")
     shard_rows: int = Field(256, ge=1, description="rows per Parquet shard (the most a crash can lose)")
     limit: int | None = Field(None, ge=1, description="only the first N prompts")
     shard: str | None = Field(None, description="'i/n': this worker takes every n-th prompt from i")
@@ -98,16 +101,18 @@ class LossTerm(Section):
     """One weighted component of the training objective."""
 
     name: str = Field(..., description="a key of distill.losses.LOSSES, e.g. forward_kl, jsd, cross_entropy")
-    weight: float = Field(1.0, ge=0)
-    temperature: float = Field(1.0, gt=0)
+    weight: float = Field(1.0, ge=0, description="weight of this term in the summed loss")
+    temperature: float = Field(1.0, gt=0, description="softmax temperature T on both sides (divergences)")
     params: dict[str, Any] = Field(default_factory=dict, description="extra loss arguments (beta, alpha, ...)")
 
 
 class LoraSettings(Section):
-    r: int = Field(16, ge=1)
-    alpha: int = Field(32, ge=1)
-    dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: list[str] | str = Field("all-linear")
+    """PEFT LoRA adapter settings for student.init=lora."""
+
+    r: int = Field(16, ge=1, description="adapter rank")
+    alpha: int = Field(32, ge=1, description="LoRA scaling numerator (scale = alpha / r)")
+    dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the adapter input")
+    target_modules: list[str] | str = Field("all-linear", description="module names to adapt, or 'all-linear'")
 
 
 class StudentConfig(Section):
@@ -121,7 +126,7 @@ class StudentConfig(Section):
     num_layers: int | None = Field(None, ge=1, description="prune: keep this many evenly spaced layers")
     layers: list[int] | None = Field(None, description="prune: exact teacher layer indices to keep")
     config: dict[str, Any] = Field(default_factory=dict, description="config: overrides of the teacher's config")
-    lora: LoraSettings = Field(default_factory=LoraSettings)
+    lora: LoraSettings = Field(default_factory=LoraSettings, description="init=lora: adapter settings")
     train: dict[str, Any] = Field(
         default_factory=dict, description="this student's overrides of the train section (signal, input, losses, ...)"
     )
@@ -161,31 +166,38 @@ class TrainConfig(Section):
     store: str | None = Field(None, description="teacher store for offline signal (default: generate.store)")
     text_field: str = Field("text", description="field with plain text for online training on raw text")
     response_field: str = Field("response", description="field with the response for prompt/response data")
-    losses: list[LossTerm] = Field(default_factory=lambda: [LossTerm(name="forward_kl")])
+    losses: list[LossTerm] = Field(default_factory=lambda: [LossTerm(name="forward_kl")],
+                                   description="weighted loss terms summed into the objective")
     sparse_mode: Literal["tail", "renormalize"] = Field("tail", description="how top-k teachers treat the rest")
     scale_temperature: bool = Field(True, description="multiply divergences by T^2")
     chunk_size: int | None = Field(
         None, ge=0, description="tokens per loss chunk; None: 1024 when the vocabulary is >= 32k, else off; 0: off"
     )
-    max_length: int = Field(512, ge=8)
-    learning_rate: float = Field(5e-4, gt=0)
-    num_train_epochs: float = Field(1.0, gt=0)
-    max_steps: int = Field(-1)
-    per_device_train_batch_size: int = Field(8, ge=1)
-    gradient_accumulation_steps: int = Field(1, ge=1)
-    warmup_ratio: float = Field(0.0, ge=0, le=1)
-    weight_decay: float = Field(0.0, ge=0)
-    lr_scheduler_type: str = "linear"
-    logging_steps: int = Field(10, ge=1)
-    save_steps: int = Field(500, ge=1)
-    save_total_limit: int | None = 2
+    max_length: int = Field(512, ge=8, description="most tokens per training example (prompt + response)")
+    learning_rate: float = Field(5e-4, gt=0, description="peak learning rate (AdamW)")
+    num_train_epochs: float = Field(1.0, gt=0, description="passes over the data (max_steps wins when > 0)")
+    max_steps: int = Field(-1, description="optimizer steps to train; -1: use num_train_epochs")
+    per_device_train_batch_size: int = Field(8, ge=1, description="examples per device per micro-batch")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    warmup_ratio: float = Field(0.0, ge=0, le=1, description="fraction of the steps with a linear LR warmup")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    lr_scheduler_type: str = Field("linear", description="transformers scheduler: linear | cosine | constant | ...")
+    logging_steps: int = Field(10, ge=1, description="log the losses every N steps")
+    save_steps: int = Field(500, ge=1, description="write a checkpoint every N steps (resume starts there)")
+    save_total_limit: int | None = Field(2, description="checkpoints kept (older ones are deleted); None: all")
     eval_fraction: float = Field(0.0, ge=0, lt=1, description="held-out fraction for eval loss during training")
     resume: bool = Field(True, description="resume from the last checkpoint in the run directory")
-    report_to: list[str] = Field(default_factory=lambda: ["none"])
+    report_to: list[str] = Field(default_factory=lambda: ["none"],
+                                 description="trackers: none | tensorboard | mlflow | wandb | ...")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (None: torch default)")
     args: dict[str, Any] = Field(default_factory=dict, description="extra transformers.TrainingArguments")
-    onpolicy: OnPolicyConfig = Field(default_factory=OnPolicyConfig)
-    cot: CotConfig = Field(default_factory=CotConfig)
+    onpolicy: OnPolicyConfig = Field(default_factory=OnPolicyConfig, description="on-policy distillation (GKD)")
+    cot: CotConfig = Field(default_factory=CotConfig, description="chain-of-thought distillation")
+
+    @field_validator("args")
+    @classmethod
+    def _typed_args(cls, args: dict[str, Any]) -> dict[str, Any]:
+        return coerce_training_args(args) if args else args
 
     @field_validator("losses")
     @classmethod
@@ -202,17 +214,63 @@ class TrainConfig(Section):
         return terms
 
 
+def coerce_training_args(args: dict[str, Any]) -> dict[str, Any]:
+    """`train.args` parsed against transformers.TrainingArguments' field types: '1e-3' (YAML 1.1 reads it as a
+    string) becomes 0.001 for learning_rate; a key that is no field, or a value of the wrong type, names the key."""
+    import dataclasses
+    import typing
+
+    from pydantic import TypeAdapter
+    from transformers import TrainingArguments  # only when train.args is used
+
+    hints = typing.get_type_hints(TrainingArguments)
+    names = [f.name for f in dataclasses.fields(TrainingArguments)]
+    out = {}
+    for key, value in args.items():
+        if key not in names:
+            hint = difflib.get_close_matches(key, names, n=1)
+            extra = f"; did you mean '{hint[0]}'?" if hint else ""
+            raise ValueError(f"train.args.{key}: not a transformers.TrainingArguments field{extra}")
+        try:
+            adapter = TypeAdapter(hints[key])
+        except Exception:  # noqa: BLE001 - a type pydantic cannot check: passed through as given
+            out[key] = value
+            continue
+        try:
+            out[key] = adapter.validate_python(value)
+        except ValidationError:
+            raise ValueError(f"train.args.{key}: expected {type_name(hints[key])}, got {value!r}") from None
+    return out
+
+
+def type_name(ann: Any) -> str:
+    """A readable type: 'int | None', 'hf | openai | vllm', 'list[str]'."""
+    import types
+    import typing
+
+    origin, args = typing.get_origin(ann), typing.get_args(ann)
+    if origin is Literal:
+        return " | ".join(str(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(type_name(a) for a in args)
+    if origin is not None:
+        return f"{getattr(origin, '__name__', str(origin))}[{', '.join(type_name(a) for a in args)}]"
+    if ann is type(None):
+        return "None"
+    return getattr(ann, "__name__", str(ann))
+
+
 class EvalConfig(Section):
     """Teacher vs students on held-out prompts."""
 
     input: str | None = Field(None, description="held-out prompts with references")
-    limit: int | None = Field(None, ge=1)
+    limit: int | None = Field(None, ge=1, description="only the first N held-out prompts")
     metric: str = Field(
         "exact_match", description=f"{' | '.join(METRICS)} (distill.evaluation.metrics.METRICS) | module:function"
     )
     answer_regex: str = Field(r"answer is\s*(-?[\d.,]+)", description="extracts the answer for exact_match")
-    max_new_tokens: int = Field(128, ge=1)
-    batch_size: int = Field(16, ge=1)
+    max_new_tokens: int = Field(128, ge=1, description="most tokens each model generates per held-out prompt")
+    batch_size: int = Field(16, ge=1, description="prompts generated together")
     latency_requests: int = Field(10, ge=1, description="batch-1 generations timed for p50/p95")
     cost_per_hour: float = Field(1.0, ge=0, description="$ per hour of the serving machine")
     latency_new_tokens: int = Field(32, ge=1, description="fixed new tokens per timed generation (latency, tokens/s)")
@@ -231,14 +289,14 @@ class Config(Section):
     """The whole pipeline: teacher → store → student → eval → report."""
 
     run_dir: str = Field("runs/default", description="every artifact of the run goes here")
-    seed: int = 0
-    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
-    data: DataConfig = Field(default_factory=DataConfig)
-    generate: GenerateConfig = Field(default_factory=GenerateConfig)
-    student: StudentConfig = Field(default_factory=StudentConfig)
+    seed: int = Field(0, description="seed for training (init, shuffling) and data splits")
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig, description="where teacher outputs come from")
+    data: DataConfig = Field(default_factory=DataConfig, description="how prompts are read and rendered")
+    generate: GenerateConfig = Field(default_factory=GenerateConfig, description="teacher generation into the store")
+    student: StudentConfig = Field(default_factory=StudentConfig, description="the student (one-student runs)")
     students: list[StudentConfig] = Field(default_factory=list, description="several students for `distill run`")
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    eval: EvalConfig = Field(default_factory=EvalConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig, description="student training")
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="teacher vs students on held-out prompts")
 
     @model_validator(mode="after")
     def _unique_student_names(self) -> "Config":
@@ -320,6 +378,53 @@ def check_hidden_losses(train: TrainConfig, teacher: TeacherConfig, where: str =
                          f"one set of learned projections), got {maps}")
 
 
+# ---------------------------------------------------------------- discovery (`distill config`)
+
+
+def describe(section: str | None = None) -> list[tuple[str, str, str, str]]:
+    """(dotted key, type, default, description) for every setting, or those under `section` ('train',
+    'train.onpolicy'); list items show as 'train.losses[].name'."""
+    rows: list[tuple[str, str, str, str]] = []
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, info in model.model_fields.items():
+            key = f"{prefix}{name}"
+            ann = info.annotation
+            inner = [a for a in (ann, *getattr(ann, "__args__", ())) if isinstance(a, type) and issubclass(a, BaseModel)]
+            if inner and ann is inner[0]:  # a nested section
+                walk(inner[0], key + ".")
+                continue
+            if info.is_required():
+                shown = "(required)"
+            else:
+                default = info.get_default(call_default_factory=True)
+                shown = yaml.safe_dump(_plain(default), default_flow_style=True, width=10_000).strip()
+                shown = shown.removesuffix("...").strip()
+            rows.append((key, type_name(ann), shown, info.description or ""))
+            if inner and name != "students":  # list of sections: their item keys
+                walk(inner[0], key + "[].")
+
+    walk(Config, "")
+    if section:
+        picked = [r for r in rows if r[0] == section or r[0].startswith(section + ".") or
+                  r[0].startswith(section + "[]")]
+        if not picked:
+            known = sorted({r[0].split(".")[0] for r in rows})
+            hint = difflib.get_close_matches(section, known, n=1)
+            extra = f" (did you mean '{hint[0]}'?)" if hint else ""
+            raise ConfigError(f"no config section or key '{section}'; sections: {', '.join(known)}{extra}")
+        rows = picked
+    return rows
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
 # ---------------------------------------------------------------- loading
 
 
@@ -372,11 +477,13 @@ def _format_errors(err: ValidationError, source: str) -> str:
             msg = f"unknown key; expected one of: {', '.join(known)}"
             if hint:
                 msg += f" (did you mean '{hint[0]}'?)"
+        elif e["type"] == "value_error":  # our validators' messages say what was wrong and name the key
+            msg = str(e.get("ctx", {}).get("error", e["msg"]))
         else:
             msg = e["msg"]
             if "input" in e and e["type"] != "missing" and e["loc"]:  # not the whole tree for a root error
                 msg += f" (got {e['input']!r})"
-        lines.append(f"  {loc or '<root>'}: {msg}")
+        lines.append(f"  {msg}" if loc and msg.startswith(loc + ".") else f"  {loc or '<root>'}: {msg}")
     return "\n".join(lines)
 
 

@@ -23,6 +23,7 @@ from typing import Any
 from rich.console import Console
 
 from distill.config import Config, load_config, save_config
+from distill.preflight import preflight
 
 console = Console(stderr=True)
 STAGES_FILE = "stages.json"
@@ -77,8 +78,12 @@ class StageLog:
         self.path = run_dir / STAGES_FILE
         self.data: dict[str, dict] = json.loads(self.path.read_text()) if self.path.exists() else {}
 
-    def done(self, name: str, fp: str) -> bool:
-        return self.data.get(name, {}).get("fingerprint") == fp and self.data[name].get("status") == "done"
+    def done(self, name: str, fp: str, outputs: dict | None = None) -> bool:
+        """Finished with this fingerprint, and (when given) its outputs are still the files it wrote."""
+        entry = self.data.get(name, {})
+        if entry.get("fingerprint") != fp or entry.get("status") != "done":
+            return False
+        return outputs is None or entry.get("outputs") == outputs
 
     def started_with(self, name: str) -> str | None:
         return self.data.get(name, {}).get("fingerprint")
@@ -116,17 +121,65 @@ def stage_fingerprints(cfg: Config) -> dict[str, str]:
     return fps
 
 
-def _run_stage(log: StageLog, name: str, fp: str, work: Callable[[], Any], force: bool) -> bool:
-    """Run `work` unless the stage already finished with this fingerprint; True when it ran."""
-    if not force and log.done(name, fp):
-        console.print(f"[dim]skip {name}: inputs unchanged[/]")
+def outputs_signature(paths: list[Path]) -> dict[str, list[int] | None]:
+    """{file: [size, mtime_ns]} for every file of `paths` (a missing path maps to None): cheap to take even for
+    a large store, and it changes when a file is deleted, rewritten or replaced."""
+    sig: dict[str, list[int] | None] = {}
+    for p in paths:
+        if not p.exists():
+            sig[str(p)] = None
+            continue
+        files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))
+        for f in files:
+            st = f.stat()
+            sig[str(f)] = [st.st_size, st.st_mtime_ns]
+    return sig
+
+
+def stage_outputs(cfg: Config, name: str) -> list[Path]:
+    """The files a stage writes (a train stage: its weights, config and summary, not the model card that the
+    report stage adds to the same directory)."""
+    run_dir = Path(cfg.run_dir)
+    if name == "generate":
+        return [cfg.path(cfg.generate.store)]
+    if name.startswith("train:"):
+        d = run_dir / "students" / name.split(":", 1)[1]
+        return [d / "config.json", d / "train_summary.json", *sorted(d.glob("*.safetensors"))]
+    if name == "eval":
+        return [run_dir / "eval" / "results.json"]
+    return [run_dir / "report"] + [run_dir / "students" / s.name / "README.md" for s in cfg.all_students()]
+
+
+def _run_stage(log: StageLog, name: str, fp: str, work: Callable[[], Any], force: bool,
+               outputs: Callable[[], list[Path]] | None = None) -> bool:
+    """Run `work` unless the stage already finished with this fingerprint and its recorded outputs are still
+    the files it wrote; True when it ran."""
+    if not force and log.done(name, fp, outputs_signature(outputs()) if outputs else None):
+        console.print(f"[dim]skip {name}: inputs and outputs unchanged[/]")
         return False
+    if not force and log.done(name, fp):
+        console.print(f"[yellow]{name}: its outputs were changed or removed since it ran; running it again[/]")
     console.print(f"[bold cyan]▶ {name}[/]")
     log.mark(name, fp, "running")
     start = time.perf_counter()
-    work()
-    log.mark(name, fp, "done", seconds=round(time.perf_counter() - start, 2))
+    try:
+        work()
+    except BaseException:  # a crash or Ctrl-C: say so in stages.json instead of leaving it 'running'
+        try:
+            log.mark(name, fp, "failed")
+        except OSError:  # a full or read-only disk: the original error says more
+            pass
+        raise
+    extra = {"outputs": outputs_signature(outputs())} if outputs else {}
+    log.mark(name, fp, "done", seconds=round(time.perf_counter() - start, 2), **extra)
     return True
+
+
+def _train(cfg: Config, s, train_student) -> None:
+    """Train one student because the pipeline decided it must run: its old summary goes, so training's own
+    "already trained" shortcut does not skip it (a finished checkpoint is reloaded, not stepped again)."""
+    (Path(cfg.run_dir) / "students" / s.name / "train_summary.json").unlink(missing_ok=True)
+    train_student(cfg, s)
 
 
 def run(config: Config | str | Path | dict, overrides: list[str] | None = None, force: bool = False) -> dict:
@@ -134,11 +187,12 @@ def run(config: Config | str | Path | dict, overrides: list[str] | None = None, 
     from distill.evaluation.evaluate import evaluate
     from distill.reporting.report import report
     from distill.teachers.generate import generate
-    from distill.training.train import student_dir, train_student
+    from distill.training.train import train_student
 
     cfg = config if isinstance(config, Config) and not overrides else load_config(
         config.model_dump(mode="json") if isinstance(config, Config) else config, overrides
     )
+    preflight(cfg, ("generate", "train", "eval") if cfg.generate.input else ("train", "eval"))
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
@@ -146,19 +200,28 @@ def run(config: Config | str | Path | dict, overrides: list[str] | None = None, 
     fps = stage_fingerprints(cfg)
     outcome: dict[str, str] = {}
 
+    def outs(name: str) -> Callable[[], list[Path]]:
+        return lambda: stage_outputs(cfg, name)
+
     if "generate" in fps:
-        outcome["generate"] = "ran" if _run_stage(log, "generate", fps["generate"], lambda: generate(cfg), force) else "skipped"
+        ran = _run_stage(log, "generate", fps["generate"], lambda: generate(cfg), force, outs("generate"))
+        outcome["generate"] = "ran" if ran else "skipped"
 
     for s in cfg.all_students():
         name = f"train:{s.name}"
         fp = fps[name]
-        if log.started_with(name) not in (None, fp):
-            # The inputs changed since the last (finished or crashed) attempt: its checkpoints are stale.
+        t = cfg.train_for(s)
+        # a rerun of generation (its store was changed) reruns the students that read the store
+        upstream = outcome.get("generate") == "ran" and (t.signal == "offline" or t.input is None)
+        if force or upstream or log.started_with(name) not in (None, fp):
+            # The inputs changed since the last (finished or crashed) attempt, or --force: checkpoints are stale.
             shutil.rmtree(run_dir / "checkpoints" / s.name, ignore_errors=True)
-        missing = not (student_dir(cfg, s.name) / "config.json").exists()
-        ran = _run_stage(log, name, fp, lambda s=s: train_student(cfg, s), force or missing)
+        ran = _run_stage(log, name, fp, lambda s=s: _train(cfg, s, train_student), force or upstream, outs(name))
         outcome[name] = "ran" if ran else "skipped"
 
-    outcome["eval"] = "ran" if _run_stage(log, "eval", fps["eval"], lambda: evaluate(cfg), force) else "skipped"
-    outcome["report"] = "ran" if _run_stage(log, "report", fps["report"], lambda: report(cfg), force) else "skipped"
+    trained = any(v == "ran" for k, v in outcome.items() if k.startswith("train:"))
+    ran = _run_stage(log, "eval", fps["eval"], lambda: evaluate(cfg), force or trained, outs("eval"))
+    outcome["eval"] = "ran" if ran else "skipped"
+    ran = _run_stage(log, "report", fps["report"], lambda: report(cfg), force or ran, outs("report"))
+    outcome["report"] = "ran" if ran else "skipped"
     return outcome

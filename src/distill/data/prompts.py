@@ -7,16 +7,14 @@ file, the line (or row) and the field that is wrong.
 from __future__ import annotations
 
 import csv
+import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from distill.config import DataConfig
-
-
-class DataError(ValueError):
-    """Bad input data; the message names file, line and field."""
+from distill.errors import DataError
 
 
 @dataclass
@@ -26,6 +24,7 @@ class Record:
     prompt: str | None = None
     messages: list[dict[str, str]] | None = None
     reference: str | None = None
+    response: str | None = None  # the target answer of SFT rows (last assistant turn, or TRL's `completion`)
     id: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     source: str = ""  # "file:line" for error messages
@@ -37,9 +36,21 @@ class Record:
         return "\n".join(f"{m['role']}: {m['content']}" for m in self.messages or [])
 
 
+def _decode(data: bytes, path: Path) -> str:
+    """UTF-8 text (a leading BOM, as Windows editors write it, is dropped); bad bytes name the line."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise DataError(f"{path}:{line}: not valid UTF-8 (byte 0x{data[exc.start]:02x} at column {column}); "
+                        "re-save the file as UTF-8") from None
+
+
 def _rows_jsonl(path: Path):
-    with path.open("r", encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            line = _decode(raw, path) if lineno == 1 else _decode_line(raw, path, lineno)
             if not line.strip():
                 continue
             try:
@@ -51,9 +62,17 @@ def _rows_jsonl(path: Path):
             yield f"{path}:{lineno}", row
 
 
+def _decode_line(raw: bytes, path: Path, lineno: int) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}:{lineno}: not valid UTF-8 (byte 0x{raw[exc.start]:02x} at column "
+                        f"{exc.start + 1}); re-save the file as UTF-8") from None
+
+
 def _rows_json(path: Path):
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(_decode(path.read_bytes(), path))
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
     if isinstance(data, dict):
@@ -67,9 +86,23 @@ def _rows_json(path: Path):
 
 
 def _rows_csv(path: Path):
-    with path.open("r", encoding="utf-8", newline="") as fh:
-        for lineno, row in enumerate(csv.DictReader(fh), 2):  # line 1 is the header
-            yield f"{path}:{lineno}", dict(row)
+    """Strict CSV: an unterminated quote or a row with more or fewer fields than the header is an error."""
+    reader = csv.reader(io.StringIO(_decode(path.read_bytes(), path), newline=""), strict=True)
+    header: list[str] | None = None
+    start = 1
+    try:
+        for row in reader:
+            where = f"{path}:{start}"
+            if header is None:
+                header = row
+            elif row:  # blank lines are skipped
+                if len(row) != len(header):
+                    raise DataError(f"{where}: {len(row)} fields, the header has {len(header)} "
+                                    f"({', '.join(header)}); quote fields that contain commas")
+                yield where, dict(zip(header, row))
+            start = reader.line_num + 1
+    except csv.Error as exc:
+        raise DataError(f"{path}:{start}: malformed CSV ({exc}); a quoted field is probably not closed") from None
 
 
 def _rows_parquet(path: Path):
@@ -91,8 +124,42 @@ def _rows_hf(spec: str, split: str):
         yield f"{name}[{split}]:row {i}", dict(row)
 
 
+def _rows_saved(path: Path, split: str):
+    """A `Dataset.save_to_disk` / `DatasetDict.save_to_disk` directory (read with datasets.load_from_disk)."""
+    import datasets
+
+    ds = datasets.load_from_disk(str(path))
+    where = str(path)
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise DataError(f"{path}: a saved DatasetDict without split '{split}' (data.split); it has: "
+                            f"{', '.join(ds)}")
+        ds, where = ds[split], f"{path}[{split}]"
+    for i, row in enumerate(ds):
+        yield f"{where}:row {i}", dict(row)
+
+
+SAVED_DATASET_FILES = ("dataset_info.json", "state.json")  # Dataset.save_to_disk
+SAVED_DICT_FILE = "dataset_dict.json"  # DatasetDict.save_to_disk
+
+
+def _rows_dir(path: Path, split: str):
+    if (path / SAVED_DICT_FILE).is_file() or all((path / f).is_file() for f in SAVED_DATASET_FILES):
+        yield from _rows_saved(path, split)
+        return
+    if any(path.glob("*.parquet")):
+        yield from _rows_parquet(path)
+        return
+    held = sorted(p.name + ("/" if p.is_dir() else "") for p in path.iterdir())
+    shown = ", ".join(held[:10]) + (f", ... ({len(held)} entries)" if len(held) > 10 else "")
+    raise DataError(f"{path}: a directory that is neither a saved dataset (Dataset.save_to_disk: dataset_info.json "
+                    f"+ state.json; DatasetDict: dataset_dict.json) nor a folder of *.parquet files; it holds: "
+                    f"{shown or 'nothing'}. Give one .jsonl/.json/.csv/.parquet file, such a directory, or hf:NAME")
+
+
 def iter_rows(source: str | Path, split: str = "train"):
-    """(location, row dict) pairs from JSONL / JSON / CSV / Parquet files or `hf:dataset_name`."""
+    """(location, row dict) pairs from JSONL / JSON / CSV / Parquet files, a `save_to_disk` dataset
+    directory, a folder of Parquet files or `hf:dataset_name`."""
     spec = str(source)
     if spec.startswith("hf:"):
         yield from _rows_hf(spec, split)
@@ -102,10 +169,7 @@ def iter_rows(source: str | Path, split: str = "train"):
         raise DataError(f"{path}: file not found")
     suffix = path.suffix.lower()
     if path.is_dir():
-        if any(path.glob("*.parquet")):
-            yield from _rows_parquet(path)
-            return
-        yield from _rows_hf(str(path), split)  # a saved HF dataset directory
+        yield from _rows_dir(path, split)
         return
     readers = {".jsonl": _rows_jsonl, ".ndjson": _rows_jsonl, ".json": _rows_json, ".csv": _rows_csv,
                ".parquet": _rows_parquet}
@@ -125,17 +189,43 @@ def _check_messages(messages: Any, where: str, field_name: str) -> list[dict[str
     return [{"role": str(m["role"]), "content": str(m["content"])} for m in messages]
 
 
+def _last_assistant(messages: Any) -> str | None:
+    if isinstance(messages, list) and messages and isinstance(messages[-1], dict) \
+            and messages[-1].get("role") == "assistant":
+        return str(messages[-1].get("content", ""))
+    return None
+
+
 def record_from_row(row: dict, where: str, cfg: DataConfig) -> Record:
-    """Validate one row into a Record; `where` is 'file:line' for the error message."""
+    """Validate one row into a Record; `where` is 'file:line' for the error message.
+
+    Conversational SFT rows (`messages` ending with an assistant turn) give that turn as `response` and the
+    turns before it as the prompt; TRL-style rows (`prompt` + `completion`, as text or as message lists) give
+    `completion` as the response."""
     messages = row.get(cfg.messages_field)
     prompt = row.get(cfg.prompt_field)
+    field_name = cfg.messages_field
+    if (messages is None or messages == "") and isinstance(prompt, list):  # TRL conversational prompt
+        messages, prompt, field_name = prompt, None, cfg.prompt_field
+    response = None
+    completion = row.get("completion")
+    if isinstance(completion, str) and completion:
+        response = completion
+    elif isinstance(completion, list):
+        response = _last_assistant(completion)
     if messages is not None and messages != "":
         if isinstance(messages, str):
             try:
                 messages = json.loads(messages)
             except json.JSONDecodeError:
-                raise DataError(f"{where}: field '{cfg.messages_field}' is a string but not JSON messages") from None
-        messages = _check_messages(messages, where, cfg.messages_field)
+                raise DataError(f"{where}: field '{field_name}' is a string but not JSON messages") from None
+        messages = _check_messages(messages, where, field_name)
+        last = _last_assistant(messages)
+        if last is not None:
+            if len(messages) == 1:
+                raise DataError(f"{where}: field '{field_name}' has only an assistant turn; a prompt needs a "
+                                "user turn before it")
+            messages, response = messages[:-1], response or last
         prompt = None
     elif prompt is None:
         raise DataError(
@@ -152,6 +242,7 @@ def record_from_row(row: dict, where: str, cfg: DataConfig) -> Record:
         prompt=prompt,
         messages=messages if prompt is None else None,
         reference=None if reference is None else str(reference),
+        response=response,
         id=None if rid is None else str(rid),
         extra=extra,
         source=where,
@@ -169,6 +260,28 @@ def load_records(source: str | Path, cfg: DataConfig | None = None, limit: int |
     if not out:
         raise DataError(f"{source}: no rows found")
     return out
+
+
+def fit_prompt(text: str, where: str, tokenizer, limit: int, truncate: bool, add_special_tokens: bool,
+               why: str = "") -> tuple[str, bool]:
+    """The prompt text if it has at most `limit` tokens; else a DataError naming file:line and the limit, or,
+    with data.truncate, the prompt cut from the start (the question and the generation prompt at its end
+    stay) and True."""
+    n = len(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+    if n <= limit:
+        return text, False
+    if not truncate:
+        raise DataError(f"{where}: the prompt is {n} tokens, over the limit of {limit}{why}; shorten it, or set "
+                        "data.truncate=true to cut long prompts from the start")
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    keep = max(1, limit - (n - len(ids)))
+    for _ in range(4):  # decode -> encode may not round-trip exactly: cut a little more until it fits
+        cut = tokenizer.decode(ids[-keep:])
+        over = len(tokenizer(cut, add_special_tokens=add_special_tokens)["input_ids"]) - limit
+        if over <= 0:
+            return cut, True
+        keep = max(1, keep - over)
+    return cut, True
 
 
 def render_prompt(record: Record, tokenizer=None, cfg: DataConfig | None = None) -> str:

@@ -27,6 +27,7 @@ from typing import Any
 from distill.config import Config, ConfigError, load_config
 from distill.data.cot import student_prompt
 from distill.data.prompts import load_records, render_prompt
+from distill.errors import DataError
 from distill.evaluation.api_teacher import NO_API_FIDELITY, api_teacher_entry
 from distill.evaluation.cost import measure_cost, relative_to_teacher, throughput_batch
 from distill.evaluation.fidelity import fidelity
@@ -93,10 +94,21 @@ def _evaluate(cfg: Config) -> dict[str, Any]:
     console = Console(stderr=True)
     if not cfg.teacher.model:
         raise ConfigError("teacher.model: set the teacher to evaluate against")
-    metric = get_metric(ev.metric, ev.answer_regex)  # fail on a bad metric before loading any model
-    students = student_dirs(cfg)
+    try:
+        metric = get_metric(ev.metric, ev.answer_regex)  # fail on a bad metric before loading any model
+    except ValueError as exc:  # its messages name eval.metric / eval.answer_regex: a user error
+        raise ConfigError(str(exc)) from exc
     records = load_records(_eval_input(cfg), cfg.data, limit=ev.limit)
-    references = [r.reference for r in records]
+    # a conversational row's last assistant turn (or TRL's `completion`) is the reference when none is given
+    references = [r.reference if r.reference is not None else r.response for r in records]
+    if all(ref is None for ref in references) and getattr(metric, "needs_reference", True):
+        fields = sorted({k for r in records for k in r.extra}) or ["none besides the prompt"]
+        raise DataError(
+            f"{_eval_input(cfg)}: no row has the reference field '{cfg.data.reference_field}' "
+            f"(data.reference_field), which eval.metric={ev.metric} needs; other fields: {', '.join(fields)}. "
+            "Set data.reference_field, or use a metric whose function has `needs_reference = False`"
+        )
+    students = student_dirs(cfg)
     device = str(resolve_device(ev.device))
 
     def run_model(name: str, path, trust: bool, teacher=None, cot=None):
@@ -200,7 +212,7 @@ def _evaluate(cfg: Config) -> dict[str, Any]:
     results["samples"] = [
         {
             "prompt": r.prompt_text(),
-            "reference": r.reference,
+            "reference": references[i],
             "teacher": teacher_texts[i],
             "students": {name: texts[i] for name, texts in outputs.items()},
         }
@@ -213,7 +225,7 @@ def _evaluate(cfg: Config) -> dict[str, Any]:
         for i, r in enumerate(records):
             row = {
                 "prompt": r.prompt_text(),
-                "reference": r.reference,
+                "reference": references[i],
                 "teacher": teacher_texts[i],
                 "students": {name: texts[i] for name, texts in outputs.items()},
             }

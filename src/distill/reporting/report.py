@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from distill.config import Config, load_config
+from distill.config import STUDENT_CONFIG_FILE, Config, load_config
 
 COLUMNS = [  # (header, results key, formatter name)
     ("Score", "score", "score"),
@@ -185,13 +185,15 @@ def make_plots(results: dict, logs: dict[str, list[dict]], out: Path) -> dict[st
 
 
 def training_details(run_dir: Path, name: str, cfg: Config) -> dict[str, Any]:
-    """How a student was trained: the run's resolved config.yaml (falling back to the given config),
-    overridden by what its train_summary.json records."""
-    saved = run_dir / "config.yaml"
+    """How a student was trained: its own resolved config (students/NAME/train_config.yaml), else the run's
+    config.yaml with the student's train overrides (falling back to the given config), overridden by what its
+    train_summary.json records."""
+    own = run_dir / "students" / name / STUDENT_CONFIG_FILE
+    saved = own if own.exists() else run_dir / "config.yaml"
     tree = yaml.safe_load(saved.read_text()) if saved.exists() else cfg.model_dump(mode="json")
-    train = tree.get("train") or {}
     students = tree.get("students") or [tree.get("student") or {}]
     student = next((s for s in students if s.get("name", "student") == name), {})
+    train = {**(tree.get("train") or {}), **(student.get("train") or {})}
     summary_path = run_dir / "students" / name / "train_summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     return {

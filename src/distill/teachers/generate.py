@@ -29,7 +29,8 @@ from rich.text import Text
 
 from distill.config import Config, ConfigError, save_config
 from distill.data.cot import request_reasoning, split_completion
-from distill.data.prompts import Record, load_records, render_prompt
+from distill.data.prompts import Record, fit_prompt, load_records, render_prompt
+from distill.errors import disk_errors
 from distill.store.shards import Store, row_key
 from distill.teachers import Completion, Prompt, TeacherError, build_teacher, teacher_identity
 from distill.teachers.registry import backend_spec
@@ -85,18 +86,49 @@ def _prompt_tokenizer(config: Config):
         raise TeacherError(f"teacher.model '{config.teacher.model}': cannot load its tokenizer ({exc})") from exc
 
 
-def make_prompts(records: list[Record], config: Config, tokenizer=None) -> list[Prompt]:
-    """Rendered, keyed prompts for the whole corpus; repeats of one prompt are numbered so each gets a row."""
+def teacher_context(config: Config) -> int | None:
+    """The local teacher's context length from its config.json (None for API teachers or when unknown)."""
+    if not backend_spec(config.teacher.backend).local_weights or not config.teacher.model:
+        return None
+    try:
+        from transformers import AutoConfig
+
+        mc = AutoConfig.from_pretrained(config.teacher.model, trust_remote_code=config.teacher.trust_remote_code)
+    except (OSError, ValueError):
+        return None
+    mc = getattr(mc, "text_config", None) or mc
+    n = next((getattr(mc, f) for f in ("max_position_embeddings", "n_positions", "max_seq_len")
+              if isinstance(getattr(mc, f, None), int)), None)
+    return n
+
+
+def make_prompts(records: list[Record], config: Config, tokenizer=None, context: int | None = None) -> list[Prompt]:
+    """Rendered, keyed prompts for the whole corpus; repeats of one prompt are numbered so each gets a row.
+    With `context` (the teacher's), a prompt that leaves no room for generate.max_new_tokens (at most half the
+    context) is refused with file:line, or cut under data.truncate."""
     identity, params = teacher_identity(config.teacher), generation_params(config)
     seen: Counter = Counter()
     prompts = []
+    # room for generate.max_new_tokens after the prompt, but never more than half the context (max_new_tokens
+    # is a cap: most answers stop at EOS long before it)
+    room = min(config.generate.max_new_tokens, (context or 0) // 2)
+    limit = None if context is None or tokenizer is None else context - room
+    templated = bool(config.data.chat_template and getattr(tokenizer, "chat_template", None))
+    why = f" (the teacher's context {context} minus {room} tokens of room for the answer)"
+    truncated = 0
     for i, record in enumerate(records):
         if config.generate.reasoning:  # chain of thought: ask for reasoning + answer (distill.data.cot)
             record = request_reasoning(record, config.generate.reasoning_prompt)
         text = render_prompt(record, tokenizer, config.data)
+        if limit is not None:
+            text, cut = fit_prompt(text, record.source, tokenizer, limit, config.data.truncate, not templated, why)
+            truncated += cut
         n = seen[(text, str(record.messages))]
         seen[(text, str(record.messages))] += 1
         prompts.append(Prompt(i, record, text, row_key(text, record.messages, identity, params, n)))
+    if truncated:
+        console.print(f"[yellow]data.truncate:[/] {truncated} of {len(records)} prompts cut to {limit} tokens{why}",
+                      highlight=False, soft_wrap=True)
     return prompts
 
 
@@ -140,9 +172,10 @@ def generate(config: Config) -> Path:
     identity = teacher_identity(config.teacher)
     records = load_records(g.input, config.data, limit=g.limit)
     tokenizer = _prompt_tokenizer(config)
-    prompts = make_prompts(records, config, tokenizer)[rank::world]
+    prompts = make_prompts(records, config, tokenizer, teacher_context(config))[rank::world]
     meta = {"teacher": identity, "params": generation_params(config)}
-    with Store(path, g.shard_rows, worker=worker, meta=meta) as store:
+    with disk_errors(path, f"rows finished before are kept in {path}"), \
+            Store(path, g.shard_rows, worker=worker, meta=meta) as store:
         save_config(config, path / f"config.{worker}.yaml")
         done = store.done_keys()
         todo = [p for p in prompts if p.key not in done]
@@ -170,6 +203,10 @@ def _run(config: Config, todo: list[Prompt], store: Store, identity: str, device
                 rows += 1
                 tokens += completion.num_tokens()
                 progress.update(task, advance=1, tokens=tokens)
+    except KeyboardInterrupt:
+        console.print(f"stopped: the {rows} rows finished in this run are kept in {store.path}; rerun to resume",
+                      highlight=False, soft_wrap=True)
+        raise
     finally:
         teacher.close()
     elapsed = time.perf_counter() - start

@@ -22,12 +22,14 @@ import itertools
 import json
 import math
 import os
+import queue
 import random
 import re
+import sys
 import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +41,54 @@ from distill.teachers.base import Completion, Prompt, TeacherError, teacher_iden
 
 MAX_RETRY_AFTER = 900.0  # seconds: a Retry-After longer than this is a misconfigured server, not a plan
 TOKEN_ID = re.compile(r"^token_id:(\d+)$")
+
+
+class DaemonPool:
+    """The part of ThreadPoolExecutor we use (submit, shutdown), on daemon threads. ThreadPoolExecutor joins
+    its threads at interpreter exit, so after Ctrl-C a request hung on a dead server would hold the process for
+    up to teacher.timeout; a daemon thread does not."""
+
+    def __init__(self, workers: int, name: str):
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._closed = False
+        self._threads = [threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True) for i in range(workers)]
+        for t in self._threads:
+            t.start()
+
+    def submit(self, fn, *args) -> Future:
+        fut: Future = Future()
+        self._queue.put((fut, fn, args))
+        return fut
+
+    def _work(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            fut, fn, args = item
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                fut.set_result(fn(*args))
+            except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
+                fut.set_exception(exc)
+
+    def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
+        if not self._closed:
+            self._closed = True
+            if cancel_futures:
+                while True:
+                    try:
+                        item = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if item is not None:
+                        item[0].cancel()
+            for _ in self._threads:
+                self._queue.put(None)
+        if wait:
+            for t in self._threads:
+                t.join()
 
 
 class MalformedResponse(Exception):
@@ -163,7 +213,7 @@ class OpenAITeacher:
         self._stop.clear()
         todo = iter(prompts)
         fatal: BaseException | None = None
-        pool = ThreadPoolExecutor(self.tcfg.max_concurrency, thread_name_prefix="distill-teacher")
+        pool = DaemonPool(self.tcfg.max_concurrency, "distill-teacher")
         pending: dict[Future, Prompt] = {}
 
         def submit_one() -> None:
@@ -175,7 +225,8 @@ class OpenAITeacher:
             for _ in range(self.tcfg.max_concurrency):
                 submit_one()
             while pending:
-                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                # a timeout, so Ctrl-C is seen within a second even where a signal does not wake a blocked wait
+                done, _ = wait(pending, timeout=1.0, return_when=FIRST_COMPLETED)
                 for fut in done:
                     prompt = pending.pop(fut)
                     try:
@@ -190,9 +241,14 @@ class OpenAITeacher:
                     yield prompt, completion
                     if fatal is None:
                         submit_one()
-        finally:
+        except KeyboardInterrupt:
+            # Ctrl-C: do not wait for hung requests (up to teacher.timeout each); rows already yielded are kept
+            print(f"\ndistill: stopping (Ctrl-C): {len(pending)} request(s) in flight abandoned; finished rows "
+                  "are kept", file=sys.stderr, flush=True)
+            raise
+        finally:  # requests still pending (Ctrl-C, or the consumer stopped early): do not wait for them
             self._stop.set()
-            pool.shutdown(wait=True, cancel_futures=True)
+            pool.shutdown(wait=not pending, cancel_futures=True)
         if fatal is not None:
             raise fatal
 

@@ -10,20 +10,24 @@ Teacher signal, from `train.signal`:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
+import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from distill.config import Config, StudentConfig, load_config, save_config
+from distill.config import STUDENT_CONFIG_FILE, Config, StudentConfig, load_config, save_config
 from distill.data.batching import DistillCollator, encode_example, tokenize_pair
 from distill.data.encoding import uses_template
 from distill.data.prompts import DataError, iter_rows, record_from_row, render_prompt
+from distill.errors import ConfigError, UserError, disk_error_message, disk_errors
 from distill.modeling import load_model, load_tokenizer_for
+from distill.preflight import preflight
 from distill.students.build import build_student
 from distill.teachers.registry import backend_spec
 
@@ -61,13 +65,15 @@ def _examples_from_store(cfg: Config, tokenizer, same_tokenizer: bool, want_topk
 
     # the store's prompts were rendered by the teacher: with its chat template only if it renders locally
     templated = backend_spec(cfg.teacher.backend).tokenizer_access and uses_template(tokenizer, cfg.data)
-    return StoreExamples(store_path(cfg), tokenizer, cfg.train.max_length, same_tokenizer, want_topk,
-                         tail=cfg.train.sparse_mode == "tail", templated=templated)
+    examples = StoreExamples(store_path(cfg), tokenizer, cfg.train.max_length, same_tokenizer, want_topk,
+                             tail=cfg.train.sparse_mode == "tail", templated=templated)
+    _say_dropped(len(examples.ids_ok) - len(examples), len(examples.ids_ok), cfg.train.max_length)
+    return examples
 
 
 def _examples_from_file(cfg: Config, tokenizer, source: str) -> list[dict]:
     """Rows with a prompt (or messages) and a response field, or plain text in `train.text_field`."""
-    out = []
+    out, dropped = [], 0
     for where, row in iter_rows(source, cfg.data.split):
         if cfg.train.text_field in row and cfg.data.prompt_field not in row and cfg.data.messages_field not in row:
             text = row[cfg.train.text_field]
@@ -80,6 +86,8 @@ def _examples_from_file(cfg: Config, tokenizer, source: str) -> list[dict]:
             record = record_from_row(row, where, cfg.data)
             response = row.get(cfg.train.response_field)
             if not isinstance(response, str) or not response:
+                response = record.response  # the last assistant turn of `messages`, or TRL's `completion`
+            if not isinstance(response, str) or not response:
                 raise DataError(
                     f"{where}: missing field '{cfg.train.response_field}' (the target response); fields present: "
                     f"{', '.join(row)}. Set train.response_field, or train on the teacher store (train.input unset)"
@@ -88,10 +96,21 @@ def _examples_from_file(cfg: Config, tokenizer, source: str) -> list[dict]:
                                uses_template(tokenizer, cfg.data))
         if ex is not None:
             out.append(ex)
+        else:
+            dropped += 1
+    _say_dropped(dropped, len(out) + dropped, cfg.train.max_length)
     if not out:
         raise DataError(f"{source}: no usable training examples: every prompt is at least "
                         f"train.max_length={cfg.train.max_length} tokens; raise train.max_length")
     return out
+
+
+def _say_dropped(dropped: int, total: int, max_length: int) -> None:
+    """Training's rule for long rows: responses are cut at train.max_length; a row whose prompt alone fills it
+    is left out, and counted here."""
+    if dropped:
+        print(f"[distill] train: {dropped} of {total} rows left out: their prompt is at least "
+              f"train.max_length={max_length} tokens (raise train.max_length to keep them)")
 
 
 def build_examples(cfg: Config, tokenizer, same_tokenizer: bool):
@@ -167,10 +186,7 @@ def _training_args(cfg: Config, out: Path, name: str):
         kwargs["warmup_steps"] = t.warmup_ratio  # transformers 5: a float < 1 is a ratio
     if t.eval_fraction > 0:
         kwargs.update(eval_strategy="steps", eval_steps=t.save_steps)
-    for key, value in t.args.items():
-        if key not in fields:
-            raise ValueError(f"train.args.{key}: not a transformers.TrainingArguments field")
-        kwargs[key] = value
+    kwargs.update(t.args)  # names and types checked when the config loaded (config.coerce_training_args)
     return TrainingArguments(**kwargs)
 
 
@@ -193,16 +209,16 @@ def _check_onpolicy(cfg: Config, local_teacher: bool, names: set[str], cross):
     if cfg.train.onpolicy.lmbda <= 0:
         return None
     if cross is not None:
-        raise ValueError("train.onpolicy with cross-tokenizer losses (uld) is not supported: use one tokenizer")
+        raise ConfigError("train.onpolicy with cross-tokenizer losses (uld) is not supported: use one tokenizer")
     if backend_spec(cfg.teacher.backend).remote:  # an endpoint scores the samples (sampled reverse KL)
         from distill.training.onpolicy import OpenAIScorer
 
         return OpenAIScorer(cfg.teacher)
     if not local_teacher or cfg.train.signal != "online":
-        raise ValueError("train.onpolicy needs a teacher to score the student's samples: a local teacher with "
+        raise ConfigError("train.onpolicy needs a teacher to score the student's samples: a local teacher with "
                          "train.signal=online, or teacher.backend=openai (sampled reverse KL)")
     if not names - {"cross_entropy"}:
-        raise ValueError("train.onpolicy with a local teacher needs a divergence in train.losses (e.g. reverse_kl): "
+        raise ConfigError("train.onpolicy with a local teacher needs a divergence in train.losses (e.g. reverse_kl): "
                          "cross_entropy is skipped on sampled batches")
     return None
 
@@ -236,10 +252,111 @@ def hidden_projections(cfg: Config, student, teacher):
     return make_projections(student.config.hidden_size, teacher.config.hidden_size, len(pairs))
 
 
-def _last_checkpoint(output_dir: str) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
+CHECKPOINT_COMPLETE = "distill_complete.json"  # written after the Trainer has written everything else
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors",
+                "pytorch_model.bin")
 
-    return get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
+
+def _step_of(path: Path) -> int:
+    tail = path.name.rpartition("-")[2]
+    return int(tail) if tail.isdigit() else -1
+
+
+def checkpoint_state(ckpt: Path) -> dict | None:
+    """The checkpoint's trainer_state.json when the checkpoint is complete, else None.
+
+    Complete: our marker (written by `_mark_complete` once the Trainer finished the checkpoint) is there, or,
+    for checkpoints written before the marker existed, trainer_state.json (the Trainer's last file) parses and
+    weights are present. A kill or a full disk mid-write leaves neither."""
+    state_file = ckpt / "trainer_state.json"
+    try:
+        state = json.loads(state_file.read_text())
+    except (OSError, ValueError):
+        return None
+    if (ckpt / CHECKPOINT_COMPLETE).exists() or any((ckpt / f).exists() for f in WEIGHT_FILES):
+        return state if isinstance(state, dict) else None
+    return None
+
+
+def _last_checkpoint(output_dir: str, clean: bool = True) -> str | None:
+    """The newest complete checkpoint-N under output_dir; newer incomplete ones are removed (clean=True) so
+    the Trainer does not trip over them later (rank 0 only)."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return None
+    ckpts = sorted((p for p in root.iterdir() if p.is_dir() and p.name.startswith("checkpoint-")
+                    and _step_of(p) >= 0), key=_step_of, reverse=True)
+    for ckpt in ckpts:
+        if checkpoint_state(ckpt) is not None:
+            return str(ckpt)
+        if clean and int(os.environ.get("RANK", "0")) == 0:
+            print(f"[distill] {ckpt}: incomplete checkpoint (cut off mid-write); removed, resuming from an earlier one")
+            shutil.rmtree(ckpt, ignore_errors=True)
+    return None
+
+
+def _finished(resume: str | None, t) -> dict | None:
+    """The checkpoint's state when it is the end of the training this config asks for (rerun: nothing to do)."""
+    if resume is None:
+        return None
+    state = checkpoint_state(Path(resume)) or {}
+    steps, total = state.get("global_step"), state.get("max_steps")
+    if not isinstance(steps, int) or not isinstance(total, int) or total <= 0 or steps < total:
+        return None
+    if t.max_steps > 0:
+        return state if t.max_steps == total else None
+    return state if float(state.get("num_train_epochs", -1)) == float(t.num_train_epochs) else None
+
+
+def _already_trained(cfg: Config, out: Path, name: str) -> bool:
+    """The student dir holds the final result of this very config: its saved view equals this one, its summary
+    is written, and the newest complete checkpoint is the last step."""
+    saved = out / STUDENT_CONFIG_FILE
+    if not cfg.train.resume or not saved.exists() or not all(
+            (out / f).exists() for f in ("train_summary.json", "config.json")):
+        return False
+    import yaml
+
+    if yaml.safe_load(saved.read_text()) != yaml.safe_load(yaml.safe_dump(cfg.model_dump(mode="json"))):
+        return False
+    last = _last_checkpoint(str(Path(cfg.run_dir) / "checkpoints" / name), clean=False)
+    return _finished(last, cfg.train) is not None
+
+
+def _mark_complete():
+    """A TrainerCallback that writes CHECKPOINT_COMPLETE into each checkpoint once it is fully written."""
+    from transformers import TrainerCallback
+
+    class MarkComplete(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if state.is_world_process_zero and ckpt.is_dir():
+                tmp = ckpt / f".{CHECKPOINT_COMPLETE}.tmp"
+                tmp.write_text(json.dumps({"global_step": state.global_step}))
+                os.replace(tmp, ckpt / CHECKPOINT_COMPLETE)
+            return control
+
+    return MarkComplete()
+
+
+@contextlib.contextmanager
+def _user_errors(key: str, value: str | None):
+    """Loading a model the user named: its OSError / ValueError becomes one line naming the setting."""
+    try:
+        yield
+    except UserError:
+        raise
+    except (OSError, ValueError) as exc:
+        if isinstance(exc, OSError) and disk_error_message(exc) is not None:
+            raise
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        where = f"{key} '{value}'" if value is not None else key
+        raise ConfigError(f"{where}: {first}") from exc
+
+
+def _load_tokenizer(name: str, cfg: Config, key: str):
+    with _user_errors(key, name):
+        return load_tokenizer_for(name, cfg.teacher.trust_remote_code)
 
 
 def train_student(cfg: Config, scfg: StudentConfig) -> Path:
@@ -255,28 +372,32 @@ def train_student(cfg: Config, scfg: StudentConfig) -> Path:
     seed_everything(cfg.seed)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    run_dir = Path(cfg.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    out = student_dir(cfg, scfg.name)
+    if _already_trained(cfg, out, scfg.name):
+        print(f"[distill] student '{scfg.name}': already trained to the end with this config ({out}); nothing to do")
+        return out
     if int(os.environ.get("RANK", "0")) == 0:  # one writer under torchrun / accelerate launch
-        save_config(cfg, run_dir / "config.yaml")
+        # this student's view (its train overrides applied) beside its weights; run_dir/config.yaml stays the run's
+        with disk_errors(out):
+            save_config(cfg, out / STUDENT_CONFIG_FILE)
 
     local_teacher = backend_spec(cfg.teacher.backend).local_weights and cfg.teacher.model is not None
-    teacher_tok = load_tokenizer_for(cfg.teacher.model, cfg.teacher.trust_remote_code) if local_teacher else None
+    teacher_tok = _load_tokenizer(cfg.teacher.model, cfg, "teacher.model") if local_teacher else None
     api_tok = None  # an API teacher's tokenizer (teacher.tokenizer): the store's ids are in its vocabulary
     if teacher_tok is None and backend_spec(cfg.teacher.backend).remote and cfg.teacher.tokenizer:
-        api_tok = load_tokenizer_for(cfg.teacher.tokenizer, cfg.teacher.trust_remote_code)
+        api_tok = _load_tokenizer(cfg.teacher.tokenizer, cfg, "teacher.tokenizer")
     if scfg.init in ("lora", "pretrained") and scfg.model:
-        tokenizer = load_tokenizer_for(scfg.model, cfg.teacher.trust_remote_code)
+        tokenizer = _load_tokenizer(scfg.model, cfg, "student.model")
     elif teacher_tok is not None or api_tok is not None:
         tokenizer = teacher_tok or api_tok
     else:
-        raise ValueError(f"student '{scfg.name}': no tokenizer; set teacher.model (local), teacher.tokenizer "
-                         "(openai) or student.model")
+        raise ConfigError(f"student '{scfg.name}': no tokenizer; set teacher.model (local), teacher.tokenizer "
+                          "(openai) or student.model")
 
     needs_teacher_logits = cfg.train.signal == "online"
     names = {t.name for t in cfg.train.losses}
     if needs_teacher_logits and not local_teacher:
-        raise ValueError("train.signal=online needs a local teacher (teacher.backend=hf with teacher.model)")
+        raise ConfigError("train.signal=online needs a local teacher (teacher.backend=hf with teacher.model)")
     same_tokenizer = teacher_tok is not None
     cross = None  # cross-tokenizer mode (distill.data.crosstok): every divergence is a cross-tokenizer loss
     divergences = names - {"cross_entropy"}
@@ -297,10 +418,13 @@ def train_student(cfg: Config, scfg: StudentConfig) -> Path:
 
     teacher = None
     if needs_teacher_logits or scfg.init == "prune":
-        teacher = load_model(cfg.teacher.model, dtype=cfg.teacher.dtype, device="cpu",
-                             trust_remote_code=cfg.teacher.trust_remote_code)
-    student, info = build_student(scfg, teacher=teacher, teacher_path=cfg.teacher.model if local_teacher else None,
-                                  trust_remote_code=cfg.teacher.trust_remote_code)
+        with _user_errors("teacher.model", cfg.teacher.model):
+            teacher = load_model(cfg.teacher.model, dtype=cfg.teacher.dtype, device="cpu",
+                                 trust_remote_code=cfg.teacher.trust_remote_code)
+    with _user_errors(f"student '{scfg.name}'", None):  # build_student's ValueErrors name the student setting
+        student, info = build_student(scfg, teacher=teacher,
+                                      teacher_path=cfg.teacher.model if local_teacher else None,
+                                      trust_remote_code=cfg.teacher.trust_remote_code)
     if not needs_teacher_logits:
         teacher = None  # only needed for pruning: free it before training
 
@@ -309,7 +433,6 @@ def train_student(cfg: Config, scfg: StudentConfig) -> Path:
 
     projections = hidden_projections(cfg, student, teacher) if names & HIDDEN_LOSSES else None
 
-    out = student_dir(cfg, scfg.name)
     args = _training_args(cfg, out, scfg.name)
     trainer = DistillationTrainer(
         model=student,
@@ -329,11 +452,27 @@ def train_student(cfg: Config, scfg: StudentConfig) -> Path:
         scorer=scorer,
         cross_tokenizer=cross,
     )
+    trainer.add_callback(_mark_complete())
     resume = _last_checkpoint(args.output_dir) if cfg.train.resume else None
     start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=resume)
+    kept = f"checkpoints already written in {args.output_dir} are kept"
+    with disk_errors(args.output_dir, kept):
+        if _finished(resume, cfg.train) is not None:  # trained to the end before: load, do not step again
+            trainer._load_from_checkpoint(resume)
+            trainer.state = type(trainer.state).load_from_json(str(Path(resume) / "trainer_state.json"))
+            result = None
+        else:
+            result = trainer.train(resume_from_checkpoint=resume)
     runtime = time.perf_counter() - start
 
+    with disk_errors(out, kept):
+        _save_outputs(trainer, out, tokenizer, cfg, scfg, info, examples, result, runtime, resume)
+    trainer.accelerator.wait_for_everyone()
+    return out
+
+
+def _save_outputs(trainer, out: Path, tokenizer, cfg: Config, scfg: StudentConfig, info, examples, result,
+                  runtime: float, resume: str | None) -> None:
     # every rank calls save_model: under FSDP / DeepSpeed ZeRO-3 gathering the full weights is a collective;
     # only the main process writes files
     trainer.save_model(str(out))
@@ -347,17 +486,24 @@ def train_student(cfg: Config, scfg: StudentConfig) -> Path:
             "losses": [t.model_dump() for t in cfg.train.losses],
             "examples": len(examples),
             "global_steps": trainer.state.global_step,
-            "train_loss": result.training_loss,
+            "train_loss": result.training_loss if result is not None else _last_train_loss(trainer.state),
             "train_runtime_s": round(runtime, 2),
             "resumed_from": resume,
             "world_size": int(os.environ.get("WORLD_SIZE", "1")),
         }
         (out / "train_summary.json").write_text(json.dumps(summary, indent=1))
-    trainer.accelerator.wait_for_everyone()
-    return out
+
+
+def _last_train_loss(state) -> float | None:
+    """The run's final training loss as the Trainer logged it (for a finished training loaded from its checkpoint)."""
+    return next((e["train_loss"] for e in reversed(state.log_history) if "train_loss" in e), None)
 
 
 def train(config: Config | str | Path | dict, overrides: list[str] | None = None) -> list[Path]:
     """Train every student of the config; returns their directories."""
     cfg = _as_config(config, overrides)
+    preflight(cfg, ("train",))  # a bad teacher path or layer count fails before any student loads
+    if int(os.environ.get("RANK", "0")) == 0:
+        with disk_errors(cfg.run_dir):
+            save_config(cfg, Path(cfg.run_dir) / "config.yaml")
     return [train_student(cfg, s) for s in cfg.all_students()]
