@@ -324,6 +324,11 @@ def train_student(cfg: Config, scfg: StudentConfig) -> Path:
             "losses": [t.model_dump() for t in cfg.train.losses],
             "examples": len(examples),
             "global_steps": trainer.state.global_step,
+            # what the trainer's state says was done (the model card reports these, not the config's limits)
+            "epochs": trainer.state.epoch,
+            "train_tokens": sum(len(ex["input_ids"]) for ex in examples),  # one pass, no padding
+            "tokens_seen": trainer.state.num_input_tokens_seen or None,
+            "learning_rate": args.learning_rate,
             "train_loss": result.training_loss,
             "train_runtime_s": round(runtime, 2),
             "resumed_from": resume,
