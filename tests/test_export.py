@@ -73,8 +73,8 @@ def test_export_card_has_hub_metadata(exported):
     assert data.base_model is None  # nothing says which hub model it came from
 
 
-def test_int8_parity_and_size(student, exported):
-    out, report = exported
+def test_int8_parity_and_size(exported):
+    _, report = exported
     q = report["int8"]
     p = q["parity"]
     assert p["prompts"] == len(HELD_OUT_PROMPTS) and p["tokens"] == len(HELD_OUT_PROMPTS) * 16
@@ -178,10 +178,16 @@ def test_export_cli_writes_report(student, tmp_path):
     prompts = tmp_path / "held_out.jsonl"
     prompts.write_text("\n".join(json.dumps({"prompt": p}) for p in ["Q: 3 + 4 = ?", "hello there"]) + "\n")
     result = CliRunner().invoke(app, ["export", str(student), "--out", str(tmp_path / "out"), "--quantize",
-                                      "int8", "--int8-scheme", "dynamic", "--prompts", str(prompts)])
+                                      "int8", "--int8-scheme", "dynamic", "--prompts", str(prompts), "--gguf",
+                                      "--gguf-type", "q8_0"])
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "out" / "export_report.json").read_text())
     assert report["int8"]["held_out"] == "given" and report["int8"]["parity"]["prompts"] == 2
     assert report["int8"]["scheme"] == "dynamic" and report["int8"]["parity"]["top1_agreement"] >= TOP1_BAR
+    gguf = report["gguf"]
+    assert gguf["type"] == "q8_0" and gguf["path"] == str(tmp_path / "out" / "out-q8_0.gguf")
+    assert 0 < gguf["max_abs_logit_diff"] < 0.05 and "gguf" in result.output  # loaded back with transformers
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "## GGUF" in card and "gguf_file='out-q8_0.gguf'" in card
     bad = CliRunner().invoke(app, ["export", str(tmp_path / "missing"), "--out", str(tmp_path / "x")])
     assert bad.exit_code == 2 and "no such model directory" in " ".join(bad.output.split())

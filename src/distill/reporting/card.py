@@ -121,7 +121,8 @@ def eval_results(results: dict, name: str) -> list:
     ]
     return [
         EvalResult(task_type=TASK, dataset_type=dataset, dataset_name=dataset, metric_type=kind,
-                   metric_name=label, metric_value=round(float(value), 6), source_name="distill eval")
+                   metric_name=label,
+                   metric_value=value if isinstance(value, int) else round(float(value), 6))
         for kind, label, value in figures if value is not None
     ]
 
