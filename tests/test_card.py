@@ -104,3 +104,28 @@ def test_a_real_multi_epoch_run_records_its_state(tmp_path, teacher_dir):
 
 def test_dataset_ids_keep_hub_inputs_only():
     assert dataset_ids(["hf:org/a", "data/x.jsonl", None, "hf:org/a", "hf:gsm8k"]) == ["org/a", "gsm8k"]
+
+
+def test_export_card_keeps_the_student_cards_metadata(tmp_path):
+    """`distill export` of a reported student: the Hub metadata (base_model, model-index, datasets) carries over."""
+    from conftest import make_llama, make_tokenizer
+
+    from distill.exporting.export import export
+    from distill.reporting.card import card_data, eval_results, render
+
+    results = make_results(tmp_path / "run")
+    student = tmp_path / "student"
+    tok = make_tokenizer()
+    make_llama(len(tok), hidden=32, layers=1, heads=2).save_pretrained(student)
+    tok.save_pretrained(student)
+    data = card_data("distilled", base_model="org/teacher-model", datasets=["org/math"], metrics=["exact_match"],
+                     results=eval_results(results, "distilled"))
+    render(data, "# distilled\n\nThe student card text.").save(student / "README.md")
+    export(student, tmp_path / "out")
+    card = ModelCard.load(tmp_path / "out" / "README.md")
+    assert card.data.base_model == "org/teacher-model" and card.data.datasets == ["org/math"]
+    assert card.data.library_name == "transformers" and "distill" in card.data.tags
+    name, evals = model_index_to_eval_results(card.data.to_dict()["model-index"])
+    assert name == "distilled" and {e.metric_type: e.metric_value for e in evals}["exact_match"] == 0.81
+    assert "## From the training run" in card.text and "## distilled" in card.text  # student text, demoted
+    assert "The student card text." in card.text and card.text.index("# out") < card.text.index("## distilled")

@@ -144,8 +144,10 @@ def _write_tokenizer(writer, fields: dict) -> None:
     writer.add_token_types(fields["types"])
     if fields["merges"]:
         writer.add_token_merges(fields["merges"])
-    else:  # GGUF has no empty arrays; with scores and no merges a reader derives the (here: no) merges itself
-        writer.add_token_scores([0.0] * len(fields["tokens"]))
+    else:  # llama.cpp refuses a BPE vocabulary without the key, so a character vocabulary writes it empty
+        gguf = _gguf()
+        writer.add_key_value(gguf.Keys.Tokenizer.MERGES, [], gguf.GGUFValueType.ARRAY,
+                             sub_type=gguf.GGUFValueType.STRING)
     for key, add in (("bos", writer.add_bos_token_id), ("eos", writer.add_eos_token_id),
                      ("pad", writer.add_pad_token_id), ("unk", writer.add_unk_token_id)):
         if fields[key] is not None:
@@ -154,6 +156,19 @@ def _write_tokenizer(writer, fields: dict) -> None:
     writer.add_add_eos_token(bool(fields["add_eos"]))
     if fields["chat_template"]:
         writer.add_chat_template(fields["chat_template"])
+
+
+def _writer(gguf, path: Path, arch: str):
+    """gguf's writer, allowing an empty typed array (the format has them; gguf-py's packer refuses them)."""
+
+    class Writer(gguf.GGUFWriter):
+        def _pack_val(self, val, vtype, add_vtype, sub_type=None):
+            if vtype == gguf.GGUFValueType.ARRAY and sub_type is not None and len(val) == 0:
+                head = self._pack("I", vtype) if add_vtype else b""
+                return head + self._pack("I", sub_type) + self._pack("Q", 0)
+            return super()._pack_val(val, vtype, add_vtype, sub_type)
+
+    return Writer(str(path), arch)
 
 
 # ---- weights ---------------------------------------------------------------------------------------
@@ -186,7 +201,7 @@ def export_gguf(model, tokenizer, out_path: str | Path, gguf_type: str = "f16", 
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_head
     vocab_size = config.vocab_size
 
-    writer = gguf.GGUFWriter(str(path), arch)
+    writer = _writer(gguf, path, arch)
     writer.add_name(name or path.stem)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
