@@ -149,6 +149,11 @@ def test_lora_adapter_is_merged_with_same_logits(student, tmp_path):
     assert torch.allclose(_logits(merged, ids), want, atol=1e-5)
     assert report["source"]["adapter"] == str(adapter) and report["source"]["base"] == str(student)
     assert (tmp_path / "merged" / "tokenizer.json").exists()
+    from huggingface_hub import ModelCard
+
+    assert ModelCard.load(adapter / "README.md").data.base_model == str(student)  # PEFT's card: a local path
+    data = ModelCard.load(tmp_path / "merged" / "README.md").data
+    assert data.base_model is None and data.library_name == "transformers"  # not a hub id: dropped
 
 
 def test_onnx_matches_onnxruntime(tmp_path):

@@ -168,3 +168,20 @@ def test_llama_cpp_runs_the_file(tmp_path, bpe):
     with torch.no_grad():
         want = student(input_ids=torch.tensor([ids])).logits[0].numpy()
     assert np.abs(got - want).max() / np.abs(want).max() < F16_RTOL
+
+
+def test_added_tokens_stay_whole(tmp_path):
+    """A non-special added token (like <think>) is USER_DEFINED in the file, so readers match it whole."""
+    from gguf import GGUFReader
+
+    tok = make_tokenizer()
+    tok.add_tokens(["<think>"])
+    student = _llama(len(tok))
+    path = export_gguf(student, tok, tmp_path / "added.gguf")["path"]
+    field = GGUFReader(path).fields["tokenizer.ggml.token_type"]
+    types = [int(field.parts[i][0]) for i in field.data]
+    think = tok.convert_tokens_to_ids("<think>")
+    assert types[think] == 4 and types[tok.eos_token_id] == 3 and types[100] == 1
+    _, loaded = load_gguf(path)
+    text = "Q: <think> 3 + 4"
+    assert loaded(text).input_ids == tok(text).input_ids and think in tok(text).input_ids

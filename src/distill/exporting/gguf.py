@@ -95,6 +95,7 @@ def tokenizer_fields(tokenizer, vocab_size: int) -> dict:
     model = spec["model"]
     vocab = tokenizer.get_vocab()
     special = {t["content"] for t in spec.get("added_tokens", []) if t.get("special")}
+    added = {t["content"] for t in spec.get("added_tokens", []) if not t.get("special")}  # e.g. <think>
     if len(vocab) > vocab_size:
         raise ValueError(f"--gguf: the tokenizer has {len(vocab)} tokens but the model only {vocab_size} rows")
     by_id: list[str | None] = [None] * vocab_size
@@ -123,7 +124,8 @@ def tokenizer_fields(tokenizer, vocab_size: int) -> dict:
     else:
         raise ValueError(f"--gguf: tokenizer model '{model['type']}' is not supported (byte-level BPE or "
                          "character-level WordLevel)")
-    types = [5 if t is None else 3 if t in special else 1 for t in tokens]  # UNUSED, CONTROL, NORMAL
+    # llama.cpp token types: UNUSED (padding rows), CONTROL (special), USER_DEFINED (added, matched whole), NORMAL
+    types = [5 if t is None else 3 if t in special else 4 if t in added else 1 for t in by_id]
     tokens = [f"[PAD{i}]" if t is None else t for i, t in enumerate(tokens)]
     probe = tokenizer("a").input_ids
     plain = tokenizer("a", add_special_tokens=False).input_ids

@@ -272,6 +272,9 @@ def export_card(report: dict, name: str, source_card: Path | None = None):
         data = card_data(name, adapter=False)
     else:  # the export is a merged full model: it loads with transformers, not peft
         data.library_name = "transformers"
+        bases = data.base_model if isinstance(data.base_model, list) else [data.base_model]
+        kept = [b for b in bases if hub_id(b)]  # e.g. PEFT's own card names the base by its local path
+        data.base_model = (kept if len(kept) > 1 else kept[0]) if kept else None
     tags = list(data.tags or [])
     for tag in (*TAGS, *(t for t in ("int8", "gguf", "onnx") if t in report)):
         if tag not in tags:
