@@ -166,15 +166,10 @@ def load_card(path: str | Path):
 # ---------------------------------------------------------------- the two cards
 
 
-def _md_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def student_card(name: str, student_dir: Path, results: dict, *, intro: str, method: list[str],
-                 eval_rows: list[list[str]], setup: str, datasets: list[str] | None = None):
-    """The card `distill report` writes into a student directory (a ModelCard; `.save(path)` writes it)."""
+                 eval_table: str, setup: str, datasets: list[str] | None = None):
+    """The card `distill report` writes into a student directory (a ModelCard; `.save(path)` writes it).
+    `eval_table`: the markdown table of the student's figures next to the teacher's (report.py formats it)."""
     s, t = results["students"][name], results["teacher"]
     adapter = bool(s.get("adapter"))
     if adapter:
@@ -196,7 +191,7 @@ def student_card(name: str, student_dir: Path, results: dict, *, intro: str, met
     body = "\n".join([
         f"# {name}", "", intro, "",
         "## Training", "", *method, *training_lines(facts), "",
-        "## Evaluation", "", setup, "", _md_table(["", "teacher", name], eval_rows), "",
+        "## Evaluation", "", setup, "", eval_table, "",
         "## Use", "", "```python", load, "```", "",
         "Serve it behind an OpenAI-compatible API:", "", "```bash", f"distill serve {student_dir}", "```",
     ])

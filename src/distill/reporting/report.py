@@ -404,7 +404,8 @@ def model_card(name: str, student_dir: Path, results: dict, details: dict, log: 
         f"device {results['device']}."
     )
     inputs = [cfg.generate.input, cfg.train.input, cfg.eval.input] if cfg is not None else []
-    return student_card(name, student_dir, results, intro=intro, method=method, eval_rows=rows, setup=setup,
+    return student_card(name, student_dir, results, intro=intro, method=method, setup=setup,
+                        eval_table=_md_table(["", "teacher", name], rows),
                         datasets=dataset_ids([*inputs, results.get("eval_input")]))
 
 
