@@ -185,3 +185,41 @@ def test_added_tokens_stay_whole(tmp_path):
     _, loaded = load_gguf(path)
     text = "Q: <think> 3 + 4"
     assert loaded(text).input_ids == tok(text).input_ids and think in tok(text).input_ids
+
+
+def _sentencepiece_tokenizer(vocab_size: int = 400):
+    """A Llama-2 / Mistral style tokenizer: BPE over U+2581-spelled text with <0xXX> byte fallback."""
+    import json
+
+    from conftest import CORPUS
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import LlamaTokenizer
+
+    specials = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
+    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                                        show_progress=False))
+    model = json.loads(tok.to_str())["model"]
+    return LlamaTokenizer(vocab=model["vocab"], merges=[tuple(m) for m in model["merges"]])
+
+
+def test_sentencepiece_tokenizer_is_written_as_llama_vocab(tmp_path):
+    """Written as llama.cpp's `llama` (SentencePiece) vocabulary: byte tokens typed BYTE, merge order kept in
+    the scores; transformers reads it back to the same ids, byte fallback included."""
+    from gguf import GGUFReader
+
+    tok = _sentencepiece_tokenizer()
+    student = _llama(len(tok))
+    path = export_gguf(student, tok, tmp_path / "spm.gguf")["path"]
+    fields = GGUFReader(path).fields
+    assert bytes(fields["tokenizer.ggml.model"].parts[-1]).decode() == "llama"
+    types = [int(fields["tokenizer.ggml.token_type"].parts[i][0]) for i in fields["tokenizer.ggml.token_type"].data]
+    scores = [float(fields["tokenizer.ggml.scores"].parts[i][0]) for i in fields["tokenizer.ggml.scores"].data]
+    assert types[tok.convert_tokens_to_ids("<0x0A>")] == 6 and types[tok.unk_token_id] == 2 and types[1] == 3
+    first, second = (m if isinstance(m, str) else "".join(m) for m in tok._merges[:2])
+    assert scores[tok.convert_tokens_to_ids(first.replace(" ", ""))] > scores[tok.convert_tokens_to_ids(second.replace(" ", ""))]
+    loaded, back = load_gguf(path)
+    for text in [*TEXTS, "  two spaces \u00e9\u20ac \u4e2d"]:  # the last one needs byte fallback
+        assert back(text).input_ids == tok(text).input_ids
+    assert _rel_diff(student, loaded, _ids(tok)) < F16_RTOL

@@ -2,10 +2,13 @@
 
 Tensor names, metadata keys and the tokenizer layout follow llama.cpp's convert_hf_to_gguf.py: the names come
 from gguf's own tensor map, Llama/Mistral q/k rows are permuted into llama.cpp's rotary layout (Qwen2 is not),
-norms stay float32, and the tokenizer is written as a byte-level BPE (`tokenizer.ggml.model = gpt2`) with its
-merges, special tokens (CONTROL), chat template and add-BOS flag. A character-level WordLevel vocabulary (the
-shipped math-tutor tokenizer) is written the same way: a byte-level BPE with no merges splits text into the
-same single characters.
+norms stay float32. The tokenizer goes in too, with its special tokens (CONTROL), added tokens (USER_DEFINED),
+chat template and add-BOS flag:
+- a byte-level BPE (GPT-2, Llama 3, Qwen2) as `tokenizer.ggml.model = gpt2` with its merges and split rule;
+- a SentencePiece-style BPE (Llama 2, Mistral: U+2581 spaces, <0xXX> byte fallback) as `llama`, with scores
+  that order merges like the BPE ranks and BYTE-typed byte tokens;
+- a character-level WordLevel vocabulary (the shipped math-tutor tokenizer) as a `gpt2` BPE with no merges,
+  which splits text into the same single characters.
 
 Run as: `distill export runs/demo/students/small --out dist/small --gguf --gguf-type q8_0`
 """
@@ -13,6 +16,7 @@ Run as: `distill export runs/demo/students/small --out dist/small --gguf --gguf-
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 GGUF_HINT = 'GGUF export needs the gguf package: pip install "distill[gguf]"'
@@ -83,12 +87,13 @@ def _pre_tokenizer_name(pre: dict | None) -> str:
         if any(p.get("type") == "ByteLevel" and p.get("use_regex", True) for p in parts):
             return "gpt-2"
     raise ValueError(f"--gguf: the tokenizer's pre-tokenizer {json.dumps(pre)[:120]} has no llama.cpp name; "
-                     "supported: byte-level BPE (gpt-2, llama-bpe, qwen2 splits) and character-level WordLevel")
+                     "supported: byte-level BPE (gpt-2, llama-bpe, qwen2 splits), SentencePiece-style BPE and "
+                     "character-level WordLevel")
 
 
 def tokenizer_fields(tokenizer, vocab_size: int) -> dict:
-    """What llama.cpp's `gpt2` tokenizer needs: tokens (byte-level spelling, padded to the model's vocab),
-    token types, merges, pre-tokenizer name, special ids, add-BOS/EOS and the chat template."""
+    """What llama.cpp's tokenizer needs: model (`gpt2` or `llama`), tokens (padded to the model's vocab with
+    UNUSED rows), token types, merges (and scores), pre-tokenizer name, special ids, add-BOS/EOS, chat template."""
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
@@ -102,6 +107,8 @@ def tokenizer_fields(tokenizer, vocab_size: int) -> dict:
     for token, index in vocab.items():
         by_id[index] = token
     table = bytes_to_unicode()
+    if model["type"] == "BPE" and _is_sentencepiece(spec):
+        return _sentencepiece_fields(tokenizer, spec, by_id, special, added)
     if model["type"] == "BPE":
         merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
         pre = _pre_tokenizer_name(spec.get("pre_tokenizer"))
@@ -127,10 +134,15 @@ def tokenizer_fields(tokenizer, vocab_size: int) -> dict:
     # llama.cpp token types: UNUSED (padding rows), CONTROL (special), USER_DEFINED (added, matched whole), NORMAL
     types = [5 if t is None else 3 if t in special else 4 if t in added else 1 for t in by_id]
     tokens = [f"[PAD{i}]" if t is None else t for i, t in enumerate(tokens)]
+    return {"model": "gpt2", "tokens": tokens, "types": types, "merges": merges, "pre": pre,
+            **_special_fields(tokenizer)}
+
+
+def _special_fields(tokenizer) -> dict:
+    """Special ids, whether encoding adds BOS / EOS (probed, not guessed), and the chat template."""
     probe = tokenizer("a").input_ids
     plain = tokenizer("a", add_special_tokens=False).input_ids
     return {
-        "tokens": tokens, "types": types, "merges": merges, "pre": pre,
         "bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id,
         "pad": tokenizer.pad_token_id, "unk": tokenizer.unk_token_id,
         "add_bos": tokenizer.bos_token_id is not None and probe[:1] == [tokenizer.bos_token_id] != plain[:1],
@@ -139,11 +151,48 @@ def tokenizer_fields(tokenizer, vocab_size: int) -> dict:
     }
 
 
+def _is_sentencepiece(spec: dict) -> bool:
+    """A BPE converted from SentencePiece (Llama 2, Mistral, TinyLlama): spaces become U+2581 and unknown
+    characters fall back to <0xXX> byte tokens."""
+    text = json.dumps([spec.get("pre_tokenizer"), spec.get("normalizer")])
+    return bool(spec["model"].get("byte_fallback")) and ("Metaspace" in text or "\\u2581" in text or "\u2581" in text)
+
+
+def _sentencepiece_fields(tokenizer, spec: dict, by_id: list, special: set, added: set) -> dict:
+    """llama.cpp's `llama` (SentencePiece) tokenizer: tokens as spelled, a score per token that orders merges
+    like the BPE ranks (llama.cpp merges the highest-scoring pair first), BYTE / CONTROL / USER_DEFINED types,
+    and the merges too (transformers rebuilds the tokenizer from them)."""
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"].get("merges", [])]
+    rank: dict[str, int] = {}
+    for i, merge in enumerate(merges):
+        rank.setdefault(merge.replace(" ", ""), i)
+    unk = tokenizer.unk_token or spec["model"].get("unk_token")
+    tokens, scores, types = [], [], []
+    for i, token in enumerate(by_id):
+        tokens.append(f"[PAD{i}]" if token is None else token)
+        scores.append(-1000.0 if token is None else -float(rank[token]) if token in rank else 0.0)
+        if token is None:
+            types.append(5)  # UNUSED
+        elif token in special:
+            types.append(2 if token == unk else 3)  # UNKNOWN, CONTROL
+        elif re.fullmatch(r"<0x[0-9A-F]{2}>", token):
+            types.append(6)  # BYTE
+        else:
+            types.append(4 if token in added else 1)
+    text = json.dumps([spec.get("pre_tokenizer"), spec.get("normalizer")])
+    prefix = '"Prepend"' in text or '"prepend_scheme": "first"' in text or '"prepend_scheme": "always"' in text
+    return {"model": "llama", "tokens": tokens, "types": types, "merges": merges, "scores": scores,
+            "pre": "default", "add_space_prefix": prefix, **_special_fields(tokenizer)}
+
+
 def _write_tokenizer(writer, fields: dict) -> None:
-    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_model(fields["model"])
     writer.add_tokenizer_pre(fields["pre"])
     writer.add_token_list(fields["tokens"])
     writer.add_token_types(fields["types"])
+    if "scores" in fields:
+        writer.add_token_scores(fields["scores"])
+        writer.add_add_space_prefix(fields["add_space_prefix"])
     if fields["merges"]:
         writer.add_token_merges(fields["merges"])
     else:  # llama.cpp refuses a BPE vocabulary without the key, so a character vocabulary writes it empty
