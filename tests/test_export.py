@@ -196,3 +196,5 @@ def test_export_cli_writes_report(student, tmp_path):
     assert "## GGUF" in card and "gguf_file='out-q8_0.gguf'" in card
     bad = CliRunner().invoke(app, ["export", str(tmp_path / "missing"), "--out", str(tmp_path / "x")])
     assert bad.exit_code == 2 and "no such model directory" in " ".join(bad.output.split())
+    bad = CliRunner().invoke(app, ["export", str(student), "--out", str(tmp_path / "y"), "--gguf", "--gguf-type", "q4"])
+    assert bad.exit_code == 2 and "--gguf-type 'q4'" in bad.output and not (tmp_path / "y").exists()

@@ -16,7 +16,8 @@ import json
 import time
 from pathlib import Path
 
-from distill.exporting.int8 import is_int8_dir, load_int8, parity, save_int8
+from distill.exporting.gguf import GGUF_TYPES
+from distill.exporting.int8 import SCHEMES, is_int8_dir, load_int8, parity, save_int8
 from distill.exporting.onnx import export_onnx
 
 # torch, transformers and peft are imported inside the functions: `import distill` stays light.
@@ -75,6 +76,10 @@ def export(model_dir: str | Path, out_dir: str | Path, quantize: str | None = No
 
     if quantize not in (None, "int8"):
         raise ValueError(f"--quantize '{quantize}': only 'int8' is supported")
+    if gguf and gguf_type not in GGUF_TYPES:  # checked before any work is done
+        raise ValueError(f"--gguf-type '{gguf_type}': choose one of {', '.join(GGUF_TYPES)}")
+    if quantize and int8_scheme not in SCHEMES:
+        raise ValueError(f"--int8-scheme '{int8_scheme}': choose one of {', '.join(SCHEMES)}")
     t0 = time.time()
     model, tokenizer, info = load_student(model_dir, dtype="float32", device="cpu")
     out = save_model(model, tokenizer, out_dir)
