@@ -106,6 +106,14 @@ def test_dataset_ids_keep_hub_inputs_only():
     assert dataset_ids(["hf:org/a", "data/x.jsonl", None, "hf:org/a", "hf:gsm8k"]) == ["org/a", "gsm8k"]
 
 
+def test_a_hub_eval_set_is_named_by_its_id(tmp_path):
+    from distill.reporting.card import eval_results
+
+    results = make_results(tmp_path / "run")
+    results["eval_input"] = "hf:openai/gsm8k"
+    assert {e.dataset_type for e in eval_results(results, "distilled")} == {"openai/gsm8k"}
+
+
 def test_export_card_keeps_the_student_cards_metadata(tmp_path):
     """`distill export` of a reported student: the Hub metadata (base_model, model-index, datasets) carries over."""
     from conftest import make_llama, make_tokenizer

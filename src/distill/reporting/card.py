@@ -111,7 +111,8 @@ def eval_results(results: dict, name: str) -> list:
 
     s = results["students"][name]
     metric = results["metric"]
-    dataset = Path(str(results.get("eval_input") or "held-out")).stem
+    given = str(results.get("eval_input") or "held-out")
+    dataset = given[3:] if given.startswith("hf:") else Path(given).stem  # a hub dataset keeps its id
     figures = [
         (metric, metric, s.get("score")),
         ("percent_of_teacher", f"% of teacher {metric}", s.get("percent_of_teacher")),
