@@ -71,6 +71,7 @@ def test_export_card_has_hub_metadata(exported):
     assert data.library_name == "transformers" and data.pipeline_tag == "text-generation"
     assert {"distill", "distillation", "int8"} <= set(data.tags) and data.license == "other"
     assert data.base_model is None  # nothing says which hub model it came from
+    assert "model_name" not in data.to_dict() and "model-index" not in data.to_dict()  # no eval figures here
 
 
 def test_int8_parity_and_size(exported):

@@ -134,7 +134,7 @@ def card_data(name: str, *, base_model: str | None = None, adapter: bool = False
     from huggingface_hub import ModelCardData
 
     return ModelCardData(
-        model_name=name,
+        model_name=name if results else None,  # only the model-index uses it (a bare `model_name` key is not Hub metadata)
         library_name="peft" if adapter else "transformers",
         pipeline_tag=TASK,
         tags=[*TAGS, *(extra_tags or [])],
