@@ -1,9 +1,9 @@
 """int8 export with torchao, and the parity report that says how closely it follows full precision.
 
 The int8 copy is a plain transformers checkpoint: transformers quantizes the saved full-precision model with a
-`TorchAoConfig` (int8 per-row weights; scheme `dynamic` also quantizes activations on the fly per token), and `save_pretrained`
-writes the quantization config into config.json, so `AutoModelForCausalLM.from_pretrained(DIR/int8)` loads
-it anywhere torchao is installed. The output head stays in float (transformers leaves it unconverted): it is
+`TorchAoConfig` (int8 per-row weights; scheme `dynamic` also quantizes activations on the fly per token), and
+`save_pretrained` writes the quantization config into config.json, so `AutoModelForCausalLM.from_pretrained(
+DIR/int8)` loads it anywhere torchao is installed. The output head stays in float (transformers leaves it unconverted): it is
 cheap to keep and costs agreement when quantized.
 """
 
