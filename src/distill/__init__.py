@@ -8,7 +8,7 @@ Public API (each stage also runs from the CLI as `distill STAGE CONFIG [key=valu
     demo(run_dir, quick=False)       the built-in math-tutor demo
     evaluate(config)                 teacher vs students: score, fidelity, cost -> run_dir/eval/results.json
     report(config)                   report.md / report.html with plots, model card in each student dir
-    export(model_dir, out_dir, ...)  merged HF model + model card, int8 with parity report, ONNX
+    export(model_dir, out_dir, ...)  merged HF model + model card, int8 with parity report, GGUF, ONNX
     serve(model_dir, host, port)     OpenAI-compatible server (distill.serving.serve.build_app: the app alone)
 """
 

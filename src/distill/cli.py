@@ -251,16 +251,20 @@ def serve(
 def export(
     model_dir: Path = typer.Argument(..., help="student directory (HF format, or a LoRA adapter dir)"),
     out: Path = typer.Option(..., "--out", help="output directory"),
-    quantize: Optional[str] = typer.Option(None, help="int8: dynamic int8 copy in OUT/int8 + parity report"),
+    quantize: Optional[str] = typer.Option(None, help="int8: torchao int8 copy in OUT/int8 + parity report"),
+    int8_scheme: str = typer.Option("weight-only", help="int8 (torchao): weight-only | dynamic (int8 activations too)"),
+    gguf: bool = typer.Option(False, "--gguf", help="also write OUT/NAME-TYPE.gguf (llama.cpp, Ollama, LM Studio)"),
+    gguf_type: str = typer.Option("f16", help="GGUF weights: f16 | q8_0"),
     onnx: bool = typer.Option(False, "--onnx", help="also write OUT/onnx/model.onnx, checked with onnxruntime"),
     prompts: Optional[Path] = typer.Option(None, help="held-out prompts file for the int8 parity report"),
     limit: int = typer.Option(32, help="at most this many held-out prompts"),
 ) -> None:
-    """Merged HF model + model card in OUT; optional int8 (with parity and sizes) and ONNX; OUT/export_report.json."""
+    """Merged HF model + model card in OUT; optional int8, GGUF and ONNX, each checked; OUT/export_report.json."""
     from distill.exporting.export import export as run_export
 
     try:
-        report = run_export(model_dir, out, quantize=quantize, onnx=onnx, prompts=prompts, limit=limit)
+        report = run_export(model_dir, out, quantize=quantize, onnx=onnx, prompts=prompts, limit=limit, gguf=gguf,
+                            gguf_type=gguf_type, int8_scheme=int8_scheme)
     except ValueError as exc:  # export's ValueErrors name the option or file (e.g. --quantize, adapter_config)
         if isinstance(exc, UserError):
             raise
@@ -269,6 +273,9 @@ def export(
         p = report["int8"]["parity"]
         console.print(f"int8: {report['int8']['size_ratio']:.0%} of the size, greedy-token agreement "
                       f"{p['greedy_token_agreement']:.1%}, top-1 agreement {p['top1_agreement']:.1%}")
+    if "gguf" in report:
+        console.print(f"gguf: {report['gguf']['path']} ({report['gguf']['type']}), max abs logit diff vs the "
+                      f"student {report['gguf']['max_abs_logit_diff']:.2e}")
     if "onnx" in report:
         console.print(f"onnx: max abs diff vs torch {report['onnx']['max_abs_diff']:.2e}")
     print(Path(out) / "export_report.json")

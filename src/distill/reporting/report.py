@@ -375,40 +375,21 @@ def render_html(results: dict, plots: dict[str, Path], details: dict[str, dict])
 # ---------------------------------------------------------------- model card
 
 
-def model_card(name: str, student_dir: Path, results: dict, details: dict, log: list[dict]) -> str:
-    """README.md for a student directory: front matter for the Hub, what it is, how it was trained, its
-    numbers next to the teacher's, and how to load and serve it."""
+def model_card(name: str, student_dir: Path, results: dict, details: dict, log: list[dict], cfg: Config | None = None):
+    """README.md for a student directory (a huggingface_hub ModelCard, see distill.reporting.card): Hub
+    metadata, what it is, how it was trained (facts from the trainer's state), its numbers next to the
+    teacher's, and how to load and serve it."""
+    from distill.reporting.card import dataset_ids, student_card
+
     s, t = results["students"][name], results["teacher"]
-    adapter = bool(s.get("adapter"))
-    front = {
-        "library_name": "peft" if adapter else "transformers",
-        "tags": ["distill", "distillation"],
-        "base_model": t["path"],
-        "pipeline_tag": "text-generation",
-    }
-    if t.get("api"):  # base_model must name a model on the Hub; an API teacher goes in the text only
-        del front["base_model"]
     rows = [[label, _fmt(t.get(key), kind), _fmt(s.get(key), kind)] for label, key, kind in COLUMNS]
-    final = _final_loss(log)
-    train_lines = [
+    method = [
         f"- Student init: `{details['init'] or 'unknown'}`; teacher signal: `{details['signal'] or 'unknown'}`",
         f"- Losses: {_losses_text(details['losses'])}",
-        (
-            f"- Learning rate {details['learning_rate']}, epochs {details['epochs']}, "
-            f"max steps {details['max_steps']}"
-        ),
     ]
-    if details.get("runtime_s") is not None:
-        train_lines.append(f"- Training time: {details['runtime_s']:.0f} s")
+    final = _final_loss(log)
     if final is not None:
-        train_lines.append(f"- Final logged training loss: {final:.4f}")
-    load = (
-        "from peft import AutoPeftModelForCausalLM\nfrom transformers import AutoTokenizer\n\n"
-        f'model = AutoPeftModelForCausalLM.from_pretrained("{student_dir}").merge_and_unload()\n'
-        if adapter
-        else "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
-        f'model = AutoModelForCausalLM.from_pretrained("{student_dir}")\n'
-    ) + f'tokenizer = AutoTokenizer.from_pretrained("{student_dir}")'
+        method.append(f"- Final logged training loss: {final:.4f}")
     pct = s.get("percent_of_teacher")
     headline = (
         f"It keeps {pct:.1f}% of the teacher's `{results['metric']}` score"
@@ -424,40 +405,10 @@ def model_card(name: str, student_dir: Path, results: dict, details: dict, log: 
         f"{results['n_prompts']} held-out prompts from `{results['eval_input']}`, metric `{results['metric']}`, "
         f"device {results['device']}."
     )
-    return "\n".join(
-        [
-            "---",
-            yaml.safe_dump(front, sort_keys=False).strip(),
-            "---",
-            "",
-            f"# {name}",
-            "",
-            intro,
-            "",
-            "## Training",
-            "",
-            *train_lines,
-            "",
-            "## Evaluation",
-            "",
-            setup,
-            "",
-            _md_table(["", "teacher", name], rows),
-            "",
-            "## Use",
-            "",
-            "```python",
-            load,
-            "```",
-            "",
-            "Serve it behind an OpenAI-compatible API:",
-            "",
-            "```bash",
-            f"distill serve {student_dir}",
-            "```",
-            "",
-        ]
-    )
+    inputs = [cfg.generate.input, cfg.train.input, cfg.eval.input] if cfg is not None else []
+    return student_card(name, student_dir, results, intro=intro, method=method, setup=setup,
+                        eval_table=_md_table(["", "teacher", name], rows),
+                        datasets=dataset_ids([*inputs, results.get("eval_input")]))
 
 
 # ---------------------------------------------------------------- the stage
@@ -482,7 +433,5 @@ def report(config: Config | str | Path, overrides: list[str] | None = None) -> P
     for name in results["students"]:
         student_dir = run_dir / "students" / name
         if student_dir.is_dir():
-            (student_dir / "README.md").write_text(
-                model_card(name, student_dir, results, details[name], logs[name])
-            )
+            model_card(name, student_dir, results, details[name], logs[name], cfg).save(student_dir / "README.md")
     return out

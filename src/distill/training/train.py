@@ -471,6 +471,16 @@ def train_student(cfg: Config, scfg: StudentConfig) -> Path:
     return out
 
 
+def _pass_tokens(examples) -> int | None:
+    """Tokens in one pass over in-memory examples (no padding); None for a streamed store, where counting
+    would decode every row (the trainer's tokens_seen covers it)."""
+    base = getattr(examples, "dataset", examples)
+    if not isinstance(base, list):
+        return None
+    idx = getattr(examples, "indices", range(len(base)))
+    return int(sum(len(base[int(i)]["input_ids"]) for i in idx))
+
+
 def _save_outputs(trainer, out: Path, tokenizer, cfg: Config, scfg: StudentConfig, info, examples, result,
                   runtime: float, resume: str | None) -> None:
     # every rank calls save_model: under FSDP / DeepSpeed ZeRO-3 gathering the full weights is a collective;
@@ -486,6 +496,11 @@ def _save_outputs(trainer, out: Path, tokenizer, cfg: Config, scfg: StudentConfi
             "losses": [t.model_dump() for t in cfg.train.losses],
             "examples": len(examples),
             "global_steps": trainer.state.global_step,
+            # what the trainer's state says was done (the model card reports these, not the config's limits)
+            "epochs": trainer.state.epoch,
+            "train_tokens": _pass_tokens(examples),
+            "tokens_seen": trainer.state.num_input_tokens_seen or None,
+            "learning_rate": args.learning_rate,
             "train_loss": result.training_loss if result is not None else _last_train_loss(trainer.state),
             "train_runtime_s": round(runtime, 2),
             "resumed_from": resume,
