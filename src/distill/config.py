@@ -381,6 +381,16 @@ def check_hidden_losses(train: TrainConfig, teacher: TeacherConfig, where: str =
 # ---------------------------------------------------------------- discovery (`distill config`)
 
 
+def _backend_names() -> list[str]:
+    from distill.teachers.registry import BACKENDS  # local: the teachers package imports this module
+
+    return list(BACKENDS)
+
+
+# settings typed as str but checked against a registry: `distill config` shows the registered names
+CHOICES = {"teacher.backend": _backend_names}
+
+
 def describe(section: str | None = None) -> list[tuple[str, str, str, str]]:
     """(dotted key, type, default, description) for every setting, or those under `section` ('train',
     'train.onpolicy'); list items show as 'train.losses[].name'."""
@@ -400,7 +410,8 @@ def describe(section: str | None = None) -> list[tuple[str, str, str, str]]:
                 default = info.get_default(call_default_factory=True)
                 shown = yaml.safe_dump(_plain(default), default_flow_style=True, width=10_000).strip()
                 shown = shown.removesuffix("...").strip()
-            rows.append((key, type_name(ann), shown, info.description or ""))
+            shown_type = " | ".join(CHOICES[key]()) if key in CHOICES else type_name(ann)
+            rows.append((key, shown_type, shown, info.description or ""))
             if inner and name != "students":  # list of sections: their item keys
                 walk(inner[0], key + "[].")
 

@@ -500,7 +500,7 @@ def _save_outputs(trainer, out: Path, tokenizer, cfg: Config, scfg: StudentConfi
             "epochs": trainer.state.epoch,
             "train_tokens": _pass_tokens(examples),
             "tokens_seen": trainer.state.num_input_tokens_seen or None,
-            "learning_rate": args.learning_rate,
+            "learning_rate": trainer.args.learning_rate,
             "train_loss": result.training_loss if result is not None else _last_train_loss(trainer.state),
             "train_runtime_s": round(runtime, 2),
             "resumed_from": resume,
