@@ -6,6 +6,7 @@ Run as: `distill --help`, `distill train cfg.yaml train.learning_rate=3e-4`.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 from pathlib import Path
 from typing import List, Optional
@@ -15,6 +16,11 @@ from rich.console import Console
 
 from distill.config import load_config
 from distill.errors import UserError, disk_error_message, is_user_error, register
+
+# transformers imports torchao (the int8 extra) on every model load, which logs optional kernels it cannot load
+# and torch.compile deprecation notes: noise on every command, not something the user can act on
+for _noisy in ("torchao", "torch.utils._pytree"):
+    logging.getLogger(_noisy).setLevel(logging.ERROR)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
 console = Console(stderr=True)
