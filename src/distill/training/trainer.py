@@ -2,7 +2,9 @@
 
 Everything TrainingArguments gives keeps working (gradient accumulation, checkpoints and resume, report_to,
 `accelerate launch` / torchrun with DDP or FSDP) because only the loss changes. The objective is a weighted
-sum of registered losses (`distill.losses.LOSSES`), each component logged as `loss/<name>`.
+sum of registered losses (`distill.losses.LOSSES`), each component logged as `loss/<name>`; compute_loss asks
+each loss's registry entry what it needs (logits or hidden states, labels, teacher signal or the teacher's own
+tokenization) instead of comparing names.
 
 Normalisation: every component is a sum over counted completion tokens divided by `num_items_in_batch`, the
 token count of the whole global batch (all gradient-accumulation micro-batches and all processes) that the
@@ -18,9 +20,13 @@ from dataclasses import dataclass
 import torch
 from transformers import Trainer, TrainerCallback
 
-from distill.losses import CROSS_TOKENIZER_LOSSES, HIDDEN_LOSSES, LOSSES, align_responses
+from distill.losses import LOSSES, align_responses
 from distill.signals import SparseSignal
 from distill.training.onpolicy import SAMPLED_KEY, onpolicy_inputs, sampled_reverse_kl
+
+# Batch keys that are not model inputs: per-example loss weights (chain of thought), the teacher's own
+# tokenization (cross-tokenizer), on-policy markers. The sparse top-k keys stay in `inputs` for _teacher_signal.
+EXTRA_KEYS = ("loss_weight", "teacher_input_ids", "teacher_attention_mask", "teacher_labels", SAMPLED_KEY, "onpolicy")
 
 
 @dataclass
@@ -94,12 +100,6 @@ class DistillationTrainer(Trainer):
         return optimizer
 
     # ----------------------------------------------------------------- the loss
-    def _needs(self) -> tuple[bool, bool]:
-        names = {s.name for s in self.loss_specs}
-        needs_hidden = bool(names & HIDDEN_LOSSES)
-        needs_teacher = any(n != "cross_entropy" for n in names)
-        return needs_hidden, needs_teacher
-
     def _teacher_signal(self, inputs: dict, needs_hidden: bool):
         """Dense logits from the live teacher, or the sparse top-k carried by the batch."""
         if "topk_ids" in inputs:
@@ -143,28 +143,58 @@ class DistillationTrainer(Trainer):
         """fn with per-example loss weights (batch,): one call per distinct weight, masks split by example."""
         if weights is None or bool((weights == 1).all()):
             return fn(logits, teacher, mask, **kwargs)
-        value = logits.new_zeros((), dtype=torch.float32)
+        value = torch.zeros((), dtype=torch.float32, device=mask.device)
         for w in weights.unique().tolist():
             if w != 0:
                 rows = (weights == w).to(mask.device)[:, None]
                 value = value + w * fn(logits, teacher, mask & rows, **kwargs)
         return value
 
+    def _teacher_sides(self, entries: list, inputs: dict, extra: dict, targets, mask, needs_hidden: bool) -> dict:
+        """What each kind of loss compares against (see distill.losses.registry.Loss.teacher): (teacher, mask)."""
+        kinds = {entry.teacher for _, entry in entries}
+        sides: dict = {"labels": (targets, mask)}
+        cross = "teacher_input_ids" in extra and self.teacher is not None
+        if cross and "tokenizer" in kinds:  # the teacher reads its own ids (see _cross_signal)
+            aligned, aligned_mask = self._cross_signal(extra, targets)
+            sides["tokenizer"] = (aligned, mask & aligned_mask)
+        if kinds & {"signal", "hidden"} or ("tokenizer" in kinds and not cross):
+            signal, sides["hidden"] = self._teacher_signal(inputs, needs_hidden)
+            if signal is None:
+                raise ValueError(
+                    "train.losses asks for a teacher divergence but there is no teacher signal: use "
+                    "train.signal=online (a local teacher) or offline (a store with top-k), or only cross_entropy"
+                )
+            sides["signal"] = (signal, mask)
+            sides.setdefault("tokenizer", sides["signal"])
+        return sides
+
+    def _component(self, spec: LossSpec, entry, student, outputs, sides: dict, labels, num_items, extra: dict):
+        """One weighted loss component, fed what its registry entry says it needs."""
+        params = dict(spec.params or {})
+        context = {"projections": self.projections}
+        if self.cross_tokenizer is not None:
+            context.update(teacher_vocab_size=self.cross_tokenizer.teacher_vocab_size, matched=self.cross_tokenizer.matched)
+        params.update({k: context[k] for k in entry.context if k in context})
+        if entry.student == "hidden":
+            if sides.get("hidden") is None:
+                raise ValueError(f"{spec.name} needs an online teacher (train.signal=online)")
+            return entry(outputs.hidden_states, sides["hidden"], labels != -100, num_items_in_batch=num_items, **params)
+        teacher, mask = sides[entry.teacher]
+        kwargs = dict(temperature=spec.temperature, scale_temperature=self.scale_temperature, sparse_mode=self.sparse_mode,
+                      chunk_size=self.chunk_size, vocab_size=self.vocab_size, num_items_in_batch=num_items, **params)
+        return self._weighted(entry, student, teacher, mask, kwargs, extra.get("loss_weight"))
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
         labels = inputs.pop("labels")
-        sparse_keys = {k: inputs.pop(k) for k in ("topk_ids", "topk_logprobs", "topk_tail") if k in inputs}
-        extra = {k: inputs.pop(k) for k in ("loss_weight", "teacher_input_ids", "teacher_attention_mask",
-                                            "teacher_labels", SAMPLED_KEY, "onpolicy") if k in inputs}
-        needs_hidden, needs_teacher = self._needs()
-        if "teacher_input_ids" in extra:  # cross-tokenizer: the teacher reads its own ids (see _cross_signal)
-            needs_teacher = any(s.name not in CROSS_TOKENIZER_LOSSES | {"cross_entropy"} for s in self.loss_specs)
-        outputs = model(
-            input_ids=inputs["input_ids"],
-            attention_mask=inputs.get("attention_mask"),
-            output_hidden_states=needs_hidden,
-            use_cache=False,
-        )
+        extra = {k: inputs.pop(k) for k in EXTRA_KEYS if k in inputs}
+        entries = [(spec, LOSSES[spec.name]) for spec in self.loss_specs]
+        if "onpolicy" in extra:  # the labels of a sampled batch are the student's own tokens
+            entries = [(spec, entry) for spec, entry in entries if entry.needs_teacher]
+        needs_hidden = any(entry.student == "hidden" for _, entry in entries)
+        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
+                        output_hidden_states=needs_hidden, use_cache=False)
         logits = outputs.logits[:, :-1]
         targets = labels[:, 1:]
         mask = targets != -100
@@ -172,66 +202,23 @@ class DistillationTrainer(Trainer):
             num_items_in_batch = mask.sum()
         num_items = num_items_in_batch.to(logits.device) if torch.is_tensor(num_items_in_batch) else num_items_in_batch
         if SAMPLED_KEY in extra:  # on-policy batch scored by an API teacher: sampled reverse KL only
-            value = sampled_reverse_kl(logits, targets, extra[SAMPLED_KEY], mask, num_items_in_batch=num_items)
-            if model.training:
-                self._component_sums["sampled_reverse_kl"].append(float(value.detach()))
-            if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
-                value = value * self.accelerator.num_processes  # as below: DDP averages over processes
-            return (value, outputs) if return_outputs else value
-        onpolicy_batch = "onpolicy" in extra
-        cross = None
-        if "teacher_input_ids" in extra and self.teacher is not None:
-            cross = self._cross_signal(extra, targets)
-
-        signal, teacher_hidden = (None, None)
-        if needs_teacher:
-            signal, teacher_hidden = self._teacher_signal({**inputs, **sparse_keys}, needs_hidden)
-            if signal is None:
-                raise ValueError(
-                    "train.losses asks for a teacher divergence but there is no teacher signal: use "
-                    "train.signal=online (a local teacher) or offline (a store with top-k), or only cross_entropy"
-                )
-
-        total = logits.new_zeros((), dtype=torch.float32)
-        for spec in self.loss_specs:
-            if onpolicy_batch and spec.name == "cross_entropy":
-                continue  # the labels of a sampled batch are the student's own tokens
-            fn = LOSSES[spec.name]
-            params = dict(spec.params or {})
-            if spec.name in CROSS_TOKENIZER_LOSSES and cross is not None:
-                kwargs = dict(temperature=spec.temperature, num_items_in_batch=num_items,
-                              scale_temperature=self.scale_temperature, chunk_size=self.chunk_size,
-                              vocab_size=self.vocab_size, teacher_vocab_size=self.cross_tokenizer.teacher_vocab_size,
-                              **params)
-                if spec.name == "uld_hybrid":
-                    kwargs["matched"] = self.cross_tokenizer.matched
-                value = self._weighted(fn, logits, cross[0], mask & cross[1], kwargs, extra.get("loss_weight"))
-            elif spec.name in HIDDEN_LOSSES:
-                if teacher_hidden is None:
-                    raise ValueError(f"{spec.name} needs an online teacher (train.signal=online)")
-                value = fn(
-                    outputs.hidden_states, teacher_hidden, attention_mask_for_hidden(inputs, labels),
-                    projections=self.projections, num_items_in_batch=num_items, **params,
-                )
-            else:
-                teacher = targets if spec.name == "cross_entropy" else signal
-                kwargs = dict(temperature=spec.temperature, num_items_in_batch=num_items, **params)
-                if spec.name != "cross_entropy":
-                    kwargs.update(scale_temperature=self.scale_temperature, sparse_mode=self.sparse_mode)
-                    if self.vocab_size is not None:
-                        kwargs.setdefault("vocab_size", self.vocab_size)
-                if self.chunk_size is not None:
-                    kwargs["chunk_size"] = self.chunk_size
-                value = self._weighted(fn, logits, teacher, mask, kwargs, extra.get("loss_weight"))
+            entries, total = [], sampled_reverse_kl(logits, targets, extra[SAMPLED_KEY], mask, num_items_in_batch=num_items)
+            self._record("sampled_reverse_kl", total, model)
+        else:
+            sides = self._teacher_sides(entries, inputs, extra, targets, mask, needs_hidden)
+            total = torch.zeros((), dtype=torch.float32, device=mask.device)
+        for spec, entry in entries:
+            value = self._component(spec, entry, logits, outputs, sides, labels, num_items, extra)
             total = total + spec.weight * value
-            if model.training:
-                # Logged per micro-batch as the share of the global batch; summed back in `log`.
-                self._component_sums[spec.name].append(float(value.detach()))
-
-        if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1 and num_items_in_batch is not None:
+            self._record(spec.name, value, model)
+        if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
             # DDP averages gradients over processes; our loss is already divided by the global count.
             total = total * self.accelerator.num_processes
         return (total, outputs) if return_outputs else total
+
+    def _record(self, name: str, value: torch.Tensor, model) -> None:
+        if model.training:  # logged per micro-batch as the share of the global batch; summed back in `log`
+            self._component_sums[name].append(float(value.detach()))
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         """Add the mean per-step value of each loss component to the Trainer's log line."""
