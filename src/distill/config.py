@@ -86,7 +86,9 @@ class LossTerm(Section):
     name: str = Field(..., description="a key of distill.losses.LOSSES, e.g. forward_kl, jsd, cross_entropy")
     weight: float = Field(1.0, ge=0)
     temperature: float = Field(1.0, gt=0)
-    params: dict[str, Any] = Field(default_factory=dict, description="extra loss arguments (beta, alpha, ...)")
+    params: dict[str, Any] = Field(
+        default_factory=dict, description="the loss's typed parameters (jsd: beta; skew_*: alpha; ...), checked at load"
+    )
 
 
 class LoraSettings(Section):
@@ -183,6 +185,10 @@ class TrainConfig(Section):
                 hint = difflib.get_close_matches(term.name, list(LOSSES), n=1)
                 extra = f"; did you mean '{hint[0]}'?" if hint else ""
                 raise ValueError(f"losses[{i}].name: unknown loss '{term.name}' (known: {', '.join(LOSSES)}){extra}")
+            try:  # each loss's typed parameters (distill.losses.registry): unknown keys and ranges, named
+                LOSSES[term.name].parse_params(term.params)
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"losses[{i}].params.{err}") from None
         if not terms:
             raise ValueError("at least one loss term is needed")
         return terms
@@ -306,6 +312,10 @@ def _format_errors(err: ValidationError, source: str) -> str:
             msg = f"unknown key; expected one of: {', '.join(known)}"
             if hint:
                 msg += f" (did you mean '{hint[0]}'?)"
+        elif e["type"] == "value_error" and e["loc"] and str(e["ctx"]["error"]).startswith(f"{e['loc'][-1]}["):
+            # a validator that names the item itself ("losses[0].params.betaa: ..."): print that key
+            head, _, msg = str(e["ctx"]["error"]).partition(": ")
+            loc = ".".join([*(str(p) for p in e["loc"][:-1]), head])
         else:
             msg = e["msg"]
             if "input" in e and e["type"] != "missing":

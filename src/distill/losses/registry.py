@@ -79,7 +79,23 @@ class Loss:
         except ValidationError as err:
             e = err.errors()[0]
             key = ".".join(str(p) for p in e["loc"])
-            raise InvalidParam(self.name, key, f"{e['msg']} (got {e.get('input')!r})") from None
+            why = f"{e['msg'][0].lower()}{e['msg'][1:]} (got {e.get('input')!r})"
+            allowed = _allowed(self.params, str(e["loc"][0]))
+            raise InvalidParam(self.name, key, why + (f"; allowed: {allowed}" if allowed else "")) from None
+
+
+def _allowed(model: type[BaseModel], key: str) -> str:
+    """'0 <= beta <= 1' from a field's ge/gt/le/lt constraints ('' when it has none)."""
+    field_info = model.model_fields.get(key)
+    low = high = ""
+    for c in field_info.metadata if field_info else ():
+        for attr, side, sign in (("ge", "low", "<="), ("gt", "low", "<"), ("le", "high", "<="), ("lt", "high", "<")):
+            value = getattr(c, attr, None)
+            if value is not None and side == "low":
+                low = f"{value} {sign} "
+            elif value is not None:
+                high = f" {sign} {value}"
+    return f"{low}{key}{high}" if low or high else ""
 
 
 class UnknownParam(TypeError):
