@@ -2,7 +2,7 @@
 
 Everything TrainingArguments gives keeps working (gradient accumulation, checkpoints and resume, report_to,
 `accelerate launch` / torchrun with DDP or FSDP) because only the loss changes. The objective is a weighted
-sum of registered losses (`distill.losses.LOSSES`), each component logged as `loss/<name>`; compute_loss asks
+sum of registered losses (`distill.losses.LOSSES`), each component logged as `loss_<name>`; compute_loss asks
 each loss's registry entry what it needs (logits or hidden states, labels, teacher signal or the teacher's own
 tokenization) instead of comparing names.
 
@@ -26,6 +26,9 @@ from distill.training.onpolicy import SAMPLED_KEY, onpolicy_inputs, sampled_reve
 
 # Batch keys that are not model inputs: per-example loss weights (chain of thought), the teacher's own
 # tokenization (cross-tokenizer), on-policy markers. The sparse top-k keys stay in `inputs` for _teacher_signal.
+# Component metrics are `loss_<name>`: never `loss/<name>`, which a tracker that maps names to paths (MLflow's file
+# store) cannot hold next to the `loss` metric itself ("[Errno 20] Not a directory").
+COMPONENT_PREFIX = "loss_"
 EXTRA_KEYS = ("loss_weight", "teacher_input_ids", "teacher_attention_mask", "teacher_labels", SAMPLED_KEY, "onpolicy")
 
 
@@ -231,7 +234,7 @@ class DistillationTrainer(Trainer):
                 sums = self.accelerator.reduce(sums, reduction="sum")
             for name, total in zip(names, sums.tolist()):
                 # each optimiser step contributes `steps` micro-batch shares that add up to the step's value
-                logs[f"loss/{name}"] = round(total / max(1, len(self._component_sums[name]) / steps), 6)
+                logs[f"{COMPONENT_PREFIX}{name}"] = round(total / max(1, len(self._component_sums[name]) / steps), 6)
             self._component_sums.clear()
         super().log(logs, *args, **kwargs)
 
