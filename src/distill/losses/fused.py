@@ -156,3 +156,46 @@ def fused_token_sum(
     return _FusedLinearTokenSum.apply(
         student.hidden, student.weight, student.bias, b_idx, s_idx, chunk_size, token_fn, payload
     )
+
+
+# ------------------------------------------------------------------------------------ models without projecting
+
+# Config fields of models that transform the logits after lm_head (Gemma's soft-capping, Cohere's and
+# Granite's scales): the fused path would skip that, so those models keep the plain path.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
+def output_head(model: torch.nn.Module) -> torch.nn.Linear | None:
+    """The model's lm_head when the fused path can stand in for it (a plain Linear, nothing after it), else None."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(head, torch.nn.Linear) or head.weight.dim() != 2 or head.weight.shape[0] == 0:
+        return None  # no head, a LoRA-wrapped or quantised one, or a sharded (ZeRO-3) weight
+    config = getattr(model, "config", None)
+    if any(getattr(config, attr, None) not in (None, 1, 1.0) for attr in _LOGIT_TRANSFORMS):
+        return None
+    return head
+
+
+def forward_unprojected(model: torch.nn.Module, head: torch.nn.Linear, **inputs) -> tuple[object, LinearLogits]:
+    """Run `model(**inputs)` with its lm_head skipped: (outputs, LinearLogits of every position).
+
+    The head is called on an empty slice of the hidden states (so it computes nothing) and hands back its input,
+    so the model's own forward runs unchanged (DDP's hooks, masks, caches) and `outputs.logits` holds the final
+    hidden states (batch, seq, d) instead of (batch, seq, vocab) logits.
+    """
+    seen: list[torch.Tensor] = []
+
+    def before(module, args):
+        seen.append(args[0])
+        return (args[0][..., :0, :], *args[1:])
+
+    def after(module, args, output):
+        return seen.pop()
+
+    hooks = [head.register_forward_pre_hook(before), head.register_forward_hook(after)]
+    try:
+        outputs = model(**inputs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return outputs, LinearLogits(outputs.logits, head.weight, head.bias)

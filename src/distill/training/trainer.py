@@ -20,7 +20,8 @@ from dataclasses import dataclass
 import torch
 from transformers import Trainer, TrainerCallback
 
-from distill.losses import LOSSES, align_responses
+from distill.losses import LOSSES, LinearLogits, align_responses
+from distill.losses.fused import forward_unprojected, output_head
 from distill.signals import SparseSignal
 from distill.training.onpolicy import SAMPLED_KEY, onpolicy_inputs, sampled_reverse_kl
 
@@ -57,6 +58,7 @@ class DistillationTrainer(Trainer):
         sparse_mode: str = "tail",
         scale_temperature: bool = True,
         chunk_size: int | None = None,
+        fused: bool | None = None,
         vocab_size: int | None = None,
         projections: torch.nn.Module | None = None,
         onpolicy=None,
@@ -77,6 +79,10 @@ class DistillationTrainer(Trainer):
         self.sparse_mode = sparse_mode
         self.scale_temperature = scale_temperature
         self.chunk_size = chunk_size
+        # The fused linear path (distill.losses.fused) whenever the loss is chunked: the models' forwards skip lm_head
+        # and the loss projects chunk by chunk. Not under FSDP / DeepSpeed, whose lm_head weight is sharded.
+        self.fused = fused if fused is not None else chunk_size is not None
+        self.fused = self.fused and not (self.is_fsdp_enabled or self.is_deepspeed_enabled)
         self.vocab_size = vocab_size
         self.projections = projections
         # on-policy (distill.training.onpolicy): settings with lmbda/max_new_tokens/temperature/top_p, an API scorer,
@@ -103,20 +109,29 @@ class DistillationTrainer(Trainer):
         return optimizer
 
     # ----------------------------------------------------------------- the loss
-    def _teacher_signal(self, inputs: dict, needs_hidden: bool):
+    def _forward(self, model, input_ids, attention_mask, needs_hidden: bool, fused: bool):
+        """(outputs, causally shifted student or teacher logits): plain logits, or with `fused` a LinearLogits
+        (final hidden states + lm_head, projected chunk by chunk inside the loss: distill.losses.fused)."""
+        inner = self.accelerator.unwrap_model(model) if model is not self.teacher else model
+        head = output_head(inner) if fused else None
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "output_hidden_states": needs_hidden,
+                  "use_cache": False}
+        if head is None:
+            outputs = model(**kwargs)
+            return outputs, outputs.logits[:, :-1]
+        outputs, logits = forward_unprojected(model, head, **kwargs)
+        return outputs, LinearLogits(logits.hidden[:, :-1], logits.weight, logits.bias)
+
+    def _teacher_signal(self, inputs: dict, needs_hidden: bool, fused: bool):
         """Dense logits from the live teacher, or the sparse top-k carried by the batch."""
         if "topk_ids" in inputs:
             return SparseSignal(inputs["topk_ids"], inputs["topk_logprobs"], inputs.get("topk_tail")), None
         if self.teacher is None:
             return None, None
         with torch.no_grad():
-            out = self.teacher(
-                input_ids=inputs["input_ids"],
-                attention_mask=inputs.get("attention_mask"),
-                output_hidden_states=needs_hidden,
-                use_cache=False,
-            )
-        return out.logits[:, :-1], (out.hidden_states if needs_hidden else None)
+            out, logits = self._forward(self.teacher, inputs["input_ids"], inputs.get("attention_mask"), needs_hidden,
+                                        fused)  # fmt: skip
+        return logits, (out.hidden_states if needs_hidden else None)
 
     # ----------------------------------------------------------------- on-policy batches (GKD)
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -134,12 +149,17 @@ class DistillationTrainer(Trainer):
             )
         return super().training_step(model, inputs, num_items_in_batch)
 
-    def _cross_signal(self, extra: dict, targets: torch.Tensor):
-        """Teacher logits on its own tokenization, aligned to the student's response positions."""
+    def _cross_signal(self, extra: dict, targets: torch.Tensor, fused: bool):
+        """Teacher logits on its own tokenization, aligned to the student's response positions (with `fused`, its
+        hidden states are aligned and projected inside the loss)."""
         with torch.no_grad():
-            out = self.teacher(input_ids=extra["teacher_input_ids"], attention_mask=extra.get("teacher_attention_mask"),
-                               use_cache=False)
-        return align_responses(out.logits[:, :-1], extra["teacher_labels"][:, 1:], targets)
+            _, logits = self._forward(self.teacher, extra["teacher_input_ids"], extra.get("teacher_attention_mask"),
+                                      False, fused)  # fmt: skip
+        rows = logits.hidden if isinstance(logits, LinearLogits) else logits
+        aligned, mask = align_responses(rows, extra["teacher_labels"][:, 1:], targets)
+        if isinstance(logits, LinearLogits):
+            aligned = LinearLogits(aligned, logits.weight, logits.bias)
+        return aligned, mask
 
     @staticmethod
     def _weighted(fn, logits, teacher, mask, kwargs: dict, weights: torch.Tensor | None) -> torch.Tensor:
@@ -153,16 +173,17 @@ class DistillationTrainer(Trainer):
                 value = value + w * fn(logits, teacher, mask & rows, **kwargs)
         return value
 
-    def _teacher_sides(self, entries: list, inputs: dict, extra: dict, targets, mask, needs_hidden: bool) -> dict:
+    def _teacher_sides(self, entries: list, inputs: dict, extra: dict, targets, mask, needs_hidden: bool,
+                       fused: bool) -> dict:  # fmt: skip
         """What each kind of loss compares against (see distill.losses.registry.Loss.teacher): (teacher, mask)."""
         kinds = {entry.teacher for _, entry in entries}
         sides: dict = {"labels": (targets, mask)}
         cross = "teacher_input_ids" in extra and self.teacher is not None
         if cross and "tokenizer" in kinds:  # the teacher reads its own ids (see _cross_signal)
-            aligned, aligned_mask = self._cross_signal(extra, targets)
+            aligned, aligned_mask = self._cross_signal(extra, targets, fused)
             sides["tokenizer"] = (aligned, mask & aligned_mask)
         if kinds & {"signal", "hidden"} or ("tokenizer" in kinds and not cross):
-            signal, sides["hidden"] = self._teacher_signal(inputs, needs_hidden)
+            signal, sides["hidden"] = self._teacher_signal(inputs, needs_hidden, fused)
             if signal is None:
                 raise ValueError(
                     "train.losses asks for a teacher divergence but there is no teacher signal: use "
@@ -196,19 +217,18 @@ class DistillationTrainer(Trainer):
         if "onpolicy" in extra:  # the labels of a sampled batch are the student's own tokens
             entries = [(spec, entry) for spec, entry in entries if entry.needs_teacher]
         needs_hidden = any(entry.student == "hidden" for _, entry in entries)
-        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
-                        output_hidden_states=needs_hidden, use_cache=False)
-        logits = outputs.logits[:, :-1]
+        fused = self.fused and SAMPLED_KEY not in extra
+        outputs, logits = self._forward(model, inputs["input_ids"], inputs.get("attention_mask"), needs_hidden, fused)
         targets = labels[:, 1:]
         mask = targets != -100
         if num_items_in_batch is None:  # evaluation, or a caller outside the Trainer loop
             num_items_in_batch = mask.sum()
-        num_items = num_items_in_batch.to(logits.device) if torch.is_tensor(num_items_in_batch) else num_items_in_batch
+        num_items = num_items_in_batch.to(mask.device) if torch.is_tensor(num_items_in_batch) else num_items_in_batch
         if SAMPLED_KEY in extra:  # on-policy batch scored by an API teacher: sampled reverse KL only
             entries, total = [], sampled_reverse_kl(logits, targets, extra[SAMPLED_KEY], mask, num_items_in_batch=num_items)
             self._record("sampled_reverse_kl", total, model)
         else:
-            sides = self._teacher_sides(entries, inputs, extra, targets, mask, needs_hidden)
+            sides = self._teacher_sides(entries, inputs, extra, targets, mask, needs_hidden, fused)
             total = torch.zeros((), dtype=torch.float32, device=mask.device)
         for spec, entry in entries:
             value = self._component(spec, entry, logits, outputs, sides, labels, num_items, extra)
