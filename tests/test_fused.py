@@ -201,12 +201,26 @@ def test_trainer_fused_equals_plain_and_never_holds_tokens_x_vocab(tmp_path, sig
     assert fused[2] < tokens_x_vocab / 2  # ... the fused one at most a chunk's, and weight-sized gradients
 
 
-def test_fused_is_the_default_when_the_loss_is_chunked(tmp_path):
+def test_fused_is_the_default_and_chunked_at_large_vocabularies(tmp_path):
     from test_compute_loss import make_trainer
 
+    from distill.config import load_config
     from distill.training.train import loss_chunk_size
 
     model = make_llama(64, hidden=16, seed=0)
-    assert make_trainer(tmp_path, model, [LossSpec("forward_kl")], chunk_size=loss_chunk_size(None, 49_152)).fused
-    assert not make_trainer(tmp_path, model, [LossSpec("forward_kl")], chunk_size=loss_chunk_size(None, 8_192)).fused
+    assert load_config(None).train.fused and not load_config(None, ["train.fused=false"]).train.fused
+    trainer = make_trainer(tmp_path, model, [LossSpec("forward_kl")], chunk_size=loss_chunk_size(None, 49_152))
+    assert trainer.fused and trainer.chunk_size == 1024
     assert not make_trainer(tmp_path, model, [LossSpec("forward_kl")], chunk_size=16, fused=False).fused
+
+
+def test_fused_chunks_hold_a_bounded_number_of_logits(monkeypatch):
+    import distill.losses.fused as fused
+
+    seen = []
+    original = fused.F.linear
+    monkeypatch.setattr(fused.F, "linear", lambda x, w, b=None: seen.append(x.shape[0]) or original(x, w, b))
+    monkeypatch.setattr(fused, "CHUNK_ELEMENTS", 4 * (V + PAD))
+    h, w, b = student_parts()
+    LOSSES["forward_kl"](LinearLogits(h, w.requires_grad_(True), b), teacher_logits().materialise(), chunk_size=1000)
+    assert seen and max(seen) == 4  # 4 tokens x vocab per chunk, not 1000

@@ -155,6 +155,9 @@ class TrainConfig(Section):
     chunk_size: int | None = Field(
         None, ge=0, description="tokens per loss chunk; None: 1024 when the vocabulary is >= 32k, else off; 0: off"
     )
+    fused: bool = Field(
+        True, description="project hidden states through lm_head inside the loss (counted tokens only, per chunk)"
+    )
     max_length: int = Field(512, ge=8)
     learning_rate: float = Field(5e-4, gt=0)
     num_train_epochs: float = Field(1.0, gt=0)

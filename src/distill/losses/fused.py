@@ -21,6 +21,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+# Largest chunk of logits the fused path holds, in elements (32 MB in fp32): chunk_size tokens at most, fewer at
+# large vocabularies (170 tokens at 49k, 55 at 152k), as Liger sizes its chunks by vocab / hidden. Smaller chunks
+# cost no speed on CPU (measured: 128 vs 1024 tokens at 49k, benchmarks/fused_loss.py) and bound the peak.
+CHUNK_ELEMENTS = 2**23
+
 
 @dataclass
 class LinearLogits:
@@ -148,11 +153,14 @@ def fused_token_sum(
 ) -> torch.Tensor:
     """Sum of token_fn over the selected tokens with the student's logits projected inside the loss.
 
-    chunk_size None: the selected rows are projected at once under plain autograd (exact, not memory-saving).
+    chunk_size None: the selected rows are projected at once under plain autograd (exact, not memory-saving, but
+    it still projects only the counted tokens, not the prompt and padding). Otherwise chunks hold at most
+    chunk_size tokens and CHUNK_ELEMENTS logits.
     """
     if chunk_size is None:
         rows = student.project(student.hidden[b_idx, s_idx])
         return token_fn(rows, *[gather_rows(p, b_idx, s_idx) for p in payload]).sum()
+    chunk_size = max(1, min(chunk_size, CHUNK_ELEMENTS // student.weight.shape[0]))
     return _FusedLinearTokenSum.apply(
         student.hidden, student.weight, student.bias, b_idx, s_idx, chunk_size, token_fn, payload
     )
@@ -190,7 +198,10 @@ def forward_unprojected(model: torch.nn.Module, head: torch.nn.Linear, **inputs)
         return (args[0][..., :0, :], *args[1:])
 
     def after(module, args, output):
-        return seen.pop()
+        # + the (empty, so exactly 0) projection: keeps lm_head in the forward's autograd graph, so DDP with
+        # find_unused_parameters (the Trainer's default) does not mark its weight ready before the loss uses it
+        hidden = seen.pop()
+        return hidden + output.sum().to(hidden.dtype) if torch.is_grad_enabled() and output.requires_grad else hidden
 
     hooks = [head.register_forward_pre_hook(before), head.register_forward_hook(after)]
     try:

@@ -58,7 +58,7 @@ class DistillationTrainer(Trainer):
         sparse_mode: str = "tail",
         scale_temperature: bool = True,
         chunk_size: int | None = None,
-        fused: bool | None = None,
+        fused: bool = True,
         vocab_size: int | None = None,
         projections: torch.nn.Module | None = None,
         onpolicy=None,
@@ -79,10 +79,9 @@ class DistillationTrainer(Trainer):
         self.sparse_mode = sparse_mode
         self.scale_temperature = scale_temperature
         self.chunk_size = chunk_size
-        # The fused linear path (distill.losses.fused) whenever the loss is chunked: the models' forwards skip lm_head
-        # and the loss projects chunk by chunk. Not under FSDP / DeepSpeed, whose lm_head weight is sharded.
-        self.fused = fused if fused is not None else chunk_size is not None
-        self.fused = self.fused and not (self.is_fsdp_enabled or self.is_deepspeed_enabled)
+        # The fused linear path (distill.losses.fused): the models' forwards skip lm_head and the loss projects only
+        # the counted tokens, chunk by chunk when chunk_size is set. Not under FSDP / DeepSpeed (sharded lm_head).
+        self.fused = fused and not (self.is_fsdp_enabled or self.is_deepspeed_enabled)
         self.vocab_size = vocab_size
         self.projections = projections
         # on-policy (distill.training.onpolicy): settings with lmbda/max_new_tokens/temperature/top_p, an API scorer,
