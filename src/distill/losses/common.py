@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from distill.losses.fused import LinearLogits, cut_vocab, fused_token_sum, gather_rows
+from distill.losses.fused import LinearLogits, chunk_loss, cut_vocab, fused_token_sum, gather_rows, take_grads
 from distill.losses.registry import LogitSettings, LossParams, NoParams, logit_loss
 from distill.losses.vocab import check_sparse_ids, common_vocab, student_vocab
 from distill.signals import SparseSignal
@@ -228,19 +228,13 @@ class _ChunkedTokenSum(torch.autograd.Function):
         )
         for start in range(0, b_idx.numel(), chunk_size):
             b, s = b_idx[start : start + chunk_size], s_idx[start : start + chunk_size]
-            rows = student[b, s, :vocab]
             rest = [gather_rows(p, b, s) for p in payload]
+            loss, g = chunk_loss(token_fn, student[b, s, :vocab], rest, needs_grad)
             if needs_grad:
-                with torch.enable_grad():
-                    rows = rows.detach().requires_grad_(True)
-                    loss = token_fn(rows, *rest).sum()
-                    (g,) = torch.autograd.grad(loss, rows)
                 grad[b, s, :vocab] = g
-            else:
-                loss = token_fn(rows, *rest).sum()
-            total += loss.detach()
-            del rows, rest, loss
-        ctx.grad = grad
+            total += loss
+            del rest, loss, g
+        ctx.grads = (grad,)
         return total
 
     @staticmethod
@@ -248,12 +242,7 @@ class _ChunkedTokenSum(torch.autograd.Function):
         # Scale the stored gradient in place and hand it over (dropping our reference, so autograd can take
         # it as the leaf's .grad without a copy): one tokens x vocab buffer in all, at the price of a single
         # backward pass through this node.
-        grad, ctx.grad = ctx.grad, None
-        if grad is None:
-            raise RuntimeError(
-                "the chunked loss supports one backward pass (its stored gradient is handed over); "
-                "use chunk_size=None for retain_graph, double backward or gradcheck"
-            )
+        (grad,) = take_grads(ctx, "chunked loss")
         grad.mul_(grad_out.to(grad.dtype))
         return (grad, None, None, None, None, None, None)
 

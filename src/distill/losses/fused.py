@@ -89,6 +89,28 @@ def chunked_argmax(x: LinearLogits, chunk_size: int = 1024) -> torch.Tensor:
     return out.reshape(x.hidden.shape[:-1])
 
 
+def chunk_loss(token_fn: Callable[..., torch.Tensor], rows: torch.Tensor, rest: list, needs_grad: bool):
+    """One chunk's summed loss (detached) and its gradient w.r.t. `rows` (None when no gradient is needed)."""
+    if not needs_grad:
+        return token_fn(rows, *rest).sum().detach(), None
+    with torch.enable_grad():
+        rows = rows.detach().requires_grad_(True)
+        loss = token_fn(rows, *rest).sum()
+        (g,) = torch.autograd.grad(loss, rows)
+    return loss.detach(), g
+
+
+def take_grads(ctx, what: str):
+    """Hand over the gradients a chunked forward stored (once: a second backward pass has none left)."""
+    grads, ctx.grads = ctx.grads, None
+    if grads is None:
+        raise RuntimeError(
+            f"the {what} supports one backward pass (its stored gradients are handed over); "
+            "use chunk_size=None for retain_graph, double backward or gradcheck"
+        )
+    return grads
+
+
 class _FusedLinearTokenSum(torch.autograd.Function):
     """Sum of token_fn(hidden[b, s] @ weight.T + bias, *payload rows) over the tokens (b_idx, s_idx).
 
@@ -110,35 +132,22 @@ class _FusedLinearTokenSum(torch.autograd.Function):
         for start in range(0, b_idx.numel(), chunk_size):
             b, s = b_idx[start : start + chunk_size], s_idx[start : start + chunk_size]
             h = hidden[b, s].to(weight.dtype)
-            logits = F.linear(h, weight, bias)
             rest = [gather_rows(p, b, s) for p in payload]
-            if need_h or need_w or need_b:
-                with torch.enable_grad():
-                    logits.requires_grad_(True)
-                    loss = token_fn(logits, *rest).sum()
-                    (g,) = torch.autograd.grad(loss, logits)
-                if grad_h is not None:
-                    grad_h[b, s] = (g @ weight).to(grad_h.dtype)
-                if grad_w is not None:
-                    grad_w.addmm_(g.t(), h)
-                if grad_b is not None:
-                    grad_b.add_(g.sum(0))
-                del g
-            else:
-                loss = token_fn(logits, *rest).sum()
-            total += loss.detach()
-            del h, logits, rest, loss
+            loss, g = chunk_loss(token_fn, F.linear(h, weight, bias), rest, need_h or need_w or need_b)
+            if grad_h is not None:
+                grad_h[b, s] = (g @ weight).to(grad_h.dtype)
+            if grad_w is not None:
+                grad_w.addmm_(g.t(), h)
+            if grad_b is not None:
+                grad_b.add_(g.sum(0))
+            total += loss
+            del h, rest, loss, g
         ctx.grads = (grad_h, grad_w, grad_b)
         return total
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
-        grads, ctx.grads = ctx.grads, None
-        if grads is None:
-            raise RuntimeError(
-                "the fused linear loss supports one backward pass (its stored gradients are handed over); "
-                "use chunk_size=None for retain_graph, double backward or gradcheck"
-            )
+        grads = take_grads(ctx, "fused linear loss")
         scaled = [None if g is None else g.mul_(grad_out.to(g.dtype)) for g in grads]
         return (*scaled, None, None, None, None, None)
 
