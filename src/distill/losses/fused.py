@@ -124,8 +124,11 @@ class _FusedLinearTokenSum(torch.autograd.Function):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         need_b = need_b and bias is not None
         grad_h = torch.zeros_like(hidden) if need_h else None
-        grad_w = torch.zeros_like(weight) if need_w else None
-        grad_b = torch.zeros_like(bias) if need_b else None
+        # bf16 / fp16 weights: their gradients are summed over chunks in fp32 (one rounding at the end, as one
+        # big matmul would give), at the price of a weight-sized fp32 buffer
+        acc = torch.float32 if weight.dtype in (torch.bfloat16, torch.float16) else weight.dtype
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=acc, device=bias.device) if need_b else None
         total = torch.zeros(
             (), dtype=torch.float64 if weight.dtype == torch.float64 else torch.float32, device=hidden.device
         )
@@ -136,19 +139,22 @@ class _FusedLinearTokenSum(torch.autograd.Function):
             loss, g = chunk_loss(token_fn, F.linear(h, weight, bias), rest, need_h or need_w or need_b)
             if grad_h is not None:
                 grad_h[b, s] = (g @ weight).to(grad_h.dtype)
-            if grad_w is not None:
+            if grad_w is not None and acc == weight.dtype:
                 grad_w.addmm_(g.t(), h)
+            elif grad_w is not None:
+                grad_w.add_(g.t() @ h)
             if grad_b is not None:
                 grad_b.add_(g.sum(0))
             total += loss
             del h, rest, loss, g
         ctx.grads = (grad_h, grad_w, grad_b)
+        ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         return total
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
         grads = take_grads(ctx, "fused linear loss")
-        scaled = [None if g is None else g.mul_(grad_out.to(g.dtype)) for g in grads]
+        scaled = [None if g is None else g.mul_(grad_out.to(g.dtype)).to(dtype) for g, dtype in zip(grads, ctx.dtypes)]
         return (*scaled, None, None, None, None, None)
 
 
