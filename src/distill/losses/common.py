@@ -13,7 +13,8 @@ Rules kept here so that each loss module is only its formula: fp32 log-softmax, 
 any arithmetic (garbage or inf logits there can't reach the value or the gradient), `torch.where` guards
 wherever -inf meets -inf, the sum divided by the global token count (``num_items_in_batch``) or this call's
 count, and T^2 scaling. The chunked path (`chunk_size`) runs the same per-token function on `chunk_size`
-tokens at a time inside one autograd.Function that stores only the gradient w.r.t. the student logits.
+tokens at a time inside one autograd.Function that stores only the gradient w.r.t. the student logits; a
+`LinearLogits` student (hidden states + lm_head, losses/fused.py) is projected chunk by chunk inside the loss.
 """
 
 from __future__ import annotations
