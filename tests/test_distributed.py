@@ -137,7 +137,7 @@ def test_two_processes_equal_one_process_on_the_same_global_batch(tmp_path, teac
     logs_one, logs_two = step_logs(single), step_logs(double)
     assert [e["step"] for e in logs_one] == [e["step"] for e in logs_two] == [1, 2]
     for one, two in zip(logs_one, logs_two):
-        for key in ("loss", "grad_norm", "loss/forward_kl", "loss/cross_entropy", "loss/hidden_mse"):
+        for key in ("loss", "grad_norm", "loss_forward_kl", "loss_cross_entropy", "loss_hidden_mse"):
             assert two[key] == pytest.approx(one[key], rel=1e-4, abs=1e-5), (key, one, two)
         assert one["grad_norm"] > 0.1  # real steps: lr=1 moves every weight by its gradient
     assert summary["train_loss"] == pytest.approx(sum(e["loss"] for e in logs_one) / 2, rel=1e-4)

@@ -97,7 +97,7 @@ def test_online_distillation_halves_heldout_kl(tmp_path, sharp_teacher_dir, toke
     assert summary["teacher_params"] == count_parameters(teacher)
     assert summary["student_params"] == count_parameters(student)
     log = json.loads((out / "train_log.json").read_text())
-    assert any("loss/forward_kl" in entry for entry in log)
+    assert any("loss_forward_kl" in entry for entry in log)
     assert (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
     assert (tmp_path / "run" / "config.yaml").exists()
 
@@ -109,9 +109,9 @@ def test_weighted_components_are_logged_and_labels_only_works(tmp_path, sharp_te
                losses=[{"name": "cross_entropy", "weight": 0.5}, {"name": "forward_kl", "weight": 0.5}])
     (out,) = train(cfg)
     log = [e for e in json.loads((out / "train_log.json").read_text()) if "loss" in e]
-    assert log and all("loss/cross_entropy" in e and "loss/forward_kl" in e for e in log)
+    assert log and all("loss_cross_entropy" in e and "loss_forward_kl" in e for e in log)
     for e in log:  # the logged total is the weighted sum of the logged components
-        assert e["loss"] == pytest.approx(0.5 * e["loss/cross_entropy"] + 0.5 * e["loss/forward_kl"], rel=0.02)
+        assert e["loss"] == pytest.approx(0.5 * e["loss_cross_entropy"] + 0.5 * e["loss_forward_kl"], rel=0.02)
 
     base = _cfg(tmp_path, sharp_teacher_dir, data, max_steps=3, signal="none", losses=[{"name": "cross_entropy"}])
     base = load_config(base.model_dump(mode="json"), ["run_dir=" + str(tmp_path / "baseline")])

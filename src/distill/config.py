@@ -103,7 +103,9 @@ class LossTerm(Section):
     name: str = Field(..., description="a key of distill.losses.LOSSES, e.g. forward_kl, jsd, cross_entropy")
     weight: float = Field(1.0, ge=0, description="weight of this term in the summed loss")
     temperature: float = Field(1.0, gt=0, description="softmax temperature T on both sides (divergences)")
-    params: dict[str, Any] = Field(default_factory=dict, description="extra loss arguments (beta, alpha, ...)")
+    params: dict[str, Any] = Field(
+        default_factory=dict, description="the loss's typed parameters (jsd: beta; skew_*: alpha; ...), checked at load"
+    )
 
 
 class LoraSettings(Section):
@@ -173,6 +175,9 @@ class TrainConfig(Section):
     chunk_size: int | None = Field(
         None, ge=0, description="tokens per loss chunk; None: 1024 when the vocabulary is >= 32k, else off; 0: off"
     )
+    fused: bool = Field(
+        True, description="project hidden states through lm_head inside the loss (counted tokens only, per chunk)"
+    )
     max_length: int = Field(512, ge=8, description="most tokens per training example (prompt + response)")
     learning_rate: float = Field(5e-4, gt=0, description="peak learning rate (AdamW)")
     num_train_epochs: float = Field(1.0, gt=0, description="passes over the data (max_steps wins when > 0)")
@@ -209,6 +214,10 @@ class TrainConfig(Section):
                 hint = difflib.get_close_matches(term.name, list(LOSSES), n=1)
                 extra = f"; did you mean '{hint[0]}'?" if hint else ""
                 raise ValueError(f"losses[{i}].name: unknown loss '{term.name}' (known: {', '.join(LOSSES)}){extra}")
+            try:  # each loss's typed parameters (distill.losses.registry): unknown keys and ranges, named
+                LOSSES[term.name].parse_params(term.params)
+            except (TypeError, ValueError) as err:
+                raise ValueError(f"losses[{i}].params.{err}") from None
         if not terms:
             raise ValueError("at least one loss term is needed")
         return terms
@@ -488,6 +497,10 @@ def _format_errors(err: ValidationError, source: str) -> str:
             msg = f"unknown key; expected one of: {', '.join(known)}"
             if hint:
                 msg += f" (did you mean '{hint[0]}'?)"
+        elif e["type"] == "value_error" and e["loc"] and str(e["ctx"]["error"]).startswith(f"{e['loc'][-1]}["):
+            # a validator that names the item itself ("losses[0].params.betaa: ..."): print that key
+            head, _, msg = str(e["ctx"]["error"]).partition(": ")
+            loc = ".".join([*(str(p) for p in e["loc"][:-1]), head])
         elif e["type"] == "value_error":  # our validators' messages say what was wrong and name the key
             msg = str(e.get("ctx", {}).get("error", e["msg"]))
         else:

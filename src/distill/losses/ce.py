@@ -9,15 +9,22 @@ The target at each position is a token id: given directly (labels, -100 = ignore
 from __future__ import annotations
 
 import torch
+from pydantic import Field
 
-from distill.losses.common import check_temperature, normalise, token_sum, upcast
-from distill.losses.vocab import align_vocab, student_vocab
+from distill.losses.common import check_temperature, finish, token_sum, upcast
+from distill.losses.fused import LinearLogits, chunked_argmax
+from distill.losses.registry import LogitSettings, LossParams, logit_loss
+from distill.losses.vocab import common_vocab, student_vocab
 from distill.signals import SparseSignal
 
 
+class CrossEntropyParams(LossParams):
+    ignore_index: int = Field(-100, description="target id of positions that are not counted")
+
+
 def teacher_targets(
-    student_logits: torch.Tensor,
-    teacher: torch.Tensor | SparseSignal,
+    student_logits: torch.Tensor | LinearLogits,
+    teacher: torch.Tensor | LinearLogits | SparseSignal,
     vocab_size: int | None,
     ignore_index: int,
 ) -> torch.Tensor:
@@ -27,9 +34,11 @@ def teacher_targets(
         best = lp.argmax(-1, keepdim=True)
         ids = teacher.ids.gather(-1, best).squeeze(-1)
         return torch.where(lp.gather(-1, best).squeeze(-1) > float("-inf"), ids, ignore_index)
-    if teacher.is_floating_point():
-        _, cut = align_vocab(student_logits, teacher, vocab_size)
-        return cut.detach().argmax(-1)
+    if isinstance(teacher, LinearLogits) or teacher.is_floating_point():
+        vocab = common_vocab(student_logits.shape[-1], teacher.shape[-1], vocab_size)
+        if isinstance(teacher, LinearLogits):
+            return chunked_argmax(teacher.cut(vocab).detach())
+        return teacher[..., :vocab].detach().argmax(-1)
     return teacher
 
 
@@ -40,34 +49,24 @@ def _nll(rows: torch.Tensor, target: torch.Tensor, temperature: float) -> torch.
     return torch.logsumexp(s, dim=-1) - s.gather(-1, target.unsqueeze(-1)).squeeze(-1)
 
 
-def cross_entropy(
-    student_logits: torch.Tensor,
-    teacher: torch.Tensor | SparseSignal,
-    mask: torch.Tensor | None = None,
-    *,
-    temperature: float = 1.0,
-    scale_temperature: bool = True,
-    num_items_in_batch: int | torch.Tensor | None = None,
-    sparse_mode: str = "tail",
-    chunk_size: int | None = None,
-    vocab_size: int | None = None,
-    ignore_index: int = -100,
-) -> torch.Tensor:
+@logit_loss("cross_entropy", params=CrossEntropyParams, teacher="labels", signals=frozenset({"dense", "sparse"}))
+def cross_entropy(student_logits, teacher, mask, settings: LogitSettings, ignore_index: int) -> torch.Tensor:
     """Mean negative log-likelihood of the teacher's tokens under the student.
 
     Positions with target == ignore_index or mask False are not counted. temperature divides the student
     logits (scaled back by T^2 like the divergences); leave it at 1 for plain sequence-level KD.
     `sparse_mode` is accepted for the common call shape and unused: a hard target has no tail.
+    `vocab_size` cuts padded vocabulary rows: they take no probability mass from the targets.
     """
-    del sparse_mode
+    temperature = settings.temperature
     check_temperature(temperature)
     lead = tuple(student_logits.shape[:2])
-    target = teacher_targets(student_logits, teacher, vocab_size, ignore_index)
+    target = teacher_targets(student_logits, teacher, settings.vocab_size, ignore_index)
     if tuple(target.shape) != lead:
         raise ValueError(
             f"cross_entropy targets have shape {tuple(target.shape)}, expected (batch, seq) = {lead}"
         )
-    vocab = student_vocab(student_logits, vocab_size)
+    vocab = student_vocab(student_logits, settings.vocab_size)
     counted = target != ignore_index
     if mask is not None:
         if tuple(mask.shape) != lead:
@@ -83,7 +82,6 @@ def cross_entropy(
     safe_target = torch.where(counted, target, 0)
     total, count = token_sum(
         lambda rows, tgt: _nll(rows, tgt, temperature), student_logits, (safe_target,), counted, vocab,
-        chunk_size,
+        settings.chunk_size,
     )  # fmt: skip
-    loss = normalise(total, count, num_items_in_batch)
-    return loss * temperature**2 if scale_temperature else loss
+    return finish(total, count, settings)

@@ -13,7 +13,8 @@ Rules kept here so that each loss module is only its formula: fp32 log-softmax, 
 any arithmetic (garbage or inf logits there can't reach the value or the gradient), `torch.where` guards
 wherever -inf meets -inf, the sum divided by the global token count (``num_items_in_batch``) or this call's
 count, and T^2 scaling. The chunked path (`chunk_size`) runs the same per-token function on `chunk_size`
-tokens at a time inside one autograd.Function that stores only the gradient w.r.t. the student logits.
+tokens at a time inside one autograd.Function that stores only the gradient w.r.t. the student logits; a
+`LinearLogits` student (hidden states + lm_head, losses/fused.py) is projected chunk by chunk inside the loss.
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from distill.losses.vocab import align_vocab, check_sparse_ids, student_vocab
+from distill.losses.fused import LinearLogits, chunk_loss, cut_vocab, fused_token_sum, gather_rows, take_grads
+from distill.losses.registry import LogitSettings, LossParams, NoParams, logit_loss
+from distill.losses.vocab import check_sparse_ids, common_vocab, student_vocab
 from distill.signals import SparseSignal
 
 NEG_INF = float("-inf")
@@ -216,7 +219,7 @@ class _ChunkedTokenSum(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, student, b_idx, s_idx, vocab, chunk_size, token_fn, *payload):  # type: ignore[override]
+    def forward(ctx, student, b_idx, s_idx, vocab, chunk_size, token_fn, payload):  # type: ignore[override]
         needs_grad = ctx.needs_input_grad[0]
         grad = torch.zeros_like(student) if needs_grad else None
         total = torch.zeros(
@@ -226,20 +229,13 @@ class _ChunkedTokenSum(torch.autograd.Function):
         )
         for start in range(0, b_idx.numel(), chunk_size):
             b, s = b_idx[start : start + chunk_size], s_idx[start : start + chunk_size]
-            rows = student[b, s, :vocab]
-            rest = [p[b, s] for p in payload]
+            rest = [gather_rows(p, b, s) for p in payload]
+            loss, g = chunk_loss(token_fn, student[b, s, :vocab], rest, needs_grad)
             if needs_grad:
-                with torch.enable_grad():
-                    rows = rows.detach().requires_grad_(True)
-                    loss = token_fn(rows, *rest).sum()
-                    (g,) = torch.autograd.grad(loss, rows)
                 grad[b, s, :vocab] = g
-            else:
-                loss = token_fn(rows, *rest).sum()
-            total += loss.detach()
-            del rows, rest, loss
-        ctx.grad = grad
-        ctx.n_payload = len(payload)
+            total += loss
+            del rest, loss, g
+        ctx.grads = (grad,)
         return total
 
     @staticmethod
@@ -247,61 +243,60 @@ class _ChunkedTokenSum(torch.autograd.Function):
         # Scale the stored gradient in place and hand it over (dropping our reference, so autograd can take
         # it as the leaf's .grad without a copy): one tokens x vocab buffer in all, at the price of a single
         # backward pass through this node.
-        grad, ctx.grad = ctx.grad, None
-        if grad is None:
-            raise RuntimeError(
-                "the chunked loss supports one backward pass (its stored gradient is handed over); "
-                "use chunk_size=None for retain_graph, double backward or gradcheck"
-            )
+        (grad,) = take_grads(ctx, "chunked loss")
         grad.mul_(grad_out.to(grad.dtype))
-        return (grad, None, None, None, None, None, *([None] * ctx.n_payload))
+        return (grad, None, None, None, None, None, None)
 
 
 def token_sum(
     token_fn: TokenFn,
-    student_logits: torch.Tensor,
-    payload: tuple[torch.Tensor, ...],
+    student_logits: torch.Tensor | LinearLogits,
+    payload: tuple[torch.Tensor | LinearLogits, ...],
     mask: torch.Tensor | None,
     vocab: int,
     chunk_size: int | None,
 ) -> tuple[torch.Tensor, int]:
     """Sum token_fn over counted tokens -> (scalar fp32 sum, number of counted tokens).
 
-    student_logits: (batch, seq, vocab_full); payload: teacher tensors shaped (batch, seq, ...), indexed with
-    the same tokens; only the first `vocab` student rows are used. Masked tokens are dropped before anything
-    is computed on them.
+    student_logits: (batch, seq, vocab_full) logits, or a `LinearLogits` (hidden states + lm_head, projected per
+    chunk inside the loss: the fused path); payload: teacher tensors shaped (batch, seq, ...) or LinearLogits,
+    indexed with the same tokens; only the first `vocab` student rows are used. Masked tokens are dropped
+    before anything is computed on them.
     """
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}")
     b_idx, s_idx = select_tokens(mask, student_logits.shape)
     b_idx, s_idx = b_idx.to(student_logits.device), s_idx.to(student_logits.device)
     payload = tuple(p.detach() for p in payload)
-    if chunk_size is None:
+    if isinstance(student_logits, LinearLogits):
+        total = fused_token_sum(token_fn, student_logits.cut(vocab), b_idx, s_idx, payload, chunk_size)
+    elif chunk_size is None:
         rows = student_logits[b_idx, s_idx, :vocab]
-        total = token_fn(rows, *[p[b_idx, s_idx] for p in payload]).sum()
+        total = token_fn(rows, *[gather_rows(p, b_idx, s_idx) for p in payload]).sum()
     else:
-        total = _ChunkedTokenSum.apply(student_logits, b_idx, s_idx, vocab, chunk_size, token_fn, *payload)
+        total = _ChunkedTokenSum.apply(student_logits, b_idx, s_idx, vocab, chunk_size, token_fn, payload)
     return total, int(b_idx.numel())
+
+
+def finish(total: torch.Tensor, count: int, settings: LogitSettings) -> torch.Tensor:
+    """Normalise a token sum (global or local count) and scale by T^2 unless turned off."""
+    loss = normalise(total, count, settings.num_items_in_batch)
+    return loss * settings.temperature**2 if settings.scale_temperature else loss
 
 
 def divergence_loss(
     divergence: Divergence,
-    student_logits: torch.Tensor,
-    teacher: torch.Tensor | SparseSignal,
+    student_logits: torch.Tensor | LinearLogits,
+    teacher: torch.Tensor | LinearLogits | SparseSignal,
     mask: torch.Tensor | None,
-    *,
-    temperature: float,
-    scale_temperature: bool,
-    num_items_in_batch: int | torch.Tensor | None,
-    sparse_mode: str,
-    chunk_size: int | None,
-    vocab_size: int | None,
+    settings: LogitSettings,
 ) -> torch.Tensor:
     """The shared body of every logit divergence: buckets per teacher shape, token sum, normalise, T^2.
 
-    student_logits: (batch, seq, vocab); teacher: dense (batch, seq, vocab_t) logits or a SparseSignal with
-    (batch, seq, k) ids/logprobs; mask: (batch, seq). Returns a scalar.
+    student_logits: (batch, seq, vocab) logits or LinearLogits; teacher: dense (batch, seq, vocab_t) logits (or
+    LinearLogits) or a SparseSignal with (batch, seq, k) ids/logprobs; mask: (batch, seq). Returns a scalar.
     """
+    temperature, sparse_mode, vocab_size = settings.temperature, settings.sparse_mode, settings.vocab_size
     check_temperature(temperature)
     if student_logits.dim() != 3:
         raise ValueError(
@@ -328,15 +323,14 @@ def divergence_loss(
         def token_fn(s, ids, lp, lt_tail):
             return divergence(*sparse_buckets(s, ids, lp, lt_tail, temperature, sparse_mode))
 
-    elif isinstance(teacher, torch.Tensor) and teacher.is_floating_point():
+    elif isinstance(teacher, LinearLogits) or (isinstance(teacher, torch.Tensor) and teacher.is_floating_point()):
         if teacher.dim() != 3 or tuple(teacher.shape[:2]) != lead:
             raise ValueError(
                 f"teacher logits have shape {tuple(teacher.shape)}, expected (batch, seq, vocab) with "
                 f"(batch, seq) = {lead}"
             )
-        _, teacher_cut = align_vocab(student_logits, teacher, vocab_size)
-        vocab = teacher_cut.shape[-1]
-        payload = (teacher_cut,)
+        vocab = common_vocab(student_logits.shape[-1], teacher.shape[-1], vocab_size)
+        payload = (cut_vocab(teacher, vocab),)
 
         def token_fn(s, t):
             # One finiteness check of the teacher rows instead of guards in every kl / log_mix pass. The student
@@ -350,6 +344,19 @@ def divergence_loss(
             f"teacher must be dense float logits or a SparseSignal, got {type(teacher).__name__}"
             + (f" of dtype {teacher.dtype}" if isinstance(teacher, torch.Tensor) else "")
         )
-    total, count = token_sum(token_fn, student_logits, payload, mask, vocab, chunk_size)
-    loss = normalise(total, count, num_items_in_batch)
-    return loss * temperature**2 if scale_temperature else loss
+    total, count = token_sum(token_fn, student_logits, payload, mask, vocab, chunk_size=settings.chunk_size)
+    return finish(total, count, settings)
+
+
+def divergence(name: str, params: type[LossParams | NoParams] = NoParams) -> Callable[[Divergence], Callable]:
+    """Register a per-token divergence `formula(ls, lt, **params) -> (n,)` over log-probs (student, teacher) as
+    the logit loss `name` (dense and sparse teachers); returns the public loss function."""
+
+    def wrap(formula: Callable[..., torch.Tensor]) -> Callable:
+        def body(student_logits, teacher, mask, settings: LogitSettings, **p):
+            return divergence_loss(lambda ls, lt: formula(ls, lt, **p), student_logits, teacher, mask, settings)
+
+        body.__doc__, body.__module__ = formula.__doc__, formula.__module__
+        return logit_loss(name, params=params)(body)
+
+    return wrap

@@ -14,9 +14,11 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
 from distill.losses.common import normalise, select_tokens, upcast
+from distill.losses.registry import LossParams, register, split_kwargs
 
 HIDDEN_KINDS = ("mse", "cosine")
 
@@ -116,30 +118,39 @@ def hidden_state_loss(
     return normalise(total / len(pairs), int(b_idx.numel()), num_items_in_batch)
 
 
+class HiddenParams(LossParams):
+    layer_map: list[tuple[int, int]] | None = Field(
+        None, description="(student entry, teacher entry) pairs of hidden states; None: evenly spaced"
+    )
+
+
 def _hidden(kind: str):
     def loss(
         student_hidden: Sequence[torch.Tensor],
         teacher_hidden: Sequence[torch.Tensor],
         mask: torch.Tensor | None = None,
         *,
-        layer_map: Sequence[tuple[int, int]] | None = None,
-        projections: nn.ModuleList | None = None,
         num_items_in_batch: int | torch.Tensor | None = None,
         temperature: float = 1.0,
         scale_temperature: bool = True,
         sparse_mode: str = "tail",
         chunk_size: int | None = None,
         vocab_size: int | None = None,
+        **kwargs,
     ) -> torch.Tensor:
         # temperature .. vocab_size: accepted so the trainer can call every registered loss alike; unused
         del temperature, scale_temperature, sparse_mode, chunk_size, vocab_size
+        params, context = split_kwargs(entry, kwargs)
         return hidden_state_loss(
-            student_hidden, teacher_hidden, mask, layer_map=layer_map, kind=kind, projections=projections,
-            num_items_in_batch=num_items_in_batch,
+            student_hidden, teacher_hidden, mask, kind=kind, num_items_in_batch=num_items_in_batch, **params,
+            **context,
         )  # fmt: skip
 
-    loss.__name__ = loss.__qualname__ = f"hidden_{kind}"
+    name = f"hidden_{kind}"
+    loss.__name__ = loss.__qualname__ = name
     loss.__doc__ = f"hidden_state_loss(..., kind={kind!r}); logit-loss keywords are accepted and ignored."
+    entry = register(name, loss, student="hidden", teacher="hidden", signals=frozenset({"dense"}),
+                     params=HiddenParams, context=("projections",), doc=loss.__doc__)  # fmt: skip
     return loss
 
 

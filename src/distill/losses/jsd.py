@@ -9,9 +9,14 @@ beta = 1 as reverse KL(q || p) (the formula itself tends to 0 at both ends).
 from __future__ import annotations
 
 import torch
+from pydantic import Field
 
-from distill.losses.common import check_fraction, divergence_loss, kl, log_mix
-from distill.signals import SparseSignal
+from distill.losses.common import divergence, kl, log_mix
+from distill.losses.registry import LossParams
+
+
+class JsdParams(LossParams):
+    beta: float = Field(0.5, ge=0.0, le=1.0, description="0: forward KL, 0.5: symmetric JSD, 1: reverse KL")
 
 
 def _jsd(ls: torch.Tensor, lt: torch.Tensor, beta: float) -> torch.Tensor:
@@ -23,23 +28,7 @@ def _jsd(ls: torch.Tensor, lt: torch.Tensor, beta: float) -> torch.Tensor:
     return beta * kl(lt, lm) + (1.0 - beta) * kl(ls, lm)
 
 
-def jsd(
-    student_logits: torch.Tensor,
-    teacher: torch.Tensor | SparseSignal,
-    mask: torch.Tensor | None = None,
-    *,
-    beta: float = 0.5,
-    temperature: float = 1.0,
-    scale_temperature: bool = True,
-    num_items_in_batch: int | torch.Tensor | None = None,
-    sparse_mode: str = "tail",
-    chunk_size: int | None = None,
-    vocab_size: int | None = None,
-) -> torch.Tensor:
+@divergence("jsd", JsdParams)
+def jsd(ls: torch.Tensor, lt: torch.Tensor, beta: float) -> torch.Tensor:
     """Generalised JSD(beta); beta = 0.5 is the symmetric JSD, bounded by log 2 per token."""
-    check_fraction("beta", beta)
-    return divergence_loss(
-        lambda ls, lt: _jsd(ls, lt, beta), student_logits, teacher, mask, temperature=temperature,
-        scale_temperature=scale_temperature, num_items_in_batch=num_items_in_batch,
-        sparse_mode=sparse_mode, chunk_size=chunk_size, vocab_size=vocab_size,
-    )  # fmt: skip
+    return _jsd(ls, lt, beta)

@@ -18,7 +18,7 @@ proper distributions; the unmatched probabilities are compared by ULD's sorted L
 `matched_weight` and 1 - matched_weight (default, as GOLD: the matched share of the teacher vocabulary).
 
   student_logits: (batch, seq, vocab_s); teacher: (batch, seq, vocab_t) logits already aligned to the
-  student's positions; mask: (batch, seq) of aligned positions. Same call shape as every loss in LOSSES.
+  student's positions; mask: (batch, seq) of aligned positions. Same call shape as every logit loss in LOSSES.
 """
 
 from __future__ import annotations
@@ -26,11 +26,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from pydantic import Field
 
-from distill.losses.common import check_temperature, normalise, token_sum, upcast
+from distill.losses.common import check_temperature, finish, token_sum, upcast
+from distill.losses.fused import LinearLogits, cut_vocab
 from distill.losses.jsd import _jsd
+from distill.losses.registry import LogitSettings, LossParams, logit_loss
 from distill.losses.vocab import student_vocab
-from distill.signals import SparseSignal
 
 NEG_INF = float("-inf")
 
@@ -137,29 +139,33 @@ def _hybrid_tokens(
 # ---------------------------------------------------------------------------------------------- the losses
 
 
-def uld(
-    student_logits: torch.Tensor,
-    teacher: torch.Tensor | SparseSignal,
-    mask: torch.Tensor | None = None,
+class UldParams(LossParams):
+    beta: float = Field(0.0, ge=0.0, le=1.0, description="uld_hybrid: JSD(beta) on matched tokens (0: forward KL)")
+    matched_weight: float | None = Field(
+        None, ge=0.0, le=1.0, description="uld_hybrid: weight of the exact part (None: matched share of the vocab)"
+    )
+
+
+def _uld(
+    student_logits,
+    teacher,
+    mask,
+    settings: LogitSettings,
     *,
-    temperature: float = 1.0,
-    scale_temperature: bool = True,
-    num_items_in_batch: int | torch.Tensor | None = None,
-    sparse_mode: str = "tail",
-    chunk_size: int | None = None,
-    vocab_size: int | None = None,
+    beta: float = 0.0,
+    matched_weight: float | None = None,
     teacher_vocab_size: int | None = None,
     matched: tuple[torch.Tensor, torch.Tensor] | None = None,
-    matched_weight: float | None = None,
-    beta: float = 0.0,
 ) -> torch.Tensor:
     """ULD: sorted-probability L1 per aligned position; with `matched`, the GOLD hybrid (see module doc).
 
     vocab_size / teacher_vocab_size cut padded embedding rows of each side (the tokenizers' true sizes).
     sparse_mode is accepted for the common call shape; ULD needs dense teacher logits (an online teacher).
     """
+    temperature = settings.temperature
     check_temperature(temperature)
-    if isinstance(teacher, SparseSignal) or not (isinstance(teacher, torch.Tensor) and teacher.is_floating_point()):
+    dense = isinstance(teacher, LinearLogits) or (isinstance(teacher, torch.Tensor) and teacher.is_floating_point())
+    if not dense:
         raise TypeError(
             "ULD needs dense teacher logits over the teacher's whole vocabulary (train.signal=online with a local "
             "teacher); a sparse top-k signal does not say how the rest of the teacher's mass is spread"
@@ -169,9 +175,9 @@ def uld(
             f"student_logits {tuple(student_logits.shape)} and teacher {tuple(teacher.shape)} must be "
             "(batch, seq, vocab) with the same (batch, seq): align the teacher first (align_responses)"
         )
-    vocab = student_vocab(student_logits, vocab_size)
+    vocab = student_vocab(student_logits, settings.vocab_size)
     t_vocab = teacher.shape[-1] if teacher_vocab_size is None else min(teacher_vocab_size, teacher.shape[-1])
-    teacher = teacher[..., :t_vocab]
+    teacher = cut_vocab(teacher, t_vocab)
     if matched is None:
         def token_fn(s, t):
             return _uld_tokens(s, t, temperature)
@@ -182,29 +188,24 @@ def uld(
         if t_ids.numel() == 0:
             raise ValueError("uld_hybrid: no token string is shared by the two vocabularies; use plain uld")
         weight = t_ids.numel() / t_vocab if matched_weight is None else float(matched_weight)
-        if not 0.0 <= weight <= 1.0:
-            raise ValueError(f"matched_weight must be in [0, 1], got {weight}")
 
         def token_fn(s, t):
             return _hybrid_tokens(s, t, temperature, t_ids, s_ids, weight, beta)
 
-    total, count = token_sum(token_fn, student_logits, (teacher,), mask, vocab, chunk_size)
-    loss = normalise(total, count, num_items_in_batch)
-    return loss * temperature**2 if scale_temperature else loss
+    total, count = token_sum(token_fn, student_logits, (teacher,), mask, vocab, settings.chunk_size)
+    return finish(total, count, settings)
 
 
-def uld_hybrid(
-    student_logits: torch.Tensor,
-    teacher: torch.Tensor | SparseSignal,
-    mask: torch.Tensor | None = None,
-    *,
-    matched: tuple[torch.Tensor, torch.Tensor] | None = None,
-    **kwargs: Any,
-) -> torch.Tensor:
+_CROSS = {"params": UldParams, "teacher": "tokenizer", "signals": frozenset({"dense"})}
+uld = logit_loss("uld", context=("teacher_vocab_size",), **_CROSS)(_uld)
+
+
+@logit_loss("uld_hybrid", context=("teacher_vocab_size", "matched"), **_CROSS)
+def uld_hybrid(student_logits, teacher, mask, settings: LogitSettings, **kwargs: Any) -> torch.Tensor:
     """Exact JSD(beta) on string-matched tokens + ULD on the rest; `matched` from `matched_vocab`."""
-    if matched is None:
+    if kwargs.get("matched") is None:
         raise ValueError(
             "uld_hybrid needs matched=(teacher ids, student ids) from distill.losses.uld.matched_vocab(student_tok, "
             "teacher_tok); the trainer passes it in cross-tokenizer mode"
         )
-    return uld(student_logits, teacher, mask, matched=matched, **kwargs)
+    return _uld(student_logits, teacher, mask, settings, **kwargs)

@@ -28,15 +28,20 @@ def align_vocab(
     tokenizer size, when given) or else to min(vocab_s, vocab_t). It only removes trailing padding rows: it
     cannot make different tokenizers comparable (see `check_tokenizers`).
     """
-    vs, vt = student_logits.shape[-1], teacher_logits.shape[-1]
+    vocab_size = common_vocab(student_logits.shape[-1], teacher_logits.shape[-1], vocab_size)
+    return student_logits[..., :vocab_size], teacher_logits[..., :vocab_size]
+
+
+def common_vocab(vs: int, vt: int, vocab_size: int | None = None) -> int:
+    """The vocabulary rows both sides share: `vocab_size` (the tokenizer's true size) or min(vs, vt)."""
     if vocab_size is None:
-        vocab_size = min(vs, vt)
-    elif vocab_size > min(vs, vt):
+        return min(vs, vt)
+    if vocab_size > min(vs, vt):
         raise ValueError(
             f"vocab_size={vocab_size} exceeds the logits' vocabulary (student {vs}, teacher {vt}); "
             "vocab_size should be the tokenizer's true size, at most each model's embedding rows"
         )
-    return student_logits[..., :vocab_size], teacher_logits[..., :vocab_size]
+    return vocab_size
 
 
 def student_vocab(student_logits: torch.Tensor, vocab_size: int | None) -> int:

@@ -74,13 +74,14 @@ def load_train_log(path: Path) -> list[dict]:
 
 
 def loss_series(log: list[dict]) -> dict[str, tuple[list[float], list[float]]]:
-    """{'loss': (steps, values), 'loss/forward_kl': ...} for every loss key that has values."""
+    """{'loss': (steps, values), 'loss_forward_kl': ...} for every loss key that has values (older logs named
+    the components 'loss/forward_kl': read too)."""
     series: dict[str, tuple[list[float], list[float]]] = {}
     for entry in log:
         if "step" not in entry:
             continue
         for key, value in entry.items():
-            if (key in ("loss", "eval_loss") or key.startswith("loss/")) and isinstance(value, (int, float)):
+            if (key in ("loss", "eval_loss") or key.startswith(("loss_", "loss/"))) and isinstance(value, (int, float)):
                 steps, values = series.setdefault(key, ([], []))
                 steps.append(entry["step"])
                 values.append(float(value))

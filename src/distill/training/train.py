@@ -225,7 +225,8 @@ def _check_onpolicy(cfg: Config, local_teacher: bool, names: set[str], cross):
 
 def loss_chunk_size(configured: int | None, vocab: int) -> int | None:
     """Chunk the loss over tokens for large vocabularies unless told otherwise: the plain path holds about ten
-    tokens x vocab float32 tensors (8 GB at 4,096 tokens x 49k), the chunked one a fifth of that."""
+    tokens x vocab float32 tensors (8 GB at 4,096 tokens x 49k), the chunked one a fifth of that; with the fused
+    path (train.fused, the default) no (tokens x vocab) tensor exists at all, only a chunk's."""
     if configured is None:
         return AUTO_CHUNK if vocab >= AUTO_CHUNK_VOCAB else None
     return configured or None
@@ -446,6 +447,7 @@ def train_student(cfg: Config, scfg: StudentConfig) -> Path:
         sparse_mode=cfg.train.sparse_mode,
         scale_temperature=cfg.train.scale_temperature,
         chunk_size=loss_chunk_size(cfg.train.chunk_size, len(tokenizer)),
+        fused=cfg.train.fused,
         vocab_size=len(tokenizer),
         projections=projections,
         onpolicy=cfg.train.onpolicy if cfg.train.onpolicy.lmbda > 0 else None,

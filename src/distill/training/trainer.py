@@ -2,7 +2,9 @@
 
 Everything TrainingArguments gives keeps working (gradient accumulation, checkpoints and resume, report_to,
 `accelerate launch` / torchrun with DDP or FSDP) because only the loss changes. The objective is a weighted
-sum of registered losses (`distill.losses.LOSSES`), each component logged as `loss/<name>`.
+sum of registered losses (`distill.losses.LOSSES`), each component logged as `loss_<name>`; compute_loss asks
+each loss's registry entry what it needs (logits or hidden states, labels, teacher signal or the teacher's own
+tokenization) instead of comparing names.
 
 Normalisation: every component is a sum over counted completion tokens divided by `num_items_in_batch`, the
 token count of the whole global batch (all gradient-accumulation micro-batches and all processes) that the
@@ -18,10 +20,18 @@ from dataclasses import dataclass
 import torch
 from transformers import Trainer, TrainerCallback
 
-from distill.losses import CROSS_TOKENIZER_LOSSES, HIDDEN_LOSSES, LOSSES, align_responses
+from distill.losses import LOSSES, LinearLogits, align_responses
+from distill.losses.fused import forward_unprojected, output_head
 from distill.modeling import eos_token_ids
 from distill.signals import SparseSignal
 from distill.training.onpolicy import SAMPLED_KEY, onpolicy_inputs, sampled_reverse_kl
+
+# Batch keys that are not model inputs: per-example loss weights (chain of thought), the teacher's own
+# tokenization (cross-tokenizer), on-policy markers. The sparse top-k keys stay in `inputs` for _teacher_signal.
+# Component metrics are `loss_<name>`: never `loss/<name>`, which a tracker that maps names to paths (MLflow's file
+# store) cannot hold next to the `loss` metric itself ("[Errno 20] Not a directory").
+COMPONENT_PREFIX = "loss_"
+EXTRA_KEYS = ("loss_weight", "teacher_input_ids", "teacher_attention_mask", "teacher_labels", SAMPLED_KEY, "onpolicy")
 
 
 @dataclass
@@ -49,6 +59,7 @@ class DistillationTrainer(Trainer):
         sparse_mode: str = "tail",
         scale_temperature: bool = True,
         chunk_size: int | None = None,
+        fused: bool = True,
         vocab_size: int | None = None,
         projections: torch.nn.Module | None = None,
         onpolicy=None,
@@ -69,6 +80,9 @@ class DistillationTrainer(Trainer):
         self.sparse_mode = sparse_mode
         self.scale_temperature = scale_temperature
         self.chunk_size = chunk_size
+        # The fused linear path (distill.losses.fused): the models' forwards skip lm_head and the loss projects only
+        # the counted tokens, chunk by chunk when chunk_size is set. Not under FSDP / DeepSpeed (sharded lm_head).
+        self.fused = fused and not (self.is_fsdp_enabled or self.is_deepspeed_enabled)
         self.vocab_size = vocab_size
         self.projections = projections
         # on-policy (distill.training.onpolicy): settings with lmbda/max_new_tokens/temperature/top_p, an API scorer,
@@ -109,26 +123,29 @@ class DistillationTrainer(Trainer):
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     # ----------------------------------------------------------------- the loss
-    def _needs(self) -> tuple[bool, bool]:
-        names = {s.name for s in self.loss_specs}
-        needs_hidden = bool(names & HIDDEN_LOSSES)
-        needs_teacher = any(n != "cross_entropy" for n in names)
-        return needs_hidden, needs_teacher
+    def _forward(self, model, input_ids, attention_mask, needs_hidden: bool, fused: bool):
+        """(outputs, causally shifted student or teacher logits): plain logits, or with `fused` a LinearLogits
+        (final hidden states + lm_head, projected chunk by chunk inside the loss: distill.losses.fused)."""
+        inner = self.accelerator.unwrap_model(model) if model is not self.teacher else model
+        head = output_head(inner) if fused else None
+        kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "output_hidden_states": needs_hidden,
+                  "use_cache": False}
+        if head is None:
+            outputs = model(**kwargs)
+            return outputs, outputs.logits[:, :-1]
+        outputs, logits = forward_unprojected(model, head, **kwargs)
+        return outputs, LinearLogits(logits.hidden[:, :-1], logits.weight, logits.bias)
 
-    def _teacher_signal(self, inputs: dict, needs_hidden: bool):
+    def _teacher_signal(self, inputs: dict, needs_hidden: bool, fused: bool):
         """Dense logits from the live teacher, or the sparse top-k carried by the batch."""
         if "topk_ids" in inputs:
             return SparseSignal(inputs["topk_ids"], inputs["topk_logprobs"], inputs.get("topk_tail")), None
         if self.teacher is None:
             return None, None
         with torch.no_grad():
-            out = self.teacher(
-                input_ids=inputs["input_ids"],
-                attention_mask=inputs.get("attention_mask"),
-                output_hidden_states=needs_hidden,
-                use_cache=False,
-            )
-        return out.logits[:, :-1], (out.hidden_states if needs_hidden else None)
+            out, logits = self._forward(self.teacher, inputs["input_ids"], inputs.get("attention_mask"), needs_hidden,
+                                        fused)  # fmt: skip
+        return logits, (out.hidden_states if needs_hidden else None)
 
     # ----------------------------------------------------------------- on-policy batches (GKD)
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -145,107 +162,99 @@ class DistillationTrainer(Trainer):
             )
         return super().training_step(model, inputs, num_items_in_batch)
 
-    def _cross_signal(self, extra: dict, targets: torch.Tensor):
-        """Teacher logits on its own tokenization, aligned to the student's response positions."""
+    def _cross_signal(self, extra: dict, targets: torch.Tensor, fused: bool):
+        """Teacher logits on its own tokenization, aligned to the student's response positions (with `fused`, its
+        hidden states are aligned and projected inside the loss)."""
         with torch.no_grad():
-            out = self.teacher(input_ids=extra["teacher_input_ids"], attention_mask=extra.get("teacher_attention_mask"),
-                               use_cache=False)
-        return align_responses(out.logits[:, :-1], extra["teacher_labels"][:, 1:], targets)
+            _, logits = self._forward(self.teacher, extra["teacher_input_ids"], extra.get("teacher_attention_mask"),
+                                      False, fused)  # fmt: skip
+        rows = logits.hidden if isinstance(logits, LinearLogits) else logits
+        aligned, mask = align_responses(rows, extra["teacher_labels"][:, 1:], targets)
+        if isinstance(logits, LinearLogits):
+            aligned = LinearLogits(aligned, logits.weight, logits.bias)
+        return aligned, mask
 
     @staticmethod
     def _weighted(fn, logits, teacher, mask, kwargs: dict, weights: torch.Tensor | None) -> torch.Tensor:
         """fn with per-example loss weights (batch,): one call per distinct weight, masks split by example."""
         if weights is None or bool((weights == 1).all()):
             return fn(logits, teacher, mask, **kwargs)
-        value = logits.new_zeros((), dtype=torch.float32)
+        value = torch.zeros((), dtype=torch.float32, device=mask.device)
         for w in weights.unique().tolist():
             if w != 0:
                 rows = (weights == w).to(mask.device)[:, None]
                 value = value + w * fn(logits, teacher, mask & rows, **kwargs)
         return value
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        inputs = dict(inputs)
-        labels = inputs.pop("labels")
-        sparse_keys = {k: inputs.pop(k) for k in ("topk_ids", "topk_logprobs", "topk_tail") if k in inputs}
-        extra = {k: inputs.pop(k) for k in ("loss_weight", "teacher_input_ids", "teacher_attention_mask",
-                                            "teacher_labels", SAMPLED_KEY, "onpolicy") if k in inputs}
-        needs_hidden, needs_teacher = self._needs()
-        if "teacher_input_ids" in extra:  # cross-tokenizer: the teacher reads its own ids (see _cross_signal)
-            needs_teacher = any(s.name not in CROSS_TOKENIZER_LOSSES | {"cross_entropy"} for s in self.loss_specs)
-        outputs = model(
-            input_ids=inputs["input_ids"],
-            attention_mask=inputs.get("attention_mask"),
-            output_hidden_states=needs_hidden,
-            use_cache=False,
-        )
-        logits = outputs.logits[:, :-1]
-        targets = labels[:, 1:]
-        mask = targets != -100
-        if num_items_in_batch is None:  # evaluation, or a caller outside the Trainer loop
-            num_items_in_batch = mask.sum()
-        num_items = num_items_in_batch.to(logits.device) if torch.is_tensor(num_items_in_batch) else num_items_in_batch
-        if SAMPLED_KEY in extra:  # on-policy batch scored by an API teacher: sampled reverse KL only
-            value = sampled_reverse_kl(logits, targets, extra[SAMPLED_KEY], mask, num_items_in_batch=num_items)
-            if model.training:
-                self._component_sums["sampled_reverse_kl"].append(float(value.detach()))
-            if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
-                value = value * self.accelerator.num_processes  # as below: DDP averages over processes
-            return (value, outputs) if return_outputs else value
-        onpolicy_batch = "onpolicy" in extra
-        cross = None
-        if "teacher_input_ids" in extra and self.teacher is not None:
-            cross = self._cross_signal(extra, targets)
-
-        signal, teacher_hidden = (None, None)
-        if needs_teacher:
-            signal, teacher_hidden = self._teacher_signal({**inputs, **sparse_keys}, needs_hidden)
+    def _teacher_sides(self, entries: list, inputs: dict, extra: dict, targets, mask, needs_hidden: bool,
+                       fused: bool) -> dict:  # fmt: skip
+        """What each kind of loss compares against (see distill.losses.registry.Loss.teacher): (teacher, mask)."""
+        kinds = {entry.teacher for _, entry in entries}
+        sides: dict = {"labels": (targets, mask)}
+        cross = "teacher_input_ids" in extra and self.teacher is not None
+        if cross and "tokenizer" in kinds:  # the teacher reads its own ids (see _cross_signal)
+            aligned, aligned_mask = self._cross_signal(extra, targets, fused)
+            sides["tokenizer"] = (aligned, mask & aligned_mask)
+        if kinds & {"signal", "hidden"} or ("tokenizer" in kinds and not cross):
+            signal, sides["hidden"] = self._teacher_signal(inputs, needs_hidden, fused)
             if signal is None:
                 raise ValueError(
                     "train.losses asks for a teacher divergence but there is no teacher signal: use "
                     "train.signal=online (a local teacher) or offline (a store with top-k), or only cross_entropy"
                 )
+            sides["signal"] = (signal, mask)
+            sides.setdefault("tokenizer", sides["signal"])
+        return sides
 
-        total = logits.new_zeros((), dtype=torch.float32)
-        for spec in self.loss_specs:
-            if onpolicy_batch and spec.name == "cross_entropy":
-                continue  # the labels of a sampled batch are the student's own tokens
-            fn = LOSSES[spec.name]
-            params = dict(spec.params or {})
-            if spec.name in CROSS_TOKENIZER_LOSSES and cross is not None:
-                kwargs = dict(temperature=spec.temperature, num_items_in_batch=num_items,
-                              scale_temperature=self.scale_temperature, chunk_size=self.chunk_size,
-                              vocab_size=self.vocab_size, teacher_vocab_size=self.cross_tokenizer.teacher_vocab_size,
-                              **params)
-                if spec.name == "uld_hybrid":
-                    kwargs["matched"] = self.cross_tokenizer.matched
-                value = self._weighted(fn, logits, cross[0], mask & cross[1], kwargs, extra.get("loss_weight"))
-            elif spec.name in HIDDEN_LOSSES:
-                if teacher_hidden is None:
-                    raise ValueError(f"{spec.name} needs an online teacher (train.signal=online)")
-                value = fn(
-                    outputs.hidden_states, teacher_hidden, attention_mask_for_hidden(inputs, labels),
-                    projections=self.projections, num_items_in_batch=num_items, **params,
-                )
-            else:
-                teacher = targets if spec.name == "cross_entropy" else signal
-                kwargs = dict(temperature=spec.temperature, num_items_in_batch=num_items, **params)
-                if spec.name != "cross_entropy":
-                    kwargs.update(scale_temperature=self.scale_temperature, sparse_mode=self.sparse_mode)
-                    if self.vocab_size is not None:
-                        kwargs.setdefault("vocab_size", self.vocab_size)
-                if self.chunk_size is not None:
-                    kwargs["chunk_size"] = self.chunk_size
-                value = self._weighted(fn, logits, teacher, mask, kwargs, extra.get("loss_weight"))
+    def _component(self, spec: LossSpec, entry, student, outputs, sides: dict, labels, num_items, extra: dict):
+        """One weighted loss component, fed what its registry entry says it needs."""
+        params = dict(spec.params or {})
+        context = {"projections": self.projections}
+        if self.cross_tokenizer is not None:
+            context.update(teacher_vocab_size=self.cross_tokenizer.teacher_vocab_size, matched=self.cross_tokenizer.matched)
+        params.update({k: context[k] for k in entry.context if k in context})
+        if entry.student == "hidden":
+            if sides.get("hidden") is None:
+                raise ValueError(f"{spec.name} needs an online teacher (train.signal=online)")
+            return entry(outputs.hidden_states, sides["hidden"], labels != -100, num_items_in_batch=num_items, **params)
+        teacher, mask = sides[entry.teacher]
+        kwargs = dict(temperature=spec.temperature, scale_temperature=self.scale_temperature, sparse_mode=self.sparse_mode,
+                      chunk_size=self.chunk_size, vocab_size=self.vocab_size, num_items_in_batch=num_items, **params)
+        return self._weighted(entry, student, teacher, mask, kwargs, extra.get("loss_weight"))
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = dict(inputs)
+        labels = inputs.pop("labels")
+        extra = {k: inputs.pop(k) for k in EXTRA_KEYS if k in inputs}
+        entries = [(spec, LOSSES[spec.name]) for spec in self.loss_specs]
+        if "onpolicy" in extra:  # the labels of a sampled batch are the student's own tokens
+            entries = [(spec, entry) for spec, entry in entries if entry.needs_teacher]
+        needs_hidden = any(entry.student == "hidden" for _, entry in entries)
+        fused = self.fused and SAMPLED_KEY not in extra
+        outputs, logits = self._forward(model, inputs["input_ids"], inputs.get("attention_mask"), needs_hidden, fused)
+        targets = labels[:, 1:]
+        mask = targets != -100
+        if num_items_in_batch is None:  # evaluation, or a caller outside the Trainer loop
+            num_items_in_batch = mask.sum()
+        num_items = num_items_in_batch.to(mask.device) if torch.is_tensor(num_items_in_batch) else num_items_in_batch
+        if SAMPLED_KEY in extra:  # on-policy batch scored by an API teacher: sampled reverse KL only
+            entries, total = [], sampled_reverse_kl(logits, targets, extra[SAMPLED_KEY], mask, num_items_in_batch=num_items)
+            self._record("sampled_reverse_kl", total, model)
+        else:
+            sides = self._teacher_sides(entries, inputs, extra, targets, mask, needs_hidden, fused)
+            total = torch.zeros((), dtype=torch.float32, device=mask.device)
+        for spec, entry in entries:
+            value = self._component(spec, entry, logits, outputs, sides, labels, num_items, extra)
             total = total + spec.weight * value
-            if model.training:
-                # Logged per micro-batch as the share of the global batch; summed back in `log`.
-                self._component_sums[spec.name].append(float(value.detach()))
-
-        if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1 and num_items_in_batch is not None:
+            self._record(spec.name, value, model)
+        if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
             # DDP averages gradients over processes; our loss is already divided by the global count.
             total = total * self.accelerator.num_processes
         return (total, outputs) if return_outputs else total
+
+    def _record(self, name: str, value: torch.Tensor, model) -> None:
+        if model.training:  # logged per micro-batch as the share of the global batch; summed back in `log`
+            self._component_sums[name].append(float(value.detach()))
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         """Add the mean per-step value of each loss component to the Trainer's log line."""
@@ -258,7 +267,7 @@ class DistillationTrainer(Trainer):
                 sums = self.accelerator.reduce(sums, reduction="sum")
             for name, total in zip(names, sums.tolist()):
                 # each optimiser step contributes `steps` micro-batch shares that add up to the step's value
-                logs[f"loss/{name}"] = round(total / max(1, len(self._component_sums[name]) / steps), 6)
+                logs[f"{COMPONENT_PREFIX}{name}"] = round(total / max(1, len(self._component_sums[name]) / steps), 6)
             self._component_sums.clear()
         super().log(logs, *args, **kwargs)
 
