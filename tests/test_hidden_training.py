@@ -53,14 +53,14 @@ def test_hidden_loss_trains_with_and_without_a_layer_map(tmp_path, hidden_teache
         {"name": "forward_kl"}, {"name": "hidden_mse", "weight": 0.5, "params": params}]))
     (out,) = train(cfg)
     log = _summary_log(out)
-    assert log and all(e["loss/hidden_mse"] > 0 for e in log)
+    assert log and all(e["loss_hidden_mse"] > 0 for e in log)
 
 
 def test_hidden_loss_with_a_pruned_student(tmp_path, hidden_teacher_dir):
     cfg = load_config(_tree(tmp_path, hidden_teacher_dir, student={"init": "prune", "num_layers": 2},
                             losses=[{"name": "hidden_cosine", "params": {"layer_map": [[1, 1], [2, 4]]}}]))
     (out,) = train(cfg)
-    assert all(e["loss/hidden_cosine"] >= 0 for e in _summary_log(out))
+    assert all(e["loss_hidden_cosine"] >= 0 for e in _summary_log(out))
 
 
 def test_hidden_loss_with_a_lora_student_and_onpolicy_batches(tmp_path, hidden_teacher_dir, tokenizer):
@@ -72,7 +72,7 @@ def test_hidden_loss_with_a_lora_student_and_onpolicy_batches(tmp_path, hidden_t
                             losses=[{"name": "reverse_kl"}, {"name": "hidden_mse", "weight": 0.5}],
                             onpolicy={"lmbda": 0.5, "max_new_tokens": 4}))
     (out,) = train(cfg)
-    assert all(e["loss/hidden_mse"] > 0 for e in _summary_log(out))
+    assert all(e["loss_hidden_mse"] > 0 for e in _summary_log(out))
 
 
 @pytest.mark.parametrize("train_section, message", [

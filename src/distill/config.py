@@ -371,17 +371,8 @@ def check_hidden_losses(train: TrainConfig, teacher: TeacherConfig, where: str =
             f"{where}train.losses[{i}]: {first.name} needs a teacher whose weights load here (hidden states); "
             f"teacher.backend={teacher.backend} has none: use a local backend such as hf"
         )
-    maps = []
-    for j, term in terms:
-        layer_map = term.params.get("layer_map")
-        if layer_map is not None and (
-            not isinstance(layer_map, list) or not layer_map
-            or not all(isinstance(p, (list, tuple)) and len(p) == 2 and all(isinstance(x, int) for x in p)
-                       for p in layer_map)
-        ):
-            raise ValueError(f"{where}train.losses[{j}].params.layer_map: expected a non-empty list of "
-                             f"[student, teacher] hidden-state index pairs such as [[0, 0], [2, 4]], got {layer_map!r}")
-        maps.append(None if layer_map is None else [list(p) for p in layer_map])
+    # each layer_map's shape is checked by the loss's typed params (distill.losses.hidden.HiddenParams)
+    maps = [None if t.params.get("layer_map") is None else [list(p) for p in t.params["layer_map"]] for _, t in terms]
     if any(m != maps[0] for m in maps):
         raise ValueError(f"{where}train.losses: every hidden-state loss must use the same layer_map (they share "
                          f"one set of learned projections), got {maps}")

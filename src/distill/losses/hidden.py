@@ -11,10 +11,11 @@ its parameters must be trained with the student (the trainer adds them to the op
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, field_validator
 from torch import nn
 
 from distill.losses.common import normalise, select_tokens, upcast
@@ -122,6 +123,18 @@ class HiddenParams(LossParams):
     layer_map: list[tuple[int, int]] | None = Field(
         None, description="(student entry, teacher entry) pairs of hidden states; None: evenly spaced"
     )
+
+    @field_validator("layer_map", mode="before")
+    @classmethod
+    def _pairs(cls, value: Any) -> Any:
+        ok = value is None or (
+            isinstance(value, (list, tuple)) and len(value) > 0
+            and all(isinstance(p, (list, tuple)) and len(p) == 2 and all(type(x) is int for x in p) for p in value)
+        )
+        if not ok:
+            raise ValueError("expected a non-empty list of [student, teacher] hidden-state index pairs such as "
+                             f"[[0, 0], [2, 4]], got {value!r}")
+        return value
 
 
 def _hidden(kind: str):
