@@ -55,3 +55,10 @@ def test_train_args_reach_the_trainer_as_numbers(tmp_path):
     cfg = load_config({"run_dir": str(tmp_path)}, ["train.args.learning_rate=1e-3", "train.args.warmup_steps=3"])
     args = _training_args(cfg, tmp_path / "out", "s")
     assert args.learning_rate == 0.001 and isinstance(args.learning_rate, float) and args.warmup_steps == 3
+
+
+def test_config_lists_each_loss_s_typed_parameters():
+    rows = [r for r in describe("train.losses") if r[0].startswith("train.losses[].params.")]
+    beta = next(r for r in rows if r[0] == "train.losses[].params.beta" and "(jsd)" in r[3])
+    assert beta[1:3] == ("float", "0.5")
+    assert any(r[0] == "train.losses[].params.alpha" and "skew_forward_kl" in r[3] for r in rows)

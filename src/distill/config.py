@@ -416,6 +416,8 @@ def describe(section: str | None = None) -> list[tuple[str, str, str, str]]:
                 walk(inner[0], key + "[].")
 
     walk(Config, "")
+    at = next(i for i, r in enumerate(rows) if r[0] == "train.losses[].params") + 1
+    rows[at:at] = _loss_param_rows()
     if section:
         picked = [r for r in rows if r[0] == section or r[0].startswith(section + ".") or
                   r[0].startswith(section + "[]")]
@@ -426,6 +428,18 @@ def describe(section: str | None = None) -> list[tuple[str, str, str, str]]:
             raise ConfigError(f"no config section or key '{section}'; sections: {', '.join(known)}{extra}")
         rows = picked
     return rows
+
+
+def _loss_param_rows() -> list[tuple[str, str, str, str]]:
+    """One row per typed loss parameter (distill.losses' registry), naming the losses that take it."""
+    from distill.losses import LOSSES, describe_params  # local: config stays importable on its own
+
+    seen: dict[tuple[str, str, str, str], list[str]] = {}
+    for name in LOSSES:
+        for key, type_, default, desc in describe_params(name):
+            shown = yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("...").strip()
+            seen.setdefault((f"train.losses[].params.{key}", type_, shown, desc), []).append(name)
+    return [(k, t, d, f"{desc} ({', '.join(names)})") for (k, t, d, desc), names in seen.items()]
 
 
 def _plain(value: Any) -> Any:
