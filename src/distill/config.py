@@ -100,13 +100,26 @@ class StudentConfig(Section):
     """How the student is built."""
 
     name: str = Field("student", description="name in reports and the output directory")
-    init: Literal["prune", "config", "lora", "pretrained"] = Field(
-        "prune", description="prune the teacher | fresh from a config | LoRA on a base | a pretrained model"
+    init: Literal["prune", "minitron", "config", "lora", "pretrained"] = Field(
+        "prune",
+        description="prune the teacher's layers | minitron: prune width and depth by importance | fresh from a "
+        "config | LoRA on a base | a pretrained model",
     )
     model: str | None = Field(None, description="base model for lora/pretrained (default: the teacher)")
     num_layers: int | None = Field(None, ge=1, description="prune: keep this many evenly spaced layers")
     layers: list[int] | None = Field(None, description="prune: exact teacher layer indices to keep")
-    config: dict[str, Any] = Field(default_factory=dict, description="config: overrides of the teacher's config")
+    config: dict[str, Any] = Field(
+        default_factory=dict,
+        description="config: overrides of the teacher's config | minitron: sizes to prune to (hidden_size, "
+        "intermediate_size, num_attention_heads, num_key_value_heads, num_hidden_layers)",
+    )
+    target_params: int | None = Field(
+        None, ge=1, description="minitron: parameter budget; the widths not given in config shrink to fit it"
+    )
+    calibration: str | None = Field(
+        None, description="minitron: prompts file ranking the teacher's units (default: generate.input, train.input)"
+    )
+    calibration_samples: int = Field(256, ge=1, description="minitron: how many calibration prompts are used")
     lora: LoraSettings = Field(default_factory=LoraSettings)
     train: dict[str, Any] = Field(
         default_factory=dict, description="this student's overrides of the train section (signal, input, losses, ...)"

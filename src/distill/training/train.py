@@ -260,11 +260,17 @@ def train_student(cfg: Config, scfg: StudentConfig) -> Path:
     scorer = _check_onpolicy(cfg, local_teacher, names, cross)
 
     teacher = None
-    if needs_teacher_logits or scfg.init == "prune":
+    if needs_teacher_logits or scfg.init in ("prune", "minitron"):
         teacher = load_model(cfg.teacher.model, dtype=cfg.teacher.dtype, device="cpu",
                              trust_remote_code=cfg.teacher.trust_remote_code)
+    calibration = None
+    if scfg.init == "minitron":  # prompts whose activations rank the teacher's heads, channels and layers
+        from distill.students.minitron import calibration_prompts
+
+        calibration = calibration_prompts(cfg, tokenizer)
     student, info = build_student(scfg, teacher=teacher, teacher_path=cfg.teacher.model if local_teacher else None,
-                                  trust_remote_code=cfg.teacher.trust_remote_code)
+                                  trust_remote_code=cfg.teacher.trust_remote_code, calibration=calibration,
+                                  pad_id=tokenizer.pad_token_id)
     if not needs_teacher_logits:
         teacher = None  # only needed for pruning: free it before training
 
