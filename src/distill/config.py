@@ -179,6 +179,9 @@ class TrainConfig(Section):
     save_steps: int = Field(500, ge=1)
     save_total_limit: int | None = 2
     eval_fraction: float = Field(0.0, ge=0, lt=1, description="held-out fraction for eval loss during training")
+    eval_steps: int | None = Field(
+        None, ge=1, description="held-out loss every N steps (needs eval_fraction > 0; default: logging_steps)"
+    )
     resume: bool = Field(True, description="resume from the last checkpoint in the run directory")
     report_to: list[str] = Field(default_factory=lambda: ["none"])
     threads: int | None = Field(None, ge=1, description="torch CPU threads (None: torch default)")
@@ -211,12 +214,18 @@ class EvalConfig(Section):
     max_new_tokens: int = Field(128, ge=1)
     batch_size: int = Field(16, ge=1)
     latency_requests: int = Field(10, ge=1, description="batch-1 generations timed for p50/p95")
+    latency_passes: int = Field(
+        3, ge=1, description="timed passes over the latency requests; their spread flags a noisy machine"
+    )
     cost_per_hour: float = Field(1.0, ge=0, description="$ per hour of the serving machine")
     latency_new_tokens: int = Field(32, ge=1, description="fixed new tokens per timed generation (latency, tokens/s)")
     measure_memory: bool = Field(True, description="peak memory (CPU: RSS in a fresh subprocess; CUDA: allocator)")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N for every evaluated model")
     dtype: str = Field("auto", description="auto | float32 | bfloat16 | float16 for every evaluated model")
     samples: int = Field(5, ge=0, description="prompts whose outputs are kept in results.json and the report")
+    group_field: str | None = Field(
+        "group", description="eval-data field whose values group the error breakdown (e.g. 1-step / 2-step)"
+    )
 
 
 class Config(Section):

@@ -158,8 +158,10 @@ def _training_args(cfg: Config, out: Path, name: str):
         kwargs["warmup_ratio"] = t.warmup_ratio
     else:
         kwargs["warmup_steps"] = t.warmup_ratio  # transformers 5: a float < 1 is a ratio
-    if t.eval_fraction > 0:
-        kwargs.update(eval_strategy="steps", eval_steps=t.save_steps)
+    if t.eval_fraction > 0:  # held-out loss curve on a split of the training data, next to the training loss
+        kwargs.update(eval_strategy="steps", eval_steps=t.eval_steps or t.logging_steps)
+    if "include_num_input_tokens_seen" in fields:  # tokens seen, for the report's training table
+        kwargs["include_num_input_tokens_seen"] = "non_padding"
     for key, value in t.args.items():
         if key not in fields:
             raise ValueError(f"train.args.{key}: not a transformers.TrainingArguments field")
@@ -330,6 +332,8 @@ def train_student(cfg: Config, scfg: StudentConfig) -> Path:
             "losses": [t.model_dump() for t in cfg.train.losses],
             "examples": len(examples),
             "global_steps": trainer.state.global_step,
+            "epochs": trainer.state.epoch,
+            "tokens_seen": trainer.state.num_input_tokens_seen or None,
             "train_loss": result.training_loss,
             "train_runtime_s": round(runtime, 2),
             "resumed_from": resume,
