@@ -152,6 +152,19 @@ def importance(teacher: torch.nn.Module, prompt_ids: list[list[int]], pad_id: in
     for norm in norms:
         hooks.append(norm.register_forward_hook(lambda _m, _a, out: hidden.add(out.abs())))
     block = torch.zeros(len(layers))
+    current: dict[str, torch.Tensor] = {}  # the real-token mask of the batch being run
+
+    def block_hook(module, args, kwargs, output, index):
+        # the layer's own input and output (the model's hidden_states[-1] is after the final norm)
+        x = args[0] if args else kwargs["hidden_states"]
+        y = output[0] if isinstance(output, tuple) else output
+        m = current["mask"]
+        cos = torch.nn.functional.cosine_similarity(x[m].float(), y[m].float(), dim=-1)
+        block[index] += (1 - cos).sum().cpu()
+
+    for i, layer in enumerate(layers):
+        hooks.append(layer.register_forward_hook(
+            lambda mod, a, kw, out, i=i: block_hook(mod, a, kw, out, i), with_kwargs=True))
     n_tokens = 0
     was_training = teacher.training
     teacher.eval()
@@ -161,13 +174,9 @@ def importance(teacher: torch.nn.Module, prompt_ids: list[list[int]], pad_id: in
             for ids, mask in calibration_batches(prompt_ids, pad_id, batch_size):
                 for acc in accs:
                     acc.mask = mask.to(device)
-                out = teacher(input_ids=ids.to(device), attention_mask=mask.to(device), output_hidden_states=True)
-                m = mask.to(device).bool()
-                states = out.hidden_states
-                for i in range(len(layers)):
-                    cos = torch.nn.functional.cosine_similarity(states[i][m].float(), states[i + 1][m].float(), dim=-1)
-                    block[i] += (1 - cos).sum().cpu()
-                n_tokens += int(m.sum())
+                current["mask"] = mask.to(device).bool()
+                teacher(input_ids=ids.to(device), attention_mask=mask.to(device))
+                n_tokens += int(current["mask"].sum())
     finally:
         for h in hooks:
             h.remove()
