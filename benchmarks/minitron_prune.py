@@ -17,8 +17,8 @@ from distill.modeling import count_parameters, load_model
 from distill.recipes import math_tutor
 from distill.students.minitron import (
     Shape,
-    calibration_batches,
     importance,
+    kl_to_teacher,
     prune,
     random_importance,
     student_config,
@@ -32,17 +32,6 @@ SHAPES = {
     "all, 10x (4 layers)": Shape(40, 128, 1, 1, 4),
     "all, 10x (demo shape)": Shape(64, 120, 2, 2, 2),
 }
-
-
-def kl(teacher, student, ids: list[list[int]]) -> float:
-    total = count = 0.0
-    for x, mask in calibration_batches(ids, 0, 32):
-        with torch.no_grad():
-            t = torch.log_softmax(teacher(x, attention_mask=mask).logits, -1)
-            s = torch.log_softmax(student(x, attention_mask=mask).logits, -1)
-        total += float(((t.exp() * (t - s)).sum(-1) * mask).sum())
-        count += float(mask.sum())
-    return total / count
 
 
 def main() -> None:
@@ -65,12 +54,12 @@ def main() -> None:
     print(f"{'shape':24s} {'params':>8s} {'importance':>10s} {'random (min..max)':>18s} {'fresh':>6s}")
     for name, shape in SHAPES.items():
         student, _ = prune(teacher, shape, imp)
-        randoms = [kl(teacher, prune(teacher, shape, random_importance(teacher.config, s))[0], held)
+        randoms = [kl_to_teacher(teacher, prune(teacher, shape, random_importance(teacher.config, s))[0], held)
                    for s in range(args.seeds)]
         torch.manual_seed(0)
         fresh = AutoModelForCausalLM.from_config(student_config(teacher.config, shape, list(range(shape.num_hidden_layers))))
-        print(f"{name:24s} {count_parameters(student):>8,d} {kl(teacher, student, held):>10.3f} "
-              f"{min(randoms):>8.3f}..{max(randoms):<8.3f} {kl(teacher, fresh, held):>6.3f}")
+        print(f"{name:24s} {count_parameters(student):>8,d} {kl_to_teacher(teacher, student, held):>10.3f} "
+              f"{min(randoms):>8.3f}..{max(randoms):<8.3f} {kl_to_teacher(teacher, fresh, held):>6.3f}")
 
 
 if __name__ == "__main__":

@@ -13,9 +13,9 @@ from distill.recipes import math_tutor
 from distill.students.build import build_student
 from distill.students.minitron import (
     Shape,
-    calibration_batches,
     choose_shape,
     importance,
+    kl_to_teacher,
     prune,
     random_importance,
     shape_params,
@@ -37,15 +37,7 @@ def tutor():
 
 
 def _kl(teacher, student, ids: list[list[int]]) -> float:
-    """Mean KL(teacher || student) per real token."""
-    total = count = 0.0
-    for x, mask in calibration_batches(ids, 0, 32):
-        with torch.no_grad():
-            t = torch.log_softmax(teacher(x, attention_mask=mask).logits, -1)
-            s = torch.log_softmax(student(x, attention_mask=mask).logits, -1)
-        total += float(((t.exp() * (t - s)).sum(-1) * mask).sum())
-        count += float(mask.sum())
-    return total / count
+    return kl_to_teacher(teacher, student, ids, 0)
 
 
 def _gqa_teacher():
@@ -85,6 +77,13 @@ def test_pruned_shape_runs_and_keeps_gqa_groups_whole():
     torch.testing.assert_close(student.model.embed_tokens.weight, teacher.model.embed_tokens.weight[:, hid])
     out = student.generate(torch.tensor([[1, 5, 9]]), max_new_tokens=4, do_sample=False)
     assert out.shape == (1, 7)
+
+
+def test_kl_to_teacher_is_zero_for_the_teacher_and_positive_otherwise(tutor):
+    teacher, _, _, heldout = tutor
+    assert kl_to_teacher(teacher, teacher, heldout) == pytest.approx(0.0, abs=1e-6)
+    assert kl_to_teacher(teacher, prune(teacher, Shape(64, 96, 2, 2, 2), random_importance(teacher.config))[0],
+                         heldout) > 0.1
 
 
 def test_tied_embeddings_stay_tied(tutor):

@@ -359,6 +359,20 @@ def prune(teacher: torch.nn.Module, shape: Shape, imp: Importance) -> tuple[torc
     return student.to(next(teacher.parameters()).device), kept_layers
 
 
+def kl_to_teacher(teacher: torch.nn.Module, student: torch.nn.Module, prompt_ids: list[list[int]],
+                  pad_id: int = 0) -> float:
+    """Mean KL(teacher || student) in nats per real token of `prompt_ids`: how much of the teacher a pruned
+    student kept before any training (the figure importance ranking is judged by)."""
+    total = count = 0.0
+    for ids, mask in calibration_batches(prompt_ids, pad_id, 32):
+        with torch.inference_mode():
+            t = torch.log_softmax(teacher(ids, attention_mask=mask).logits.float(), -1)
+            s = torch.log_softmax(student(ids, attention_mask=mask).logits.float(), -1)
+        total += float(((t.exp() * (t - s)).sum(-1) * mask).sum())
+        count += float(mask.sum())
+    return total / max(count, 1.0)
+
+
 # ---------------------------------------------------------------- calibration prompts and the entry point
 
 
