@@ -304,7 +304,7 @@ def test_disagreement_section_lists_each_students_prompts(reported):
     _, out, _ = reported
     md = (out / "report.md").read_text()
     section = md.split("## Where the students and the teacher disagree")[1].split("\n## ")[0]
-    assert section.count("### distilled") == 1 and section.count("### baseline") == 2
+    assert section.count("### distilled, 1 of 1 shown") == 1 and "### baseline, 2 of 2 shown" in section
     assert "9 - 4 = 5. 5 + 2 = 7. The answer is 7." in section
     assert "**distilled ✓ correct**" in section and "**teacher ✗ wrong**" in section
 
@@ -334,10 +334,11 @@ def test_loss_plot_is_log_scale_with_held_out_curve_and_lr_plot(reported):
     first, second = fig.axes[:2]
     assert first.get_yscale() == "log" and second.get_yscale() == "log"
     labels = [line.get_label() for line in first.get_lines()]
-    assert "held-out loss" in labels and "training loss" in labels
-    held_out = next(line for line in first.get_lines() if line.get_label() == "held-out loss")
+    assert f"held-out loss (last {2.5 / 40**0.5:.3g})" in labels
+    assert f"training loss (last {TRAIN_LOG[-2]['loss']:.3g})" in labels
+    held_out = next(line for line in first.get_lines() if line.get_label().startswith("held-out loss"))
     assert list(held_out.get_xdata()) == [10, 20, 30, 40]
-    assert "held-out loss" not in [line.get_label() for line in second.get_lines()]
+    assert not any(line.get_label().startswith("held-out") for line in second.get_lines())
     lr = learning_rate_figure({"distilled": EVAL_LOG})
     (curve,) = lr.axes[0].get_lines()
     assert list(curve.get_ydata()) == [e["learning_rate"] for e in TRAIN_LOG if "learning_rate" in e]

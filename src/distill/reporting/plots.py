@@ -49,14 +49,19 @@ def loss_figure(logs: dict[str, list[dict]]):
     axes = fig.subplots(1, len(with_data), squeeze=False)[0]
     for ax, (name, series) in zip(axes, with_data.items()):
         for key, (steps, values) in sorted(series.items()):
+            final = f" (last {values[-1]:.3g})"  # readable even where lines lie on top of each other
             if key == "eval_loss":
-                ax.plot(steps, values, "o-", color="#d62728", markersize=4, label="held-out loss")
+                ax.plot(steps, values, "o-", color="#d62728", markersize=4, label="held-out loss" + final)
             elif key == "loss":
-                ax.plot(steps, values, color="#222222", linewidth=2, label="training loss")
+                ax.plot(steps, values, color="#222222", linewidth=2, label="training loss" + final)
             else:
-                ax.plot(steps, values, "--", linewidth=1, label=key)
+                ax.plot(steps, values, "--", linewidth=1, label=key + final)
         if all(v > 0 for _, vs in series.values() for v in vs):
+            from matplotlib.ticker import FormatStrFormatter
+
             ax.set_yscale("log")
+            ax.yaxis.set_major_formatter(FormatStrFormatter("%.2g"))
+            ax.yaxis.set_minor_formatter(FormatStrFormatter("%.2g"))
         ax.set_title(f"{name}: losses")
         ax.set_xlabel("step")
         ax.set_ylabel("loss (log)")

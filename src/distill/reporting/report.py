@@ -245,8 +245,9 @@ def _failure_sections(results: dict) -> list[tuple[str, str, list]]:
         for name, rows in found.items():
             if not rows:
                 items.append((f"{name}: gives the teacher's answer on every prompt", []))
-            for row in rows:
-                items.append((name, [("prompt", row["prompt"]), *disagreement_answers(row, name)]))
+            for k, row in enumerate(rows, 1):
+                items.append((f"{name}, {k} of {len(rows)} shown", [("prompt", row["prompt"]),
+                                                                     *disagreement_answers(row, name)]))
         blocks.append(("answers", "Where the students and the teacher disagree", items))
     samples = [
         (f"Sample {i}", [("prompt", s["prompt"]), *labelled_answers(s)])
