@@ -49,7 +49,11 @@ def make_run_dir(root: Path, teacher_dir: Path, tokenizer, references: list[str]
     refs = references or [str(i) for i in range(len(prompts))]
     eval_file = root / "eval.jsonl"
     eval_file.write_text(
-        "\n".join(json.dumps({"prompt": p, "answer": r}) for p, r in zip(prompts, refs)) + "\n"
+        "\n".join(
+            json.dumps({"prompt": p, "answer": r, "group": "first two" if i < 2 else "rest"})
+            for i, (p, r) in enumerate(zip(prompts, refs))
+        )
+        + "\n"
     )
     return {
         "run_dir": str(run),
@@ -137,6 +141,64 @@ def test_results_and_outputs_written(evaluated):
         json.loads(line) for line in (Path(cfg.run_dir) / "eval" / "outputs.jsonl").read_text().splitlines()
     ]
     assert len(rows) == 6 and rows[0]["reference"] == res["samples"][0]["reference"]
+
+
+def test_per_prompt_marks_and_error_breakdown_by_group(evaluated):
+    """The teacher is right on exactly the first two prompts (group 'first two'), wrong on the rest."""
+    _, res = evaluated
+    assert res["group_field"] == "group"
+    assert res["teacher"]["groups"] == {"first two": {"n": 2, "score": 1.0}, "rest": {"n": 4, "score": 0.0}}
+    assert res["students"]["same"]["groups"] == res["teacher"]["groups"]
+    assert [s["scores"]["teacher"] for s in res["samples"]] == [1.0, 1.0, 0.0]
+    assert [s["group"] for s in res["samples"]] == ["first two", "first two", "rest"]
+    assert set(res["samples"][0]["scores"]) == {"teacher", "same", "small"}
+
+
+def test_answer_agreement_and_disagreements(evaluated):
+    cfg, res = evaluated
+    rows = [json.loads(line) for line in (Path(cfg.run_dir) / "eval" / "outputs.jsonl").read_text().splitlines()]
+    same, small = res["students"]["same"], res["students"]["small"]
+    assert same["answer_agreement"] == 1.0 and res["disagreements"]["same"] == []
+    differ = [r["prompt"] for r in rows if r["students"]["small"].strip().lower() != r["teacher"].strip().lower()]
+    assert small["answer_agreement"] == pytest.approx(1 - len(differ) / 6)
+    assert [d["prompt"] for d in res["disagreements"]["small"]] == differ[: cfg.eval.samples]
+
+
+def test_latency_comes_from_several_passes(evaluated):
+    cfg, res = evaluated
+    for entry in (res["teacher"], *res["students"].values()):
+        assert len(entry["latency_pass_p50_ms"]) == cfg.eval.latency_passes == 3
+        assert entry["latency_spread"] >= 0 and isinstance(entry["latency_noisy"], bool)
+        lo, hi = min(entry["latency_pass_p50_ms"]), max(entry["latency_pass_p50_ms"])
+        assert entry["latency_spread"] == pytest.approx((hi - lo) / sorted(entry["latency_pass_p50_ms"])[1])
+    assert "speedup_noisy" in res["students"]["small"]
+
+
+def test_latency_summary_flags_noise():
+    from distill.evaluation.cost import latency_summary
+
+    steady = latency_summary([[0.10, 0.11, 0.10], [0.10, 0.10, 0.11], [0.11, 0.10, 0.10]])
+    assert steady["latency_ms_p50"] == pytest.approx(100.0) and not steady["latency_noisy"]
+    assert steady["latency_spread"] == pytest.approx(0.0)
+    slow_pass = latency_summary([[0.10] * 3, [0.10] * 3, [0.20] * 3])
+    assert slow_pass["latency_spread"] == pytest.approx(1.0) and slow_pass["latency_noisy"]
+    tail = latency_summary([[0.1] * 18 + [8.0, 8.0]])  # one pass: only the tail can flag it
+    assert tail["latency_spread"] is None and tail["latency_noisy"]
+
+
+def test_answer_agreement_and_group_scores_units():
+    from distill.evaluation.metrics import answer_agreement, group_scores
+
+    rx = r"The answer is (-?\d+)"
+    teacher = [" 2 + 3 = 5. The answer is 5.", " The answer is 7.", "no answer", " The answer is 1."]
+    student = [" 2 + 3 = 6. The answer is 5.", " 7 - 1 = 6. The answer is 6.", "none either", " The answer is 1"]
+    assert answer_agreement(student, teacher, rx) == 0.5  # a pair with no answer at all does not agree
+    assert answer_agreement(["Paris "], ["paris"], None) == 1.0
+    assert answer_agreement([], [], rx) is None
+    assert group_scores([1.0, 0.0, None, 1.0], ["a", "b", "a", None]) == {
+        "a": {"n": 1, "score": 1.0},
+        "b": {"n": 1, "score": 0.0},
+    }
 
 
 def test_batched_left_padded_generation_matches_one_by_one(teacher_dir):
@@ -295,3 +357,13 @@ def test_two_task_cot_student_is_asked_with_its_task_prefix(tmp_path, teacher_di
     evaluate(load_config(tree))
     assert all(p.startswith("[rationale] ") for p in seen["small"])
     assert not any(p.startswith("[") for p in seen["same"] + seen["teacher"])
+
+
+def test_math_tutor_heldout_rows_carry_their_group(tmp_path):
+    from distill.recipes import math_tutor
+
+    problems = math_tutor.make_problems(20, seed=3, split="test")
+    path = math_tutor.write_jsonl(tmp_path / "h.jsonl", problems, with_groups=True)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["group"] for r in rows] == [f"{len(p.steps)}-step" for p in problems]
+    assert {r["group"] for r in rows} == {"1-step", "2-step"}

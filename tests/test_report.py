@@ -12,7 +12,10 @@ from test_evaluate import TRAIN_LOG
 from typer.testing import CliRunner
 
 from distill.config import load_config, save_config
-from distill.reporting.report import loss_series, report, table_rows
+from distill.reporting.report import COLUMNS, loss_series, report, table_rows
+
+# the distilled student's log: training losses and a held-out loss every 10 steps
+EVAL_LOG = TRAIN_LOG + [{"step": s, "epoch": s / 40, "eval_loss": 2.5 / s**0.5} for s in (10, 20, 30, 40)]
 
 
 def _entry(score, params, p50, **kw):
@@ -41,7 +44,9 @@ def _entry(score, params, p50, **kw):
 
 def make_results(run_dir: Path) -> dict:
     """A results.json as `distill eval` writes it (teacher + two students), and the students' logs."""
-    teacher = _entry(0.9, 12_000_000, 50.0, path="org/teacher-model")
+    groups = {"1-step": {"n": 1, "score": 1.0}, "2-step": {"n": 1, "score": 0.0}}
+    teacher = _entry(0.9, 12_000_000, 50.0, path="org/teacher-model", latency_noisy=True, latency_spread=0.4,
+                     groups=groups)
     students = {
         "distilled": _entry(
             0.81,
@@ -53,6 +58,10 @@ def make_results(run_dir: Path) -> dict:
             speedup=5.0,
             size_ratio=10.0,
             throughput_ratio=5.0,
+            answer_agreement=0.64,
+            speedup_noisy=True,
+            latency_spread=0.05,
+            groups={"1-step": {"n": 1, "score": 1.0}, "2-step": {"n": 1, "score": 0.5}},
         ),
         "baseline": _entry(
             0.3,
@@ -76,22 +85,38 @@ def make_results(run_dir: Path) -> dict:
         "cost_per_hour": 1.0,
         "teacher": teacher,
         "students": students,
+        "group_field": "group",
         "samples": [
             {
                 "prompt": "Q: 2 + 3? A:",
                 "reference": "5",
+                "group": "1-step",
                 "teacher": "2 + 3 = 5. The answer is 5.",
                 "students": {"distilled": "The answer is 5.", "baseline": "<script>x</script>"},
-            }
+                "scores": {"teacher": 1.0, "distilled": 1.0, "baseline": 0.0},
+            },
+            {
+                "prompt": "Q: 9 - 4 + 2? A:",
+                "reference": "7",
+                "group": "2-step",
+                "teacher": "9 - 4 = 5. 5 + 2 = 8. The answer is 8.",
+                "students": {"distilled": "9 - 4 = 5. 5 + 2 = 7. The answer is 7.", "baseline": "The answer is 3."},
+                "scores": {"teacher": 0.0, "distilled": 1.0, "baseline": 0.0},
+            },
         ],
     }
+    results["disagreements"] = {"distilled": [results["samples"][1]], "baseline": results["samples"]}
     (run_dir / "eval").mkdir(parents=True)
     (run_dir / "eval" / "results.json").write_text(json.dumps(results))
     for name in students:
         d = run_dir / "students" / name
         d.mkdir(parents=True)
         (d / "config.json").write_text("{}")
-        (d / "train_log.json").write_text(json.dumps(TRAIN_LOG))
+        (d / "train_log.json").write_text(json.dumps(TRAIN_LOG if name == "baseline" else EVAL_LOG))
+    (run_dir / "students" / "distilled" / "train_summary.json").write_text(
+        json.dumps({"global_steps": 40, "epochs": 1.0, "examples": 1000, "tokens_seen": 12_345,
+                    "train_runtime_s": 12.5})
+    )
     (run_dir / "students" / "baseline" / "train_summary.json").write_text(
         json.dumps({"train_runtime_s": 42.0, "signal": "none", "losses": [{"name": "cross_entropy"}]})
     )
@@ -120,6 +145,7 @@ def test_report_files_and_plots(reported):
         "report.md",
         "report.html",
         "losses.png",
+        "learning_rate.png",
         "scores.png",
         "score_vs_params.png",
         "score_vs_latency.png",
@@ -149,8 +175,8 @@ def test_markdown_table_and_samples(reported):
     ):
         assert col in header
     distilled = next(line for line in md.splitlines() if line.startswith("| distilled"))
-    assert "| 0.810 | 90.0% | 0.875 | 0.1234 | 1.20M |" in distilled
-    assert "| 10.0 | 12.0 | 100 |" in distilled  # p50, p95, tokens/s
+    assert "| 0.810 | 90.0% | 0.875 | 0.640 | 0.1234 | 1.20M |" in distilled  # token, then answer agreement
+    assert "| 10.0 | 12.0 | ±5% | 100 |" in distilled  # p50, p95, p50 spread over the passes, tokens/s
     assert "**distilled**: keeps 90.0% of the teacher's exact_match, 10.0x fewer parameters" in md
     assert "![Training losses](losses.png)" in md
     assert "The answer is 5." in md
@@ -161,7 +187,7 @@ def test_markdown_table_and_samples(reported):
 def test_html_is_self_contained_and_escaped(reported):
     _, out, _ = reported
     html = (out / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 4
+    assert html.count("data:image/png;base64,") == 5  # losses, learning rate, scores, two scatters
     assert not re.search(r"""(src|href)\s*=\s*['"]?https?:""", html)
     assert "<link" not in html and "<script>" not in html
     assert "&lt;script&gt;x&lt;/script&gt;" in html
@@ -242,3 +268,103 @@ def test_report_from_a_real_evaluation(tmp_path, teacher_dir, tokenizer):
     assert (
         f"| p50 (ms) | {results['teacher']['latency_ms_p50']:.1f} | {small['latency_ms_p50']:.1f} |" in card
     )
+
+
+def test_noisy_latency_is_flagged(reported):
+    _, out, results = reported
+    rows = {r[0]: r for r in table_rows(results)}
+    p50 = 1 + [key for _, key, _ in COLUMNS].index("latency_ms_p50")
+    assert rows["teacher"][p50] == "50.0 (noisy)" and rows["distilled"][p50] == "10.0"
+    md = (out / "report.md").read_text()
+    assert "5.00x faster at batch 1 (p50) (noisy: the latency passes disagree" in md
+    assert "gives the teacher's answer on 64.0% of prompts (token agreement 0.875)" in md
+
+
+def test_samples_are_marked_right_or_wrong(reported):
+    _, out, _ = reported
+    md = (out / "report.md").read_text()
+    samples = md.split("## Sample outputs")[1]
+    second = samples.split("### Sample 2")[1]
+    assert "**teacher ✗ wrong**" in second and "**distilled ✓ correct**" in second  # a teacher error is flagged
+    assert "**teacher ✓ correct**" in samples.split("### Sample 2")[0]
+    html = (out / "report.html").read_text()
+    assert "<b class='bad'>teacher ✗ wrong</b>" in html and "<b class='ok'>distilled ✓ correct</b>" in html
+
+
+def test_error_breakdown_by_group(reported):
+    _, out, _ = reported
+    md = (out / "report.md").read_text()
+    section = md.split("## Score by group")[1].split("\n## ")[0]
+    assert "| Group | Prompts | teacher | distilled | baseline |" in section
+    assert "| 1-step | 1 | 1.000 | 1.000 | — |" in section
+    assert "| 2-step | 1 | 0.000 | 0.500 | — |" in section
+
+
+def test_disagreement_section_lists_each_students_prompts(reported):
+    _, out, _ = reported
+    md = (out / "report.md").read_text()
+    section = md.split("## Where the students and the teacher disagree")[1].split("\n## ")[0]
+    assert section.count("### distilled, 1 of 1 shown") == 1 and "### baseline, 2 of 2 shown" in section
+    assert "9 - 4 = 5. 5 + 2 = 7. The answer is 7." in section
+    assert "**distilled ✓ correct**" in section and "**teacher ✗ wrong**" in section
+
+
+def test_training_table_shows_what_each_student_saw(reported):
+    _, out, _ = reported
+    md = (out / "report.md").read_text()
+    assert "| Student | Steps | Epochs | Examples | Tokens seen | Time (s) | Final loss | Held-out loss |" in md
+    final = TRAIN_LOG[-2]["loss"]
+    assert f"| distilled | 40 | 1.00 | 1,000 | 12.35k | 12 | {final:.4f} | {2.5 / 40**0.5:.4f} |" in md
+    assert f"| baseline | — | — | — | — | 42 | {final:.4f} | — |" in md
+
+
+def test_html_notes_have_no_literal_backticks(reported):
+    _, out, _ = reported
+    html = (out / "report.html").read_text()
+    assert "`" not in html
+    assert "<code>exact_match</code>" in html and "<code>eval.jsonl</code>" in html
+    assert "<b>distilled</b>:" in html  # the summary's markdown bold became a tag
+
+
+def test_loss_plot_is_log_scale_with_held_out_curve_and_lr_plot(reported):
+    from distill.reporting.plots import learning_rate_figure, loss_figure
+
+    _, out, _ = reported
+    fig = loss_figure({"distilled": EVAL_LOG, "baseline": TRAIN_LOG})
+    first, second = fig.axes[:2]
+    assert first.get_yscale() == "log" and second.get_yscale() == "log"
+    labels = [line.get_label() for line in first.get_lines()]
+    assert f"held-out loss (last {2.5 / 40**0.5:.3g})" in labels
+    assert f"training loss (last {TRAIN_LOG[-2]['loss']:.3g})" in labels
+    held_out = next(line for line in first.get_lines() if line.get_label().startswith("held-out loss"))
+    assert list(held_out.get_xdata()) == [10, 20, 30, 40]
+    assert not any(line.get_label().startswith("held-out") for line in second.get_lines())
+    lr = learning_rate_figure({"distilled": EVAL_LOG})
+    (curve,) = lr.axes[0].get_lines()
+    assert list(curve.get_ydata()) == [e["learning_rate"] for e in TRAIN_LOG if "learning_rate" in e]
+    assert (out / "learning_rate.png").exists()
+    assert learning_rate_figure({"x": [{"step": 1, "loss": 1.0}]}) is None
+
+
+def test_held_out_loss_and_tokens_seen_from_training(tmp_path, teacher_dir):
+    """train.eval_fraction + train.eval_steps give a held-out loss curve in train_log.json; the summary
+    records steps, epochs and tokens seen."""
+    from distill.training.train import train
+
+    data = tmp_path / "train.jsonl"
+    rows = [{"prompt": f"Q: {a} + {b}? A:", "response": f" {a + b}."} for a in range(4) for b in range(4)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = load_config({
+        "run_dir": str(tmp_path / "run"),
+        "teacher": {"model": str(teacher_dir)},
+        "student": {"init": "prune", "num_layers": 1},
+        "train": {"input": str(data), "signal": "online", "max_steps": 4, "per_device_train_batch_size": 4,
+                  "logging_steps": 1, "save_steps": 1000, "eval_fraction": 0.25, "eval_steps": 2, "threads": 1},
+    })
+    out = train(cfg)[0]
+    log = json.loads((out / "train_log.json").read_text())
+    assert [e["step"] for e in log if "eval_loss" in e] == [2, 4]
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["global_steps"] == 4 and summary["examples"] == 12
+    assert summary["epochs"] == pytest.approx(4 * 4 / 12, abs=0.01)
+    assert summary["tokens_seen"] > 4 * 4 * 5  # at least five real tokens per example

@@ -121,13 +121,26 @@ class StudentConfig(Section):
     """How the student is built."""
 
     name: str = Field("student", description="name in reports and the output directory")
-    init: Literal["prune", "config", "lora", "pretrained"] = Field(
-        "prune", description="prune the teacher | fresh from a config | LoRA on a base | a pretrained model"
+    init: Literal["prune", "minitron", "config", "lora", "pretrained"] = Field(
+        "prune",
+        description="prune the teacher's layers | minitron: prune width and depth by importance | fresh from a "
+        "config | LoRA on a base | a pretrained model",
     )
     model: str | None = Field(None, description="base model for lora/pretrained (default: the teacher)")
     num_layers: int | None = Field(None, ge=1, description="prune: keep this many evenly spaced layers")
     layers: list[int] | None = Field(None, description="prune: exact teacher layer indices to keep")
-    config: dict[str, Any] = Field(default_factory=dict, description="config: overrides of the teacher's config")
+    config: dict[str, Any] = Field(
+        default_factory=dict,
+        description="config: overrides of the teacher's config | minitron: sizes to prune to (hidden_size, "
+        "intermediate_size, num_attention_heads, num_key_value_heads, num_hidden_layers)",
+    )
+    target_params: int | None = Field(
+        None, ge=1, description="minitron: parameter budget; the widths not given in config shrink to fit it"
+    )
+    calibration: str | None = Field(
+        None, description="minitron: prompts file ranking the teacher's units (default: generate.input, train.input)"
+    )
+    calibration_samples: int = Field(256, ge=1, description="minitron: how many calibration prompts are used")
     lora: LoraSettings = Field(default_factory=LoraSettings, description="init=lora: adapter settings")
     train: dict[str, Any] = Field(
         default_factory=dict, description="this student's overrides of the train section (signal, input, losses, ...)"
@@ -191,6 +204,9 @@ class TrainConfig(Section):
     save_steps: int = Field(500, ge=1, description="write a checkpoint every N steps (resume starts there)")
     save_total_limit: int | None = Field(2, description="checkpoints kept (older ones are deleted); None: all")
     eval_fraction: float = Field(0.0, ge=0, lt=1, description="held-out fraction for eval loss during training")
+    eval_steps: int | None = Field(
+        None, ge=1, description="held-out loss every N steps (needs eval_fraction > 0; default: logging_steps)"
+    )
     resume: bool = Field(True, description="resume from the last checkpoint in the run directory")
     report_to: list[str] = Field(default_factory=lambda: ["none"],
                                  description="trackers: none | tensorboard | mlflow | wandb | ...")
@@ -281,12 +297,18 @@ class EvalConfig(Section):
     max_new_tokens: int = Field(128, ge=1, description="most tokens each model generates per held-out prompt")
     batch_size: int = Field(16, ge=1, description="prompts generated together")
     latency_requests: int = Field(10, ge=1, description="batch-1 generations timed for p50/p95")
+    latency_passes: int = Field(
+        3, ge=1, description="timed passes over the latency requests; their spread flags a noisy machine"
+    )
     cost_per_hour: float = Field(1.0, ge=0, description="$ per hour of the serving machine")
     latency_new_tokens: int = Field(32, ge=1, description="fixed new tokens per timed generation (latency, tokens/s)")
     measure_memory: bool = Field(True, description="peak memory (CPU: RSS in a fresh subprocess; CUDA: allocator)")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N for every evaluated model")
     dtype: str = Field("auto", description="auto | float32 | bfloat16 | float16 for every evaluated model")
     samples: int = Field(5, ge=0, description="prompts whose outputs are kept in results.json and the report")
+    group_field: str | None = Field(
+        "group", description="eval-data field whose values group the error breakdown (e.g. 1-step / 2-step)"
+    )
 
     @field_validator("metric")
     @classmethod

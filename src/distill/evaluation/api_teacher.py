@@ -6,7 +6,7 @@ import time
 from typing import Any
 
 from distill.config import Config
-from distill.evaluation.cost import percentile
+from distill.evaluation.cost import latency_summary
 from distill.evaluation.metrics import score_outputs
 
 NO_API_FIDELITY = {
@@ -57,8 +57,7 @@ def api_teacher_entry(
         "params": None,
         "bytes_on_disk": None,
         "adapter": False,
-        "latency_ms_p50": 1000 * percentile(latency, 50),
-        "latency_ms_p95": 1000 * percentile(latency, 95),
+        **latency_summary([latency]),  # one pass: API requests cost money; the p95/p50 tail still flags noise
         "latency_new_tokens": None,
         "tokens_per_s": tokens / wall if tokens else None,
         "throughput_batch_size": cfg.teacher.max_concurrency,

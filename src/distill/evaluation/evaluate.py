@@ -2,11 +2,14 @@
 
 Run as: `distill eval cfg.yaml eval.limit=200` (writes run_dir/eval/results.json and outputs.jsonl).
 
-Per model: the task score (`eval.metric`), the % of the teacher's score a student keeps, token agreement and
-KL(teacher || student) under teacher forcing on the teacher's greedy outputs (same tokenizer only), and cost:
-parameters, bytes on disk, latency p50/p95 at batch 1, tokens/s at `eval.batch_size`, peak memory and $ per
-million generated tokens. Timed generations always produce exactly `eval.latency_new_tokens` tokens, so
-models that stop early are not flattered.
+Per model: the task score (`eval.metric`), overall and per group of `eval.group_field` (the error breakdown),
+the % of the teacher's score a student keeps, answer agreement (the student's extracted answer equals the
+teacher's), token agreement and KL(teacher || student) under teacher forcing on the teacher's greedy outputs
+(same tokenizer only), and cost: parameters, bytes on disk, latency p50/p95 at batch 1 (over several passes,
+with their spread), tokens/s at `eval.batch_size`, peak memory and $ per million generated tokens. Timed
+generations always produce exactly `eval.latency_new_tokens` tokens, so models that stop early are not
+flattered. Samples carry every model's per-prompt score (the report's right/wrong marks), and
+`disagreements` lists, per student, prompts where its answer is not the teacher's.
 
 Peak memory: on CUDA, the allocator's peak (`torch.cuda.max_memory_allocated`) during the throughput batch
 minus what was allocated before the model was loaded (weights + activations + KV cache); on CPU, the peak
@@ -32,7 +35,13 @@ from distill.evaluation.api_teacher import NO_API_FIDELITY, api_teacher_entry
 from distill.evaluation.cost import measure_cost, relative_to_teacher, throughput_batch
 from distill.evaluation.fidelity import fidelity
 from distill.evaluation.generation import generate_batch, is_adapter, load_for_eval, vocabulary_mismatch
-from distill.evaluation.metrics import get_metric, score_outputs
+from distill.evaluation.metrics import (
+    answer_agreement,
+    get_metric,
+    group_scores,
+    prompt_scores,
+    score_outputs,
+)
 from distill.evaluation.peak_memory import measure_cpu
 from distill.teachers.registry import backend_spec
 
@@ -60,6 +69,14 @@ def _eval_input(cfg: Config) -> Path | str:
         return given
     in_run = cfg.path(given)
     return in_run if in_run is not None and in_run.exists() else given
+
+
+def disagreements(student: list[str], teacher: list[str], answer_regex: str | None) -> list[int]:
+    """Indices of the prompts where the student's final answer differs from the teacher's."""
+    return [
+        i for i, (s, t) in enumerate(zip(student, teacher))
+        if answer_agreement([s], [t], answer_regex) == 0
+    ]
 
 
 def _release_memory() -> None:
@@ -129,10 +146,12 @@ def _evaluate(cfg: Config) -> dict[str, Any]:
             label=f"{name}: generating",
         )
         score, n_scored = score_outputs(metric, gen.texts, references)
+        marks[name] = prompt_scores(metric, gen.texts, references)
         entry: dict[str, Any] = {
             "path": str(path),
             "score": score,
             "n_scored": n_scored,
+            "groups": group_scores(marks[name], groups),
             "mean_output_tokens": sum(map(len, gen.output_ids)) / len(gen.output_ids),
         }
         if teacher is not None:
@@ -167,10 +186,15 @@ def _evaluate(cfg: Config) -> dict[str, Any]:
         return model, tok, gen, entry
 
     probes: dict[str, dict[str, Any]] = {}
+    marks: dict[str, list[float | None]] = {}  # per-prompt metric of every model, for marks and the breakdown
+    groups = [r.extra.get(ev.group_field) if ev.group_field else None for r in records]
+    answer_regex = ev.answer_regex if ev.metric == "exact_match" else None
 
     if not backend_spec(cfg.teacher.backend).local_weights:  # scored over its endpoint
         console.print(f"[bold]eval[/] teacher: {cfg.teacher.model} over the API")
         teacher_entry, teacher_texts = api_teacher_entry(cfg, records, metric, references)
+        marks["teacher"] = prompt_scores(metric, teacher_texts, references)
+        teacher_entry["groups"] = group_scores(marks["teacher"], groups)
         teacher = None
     else:
         t_model, t_tok, t_gen, teacher_entry = run_model(
@@ -196,6 +220,7 @@ def _evaluate(cfg: Config) -> dict[str, Any]:
         model, _, gen, entry = run_model(name, path, False, teacher=teacher, cot=cot if cot.mode == "two_task" else None)
         if teacher is None:
             entry.update(NO_API_FIDELITY)
+        entry["answer_agreement"] = answer_agreement(gen.texts, teacher_texts, answer_regex)
         results["students"][name] = entry
         outputs[name] = gen.texts
         del model
@@ -209,26 +234,28 @@ def _evaluate(cfg: Config) -> dict[str, Any]:
             entries[name].update(peak_memory_bytes=peak, memory_method=how)
     for entry in results["students"].values():
         entry.update(relative_to_teacher(entry, teacher_entry))
-    results["samples"] = [
-        {
+    def row(i: int) -> dict[str, Any]:
+        r = records[i]
+        return {
             "prompt": r.prompt_text(),
             "reference": references[i],
+            "group": None if groups[i] is None else str(groups[i]),
             "teacher": teacher_texts[i],
             "students": {name: texts[i] for name, texts in outputs.items()},
+            "scores": {name: values[i] for name, values in marks.items()},  # per model; None: no reference
         }
-        for i, r in enumerate(records[: ev.samples])
-    ]
+
+    results["group_field"] = ev.group_field if any(g is not None for g in groups) else None
+    results["samples"] = [row(i) for i in range(min(ev.samples, len(records)))]
+    results["disagreements"] = {
+        name: [row(i) for i in disagreements(texts, teacher_texts, answer_regex)[: ev.samples]]
+        for name, texts in outputs.items()
+    }
     out_dir = Path(cfg.run_dir) / "eval"
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))
     with (out_dir / "outputs.jsonl").open("w") as fh:
-        for i, r in enumerate(records):
-            row = {
-                "prompt": r.prompt_text(),
-                "reference": references[i],
-                "teacher": teacher_texts[i],
-                "students": {name: texts[i] for name, texts in outputs.items()},
-            }
-            fh.write(json.dumps(row) + "\n")
+        for i in range(len(records)):
+            fh.write(json.dumps(row(i)) + "\n")
     console.print(f"[green]eval results:[/] {out_dir / 'results.json'}")
     return results

@@ -205,13 +205,12 @@ def get_metric(spec: str, answer_regex: str | None = None) -> Metric:
     return _import_user_metric(spec)
 
 
-def score_outputs(
-    metric: Metric, predictions: list[str], references: list[str | None]
-) -> tuple[float | None, int]:
-    """Mean metric over the prompts that have a reference, and how many those were (None, 0 if none)."""
-    values = []
+def prompt_scores(metric: Metric, predictions: list[str], references: list[str | None]) -> list[float | None]:
+    """The metric of every prompt; None where the prompt has no reference."""
+    values: list[float | None] = []
     for i, (pred, ref) in enumerate(zip(predictions, references)):
         if ref is None:
+            values.append(None)
             continue
         value = metric(pred, ref)
         try:
@@ -220,9 +219,50 @@ def score_outputs(
             raise ValueError(
                 f"metric returned {value!r} for prompt {i}; a metric must return a number"
             ) from None
+    return values
+
+
+def score_outputs(
+    metric: Metric, predictions: list[str], references: list[str | None]
+) -> tuple[float | None, int]:
+    """Mean metric over the prompts that have a reference, and how many those were (None, 0 if none)."""
+    values = [v for v in prompt_scores(metric, predictions, references) if v is not None]
     if not values:
         return None, 0
     return sum(values) / len(values), len(values)
+
+
+def final_answer(text: str, answer_regex: str | None) -> str | None:
+    """What a model answered: the extracted answer when the task has an answer pattern (None when the text has
+    none), else the whole text normalised."""
+    if answer_regex is None:
+        return normalize_answer(text)
+    return extract_answer(text, answer_regex)
+
+
+def answer_agreement(student: list[str], teacher: list[str], answer_regex: str | None) -> float | None:
+    """Share of prompts where the student's final answer equals the teacher's (None without prompts).
+
+    Token agreement overstates fidelity when the answer is one token among ten: a student can copy the
+    teacher's wording and still get the number wrong. A prompt where neither gives an answer counts as a
+    disagreement, not as agreeing on nothing."""
+    if not teacher:
+        return None
+    same = 0
+    for s, t in zip(student, teacher):
+        a, b = final_answer(s, answer_regex), final_answer(t, answer_regex)
+        same += a is not None and a == b
+    return same / len(teacher)
+
+
+def group_scores(values: list[float | None], groups: list[str | None]) -> dict[str, dict[str, float | int]]:
+    """Mean score and count per group label (prompts without a reference or a group are left out), sorted by
+    group name: the error breakdown of the report."""
+    out: dict[str, list[float]] = {}
+    for v, g in zip(values, groups):
+        if v is not None and g is not None:
+            out.setdefault(str(g), []).append(v)
+    return {g: {"n": len(vs), "score": sum(vs) / len(vs)} for g, vs in sorted(out.items())}
 
 
 def percent_retained(student_score: float | None, teacher_score: float | None) -> float | None:

@@ -34,7 +34,7 @@ def write_data(data_dir: Path, sizes: dict, seed: int = 0) -> dict[str, Path]:
     return {
         "prompts": math_tutor.write_jsonl(data_dir / "prompts.jsonl", unlabeled, with_answers=False),
         "labelled": math_tutor.write_jsonl(data_dir / "labelled.jsonl", labelled, final_only=True),
-        "heldout": math_tutor.write_jsonl(data_dir / "heldout.jsonl", heldout),
+        "heldout": math_tutor.write_jsonl(data_dir / "heldout.jsonl", heldout, with_groups=True),
     }
 
 

@@ -208,9 +208,11 @@ def write_jsonl(
     with_answers: bool = True,
     with_solutions: bool = False,
     final_only: bool = False,
+    with_groups: bool = False,
 ) -> Path:
-    """Rows {"prompt", "answer"?, "response"?}: "response" is the full solution (`with_solutions`) or
-    the final answer sentence alone (`final_only`, the labels-only baseline)."""
+    """Rows {"prompt", "answer"?, "response"?, "group"?}: "response" is the full solution (`with_solutions`) or
+    the final answer sentence alone (`final_only`, the labels-only baseline); "group" ("1-step" / "2-step",
+    `with_groups`) is what the report breaks errors down by (eval.group_field)."""
     if with_solutions and final_only:
         raise ValueError("with_solutions and final_only are exclusive: choose one response kind")
     path = Path(path)
@@ -220,6 +222,8 @@ def write_jsonl(
             row: dict[str, str] = {"prompt": p.prompt}
             if with_answers:
                 row["answer"] = p.answer
+            if with_groups:
+                row["group"] = f"{len(p.steps)}-step"
             if with_solutions:
                 row["response"] = p.solution
             elif final_only:

@@ -10,22 +10,29 @@ from __future__ import annotations
 import base64
 import html
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from distill.config import STUDENT_CONFIG_FILE, Config, load_config
+from distill.reporting.failures import breakdown_table, disagreement_answers, disagreements, labelled_answers
+from distill.reporting.plots import loss_series, make_plots
+
+__all__ = ["COLUMNS", "loss_series", "make_plots", "report", "table_rows"]  # loss_series: moved to plots
 
 COLUMNS = [  # (header, results key, formatter name)
     ("Score", "score", "score"),
     ("% of teacher", "percent_of_teacher", "pct"),
     ("Agreement", "agreement", "frac"),
+    ("Answer agr.", "answer_agreement", "frac"),
     ("KL", "kl", "kl"),
     ("Params", "params", "count"),
     ("Size (MB)", "bytes_on_disk", "mb"),
     ("p50 (ms)", "latency_ms_p50", "ms"),
     ("p95 (ms)", "latency_ms_p95", "ms"),
+    ("p50 spread", "latency_spread", "spread"),
     ("Tokens/s", "tokens_per_s", "int"),
     ("Memory (MB)", "peak_memory_bytes", "mb"),
     ("$/M tokens", "cost_per_million_tokens", "usd"),
@@ -51,6 +58,7 @@ def _fmt(value: Any, kind: str) -> str:
         "int": "{:,.0f}",
         "usd": "${:.4f}",
         "x": "{:.2f}x",
+        "spread": "±{:.0%}",
     }
     if kind == "mb":
         return f"{value / 1e6:.2f}"
@@ -60,7 +68,16 @@ def _fmt(value: Any, kind: str) -> str:
 def table_rows(results: dict) -> list[list[str]]:
     """One row per model (teacher first): name then every COLUMNS figure, formatted."""
     models = [("teacher", results["teacher"]), *results["students"].items()]
-    return [[name, *(_fmt(entry.get(key), kind) for _, key, kind in COLUMNS)] for name, entry in models]
+    rows = []
+    for name, entry in models:
+        row = [name]
+        for _, key, kind in COLUMNS:
+            cell = _fmt(entry.get(key), kind)
+            if key == "latency_ms_p50" and entry.get("latency_noisy"):
+                cell += " (noisy)"  # the passes disagreed or the tail is long: a busy machine, not the model
+            row.append(cell)
+        rows.append(row)
+    return rows
 
 
 def load_train_log(path: Path) -> list[dict]:
@@ -71,115 +88,6 @@ def load_train_log(path: Path) -> list[dict]:
     if not isinstance(data, list):
         raise ValueError(f"{path}: expected a JSON list of log entries (trainer_state.log_history)")  # noqa: TRY004
     return [e for e in data if isinstance(e, dict)]
-
-
-def loss_series(log: list[dict]) -> dict[str, tuple[list[float], list[float]]]:
-    """{'loss': (steps, values), 'loss_forward_kl': ...} for every loss key that has values (older logs named
-    the components 'loss/forward_kl': read too)."""
-    series: dict[str, tuple[list[float], list[float]]] = {}
-    for entry in log:
-        if "step" not in entry:
-            continue
-        for key, value in entry.items():
-            if (key in ("loss", "eval_loss") or key.startswith(("loss_", "loss/"))) and isinstance(value, (int, float)):
-                steps, values = series.setdefault(key, ([], []))
-                steps.append(entry["step"])
-                values.append(float(value))
-    return series
-
-
-# ---------------------------------------------------------------- plots
-
-
-def _figure(width: float = 6.0, height: float = 4.0):
-    from matplotlib.figure import Figure  # no pyplot: no global state, and Agg renders the PNGs
-
-    return Figure(figsize=(width, height), dpi=100, layout="constrained")
-
-
-def plot_losses(logs: dict[str, list[dict]], path: Path) -> Path | None:
-    with_data = {name: loss_series(log) for name, log in logs.items()}
-    with_data = {name: s for name, s in with_data.items() if s}
-    if not with_data:
-        return None
-    fig = _figure(5.0 * len(with_data), 3.6)
-    axes = fig.subplots(1, len(with_data), squeeze=False)[0]
-    for ax, (name, series) in zip(axes, with_data.items()):
-        for key, (steps, values) in sorted(series.items()):
-            ax.plot(steps, values, marker="." if len(steps) < 30 else None, label=key)
-        ax.set_title(f"{name}: training losses")
-        ax.set_xlabel("step")
-        ax.set_ylabel("loss")
-        ax.legend(fontsize="small")
-        ax.grid(alpha=0.3)
-    fig.savefig(path)
-    return path
-
-
-def _scored(results: dict) -> list[tuple[str, dict]]:
-    models = [("teacher", results["teacher"]), *results["students"].items()]
-    return [(n, e) for n, e in models if e.get("score") is not None]
-
-
-def plot_scores(results: dict, path: Path) -> Path | None:
-    models = _scored(results)
-    if not models:
-        return None
-    fig = _figure(max(4.0, 1.2 * len(models) + 2), 3.6)
-    ax = fig.subplots()
-    names, scores = [n for n, _ in models], [e["score"] for _, e in models]
-    bars = ax.bar(names, scores, color=["#555555" if n == "teacher" else "#3b7dd8" for n in names])
-    for bar, (name, entry) in zip(bars, models):
-        pct = entry.get("percent_of_teacher")
-        label = f"{entry['score']:.3f}" + (f"\n{pct:.0f}%" if pct is not None and name != "teacher" else "")
-        ax.annotate(
-            label,
-            (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-            ha="center",
-            va="bottom",
-            fontsize="small",
-        )
-    ax.set_ylabel(results["metric"])
-    ax.set_ylim(0, max(max(scores) * 1.25, 1e-9))
-    ax.set_title("task score: teacher vs students")
-    fig.savefig(path)
-    return path
-
-
-def plot_scatter(results: dict, x_key: str, x_label: str, path: Path) -> Path | None:
-    models = [(n, e) for n, e in _scored(results) if e.get(x_key)]
-    if not models:
-        return None
-    fig = _figure()
-    ax = fig.subplots()
-    for name, entry in models:
-        ax.scatter(entry[x_key], entry["score"], s=60, color="#555555" if name == "teacher" else "#3b7dd8")
-        ax.annotate(
-            name, (entry[x_key], entry["score"]), textcoords="offset points", xytext=(5, 5), fontsize="small"
-        )
-    ax.set_xscale("log")
-    ax.margins(0.15)
-    ax.set_xlabel(x_label)
-    ax.set_ylabel(results["metric"])
-    ax.set_title(f"score vs {x_label.split(' (')[0]}")
-    ax.grid(alpha=0.3, which="both")
-    fig.savefig(path)
-    return path
-
-
-def make_plots(results: dict, logs: dict[str, list[dict]], out: Path) -> dict[str, Path]:
-    """Every plot there is data for: {title: png path}."""
-    made = {
-        "Training losses": plot_losses(logs, out / "losses.png"),
-        "Score: teacher vs students": plot_scores(results, out / "scores.png"),
-        "Score vs parameters": plot_scatter(
-            results, "params", "parameters (log)", out / "score_vs_params.png"
-        ),
-        "Score vs latency": plot_scatter(
-            results, "latency_ms_p50", "p50 latency, ms (log)", out / "score_vs_latency.png"
-        ),
-    }
-    return {title: p for title, p in made.items() if p is not None}
 
 
 # ---------------------------------------------------------------- training details
@@ -197,6 +105,7 @@ def training_details(run_dir: Path, name: str, cfg: Config) -> dict[str, Any]:
     train = {**(tree.get("train") or {}), **(student.get("train") or {})}
     summary_path = run_dir / "students" / name / "train_summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    log = load_train_log(run_dir / "students" / name / "train_log.json")
     return {
         "init": summary.get("init", student.get("init")),
         "signal": summary.get("signal", train.get("signal")),
@@ -206,6 +115,12 @@ def training_details(run_dir: Path, name: str, cfg: Config) -> dict[str, Any]:
         "max_steps": train.get("max_steps"),
         "runtime_s": summary.get("train_runtime_s"),
         "summary": summary,
+        "steps_done": summary.get("global_steps"),
+        "epochs_done": summary.get("epochs"),
+        "examples": summary.get("examples"),
+        "tokens_seen": summary.get("tokens_seen"),
+        "final_loss": _final_loss(log),
+        "final_eval_loss": _final_loss(log, "eval_loss"),
     }
 
 
@@ -233,9 +148,27 @@ def _training_text(d: dict[str, Any]) -> str:
     return ", ".join(b for b in bits if b)
 
 
-def _final_loss(log: list[dict]) -> float | None:
-    values = [e["loss"] for e in log if isinstance(e.get("loss"), (int, float))]
+def _final_loss(log: list[dict], key: str = "loss") -> float | None:
+    values = [e[key] for e in log if isinstance(e.get(key), (int, float))]
     return values[-1] if values else None
+
+
+TRAINING_HEADER = ["Student", "Steps", "Epochs", "Examples", "Tokens seen", "Time (s)", "Final loss",
+                   "Held-out loss"]
+
+
+def training_rows(details: dict[str, dict]) -> list[list[str]]:
+    """Per student: what it saw (steps, epochs, examples, tokens) and where its losses ended."""
+
+    def num(value, spec):
+        return "—" if value is None else format(value, spec)
+
+    return [
+        [name, num(d.get("steps_done"), ","), num(d.get("epochs_done"), ".2f"), num(d.get("examples"), ","),
+         _fmt(d.get("tokens_seen"), "count"), num(d.get("runtime_s"), ".0f"), num(d.get("final_loss"), ".4f"),
+         num(d.get("final_eval_loss"), ".4f")]
+        for name, d in details.items()
+    ]
 
 
 # ---------------------------------------------------------------- markdown / html
@@ -256,8 +189,12 @@ def _summary_lines(results: dict) -> list[str]:
             bits.append(f"keeps {s['percent_of_teacher']:.1f}% of the teacher's {results['metric']}")
         if s.get("size_ratio"):
             bits.append(f"{s['size_ratio']:.1f}x fewer parameters")
+        if s.get("answer_agreement") is not None:
+            token = f" (token agreement {s['agreement']:.3f})" if s.get("agreement") is not None else ""
+            bits.append(f"gives the teacher's answer on {100 * s['answer_agreement']:.1f}% of prompts{token}")
         if s.get("speedup"):
-            bits.append(f"{s['speedup']:.2f}x faster at batch 1 (p50)")
+            noisy = " (noisy: the latency passes disagree, rerun on an idle machine)" if s.get("speedup_noisy") else ""
+            bits.append(f"{s['speedup']:.2f}x faster at batch 1 (p50){noisy}")
         if s.get("cost_per_million_tokens") is not None and t.get("cost_per_million_tokens"):
             bits.append(
                 f"${s['cost_per_million_tokens']:.4f} vs ${t['cost_per_million_tokens']:.4f} per M tokens"
@@ -283,15 +220,43 @@ def _method_lines(results: dict) -> list[str]:
         ),
         (
             "Agreement: fraction of the teacher's greedy tokens that are also the student's argmax under teacher "
-            "forcing; KL: mean KL(teacher || student) in nats per token on the same positions."
+            "forcing; answer agreement: share of prompts where the student's extracted answer equals the "
+            "teacher's; KL: mean KL(teacher || student) in nats per token on the teacher's tokens."
         ),
         (
-            f"Latency: batch 1, {local['latency_new_tokens']} new tokens per request; tokens/s at batch "
+            f"Latency: batch 1, {local['latency_new_tokens']} new tokens per request, "
+            f"{len(local.get('latency_pass_p50_ms') or [0])} timed passes; p50 spread: (max - min) / median of "
+            "the passes' p50s, '(noisy)' above 15% or when p95 > 3x p50; tokens/s at batch "
             f"{local['throughput_batch_size']}; $/M tokens at ${results['cost_per_hour']}/hour. "
             f"Memory: {local['memory_method']}."
         ),
         *api,
     ]
+
+
+def _failure_sections(results: dict) -> list[tuple[str, str, list]]:
+    """(kind, title, payload) blocks after the plots: the error breakdown, the disagreements, the samples."""
+    blocks: list[tuple[str, str, list]] = []
+    table = breakdown_table(results)
+    if table is not None:
+        field = results.get("group_field") or "group"
+        blocks.append(("table", f"Score by {field}", [*table]))
+    found = disagreements(results)
+    if found:
+        items = []
+        for name, rows in found.items():
+            if not rows:
+                items.append((f"{name}: gives the teacher's answer on every prompt", []))
+            for k, row in enumerate(rows, 1):
+                items.append((f"{name}, {k} of {len(rows)} shown", [("prompt", row["prompt"]),
+                                                                     *disagreement_answers(row, name)]))
+        blocks.append(("answers", "Where the students and the teacher disagree", items))
+    samples = [
+        (f"Sample {i}", [("prompt", s["prompt"]), *labelled_answers(s)])
+        for i, s in enumerate(results.get("samples", []), 1)
+    ]
+    blocks.append(("answers", "Sample outputs", samples))
+    return blocks
 
 
 def render_markdown(results: dict, plots: dict[str, Path], details: dict[str, dict]) -> str:
@@ -311,20 +276,18 @@ def render_markdown(results: dict, plots: dict[str, Path], details: dict[str, di
     notes = [f"- {n}: {e['fidelity_note']}" for n, e in results["students"].items() if e.get("fidelity_note")]
     if notes:
         out += ["Notes:", *notes, ""]
-    out += ["## Training", ""]
+    out += ["## Training", "", _md_table(TRAINING_HEADER, training_rows(details)), ""]
     out += [f"- **{name}**: {_training_text(d)}" for name, d in details.items()]
     out += ["", "## Plots", ""]
     out += [f"### {title}\n\n![{title}]({p.name})\n" for title, p in plots.items()]
-    out += ["## Sample outputs", ""]
-    for i, sample in enumerate(results.get("samples", []), 1):
-        out += [f"### Sample {i}", "", "**Prompt**", "", "```", sample["prompt"], "```", ""]
-        answers = [
-            ("reference", sample.get("reference")),
-            ("teacher", sample["teacher"]),
-            *sample["students"].items(),
-        ]
-        for who, text in answers:
-            if text is not None:
+    for kind, title, payload in _failure_sections(results):
+        out += [f"## {title}", ""]
+        if kind == "table":
+            out += [_md_table(*payload), ""]
+            continue
+        for heading, answers in payload:
+            out += [f"### {heading}", ""]
+            for who, text in answers:
                 out += [f"**{who}**", "", "```", text, "```", ""]
     return "\n".join(out)
 
@@ -332,43 +295,59 @@ def render_markdown(results: dict, plots: dict[str, Path], details: dict[str, di
 CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;padding:0 1em;color:#222}
 table{border-collapse:collapse;font-size:14px}th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}
 th:first-child,td:first-child{text-align:left}th{background:#f3f3f3}pre{background:#f6f6f6;padding:8px;
-white-space:pre-wrap}img{max-width:100%}.sample{border-top:1px solid #ddd;margin-top:1em}"""
+white-space:pre-wrap}img{max-width:100%}.sample{border-top:1px solid #ddd;margin-top:1em}
+.ok{color:#1a7f37}.bad{color:#cf222e}code{background:#f3f3f3;padding:0 3px}"""
+
+
+def _inline(text: str) -> str:
+    """Escaped HTML of a markdown line: `code` and **bold** become tags instead of showing literal marks."""
+    out = html.escape(text)
+    out = re.sub(r"`([^`]+)`", r"<code>\1</code>", out)
+    return re.sub(r"\*\*([^*]+)\*\*", r"<b>\1</b>", out)
+
+
+def _html_table(header: list[str], rows: list[list[str]]) -> str:
+    e = html.escape
+    head = "".join(f"<th>{e(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _html_label(label: str) -> str:
+    css = " class='ok'" if "✓" in label else " class='bad'" if "✗" in label else ""
+    return f"<p><b{css}>{html.escape(label)}</b></p>"
 
 
 def render_html(results: dict, plots: dict[str, Path], details: dict[str, dict]) -> str:
     """One file with everything inline (styles and base64 PNGs): it can be mailed or attached as is."""
     e = html.escape
-    header = "".join(f"<th>{e(h)}</th>" for h in ["Model", *(c[0] for c in COLUMNS)])
-    body = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in table_rows(results))
     head = f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>Distillation report</title><style>{CSS}"
     head += "</style>"
     parts = [head + "</head><body><h1>Distillation report</h1>"]
-    parts += [f"<p>{e(line).replace('**', '')}</p>" for line in _summary_lines(results)]
-    parts += [f"<h2>Teacher vs students</h2><table><tr>{header}</tr>{body}</table><ul>"]
-    parts += [f"<li>{e(line)}</li>" for line in _method_lines(results)]
+    parts += [f"<p>{_inline(line)}</p>" for line in _summary_lines(results)]
+    header = ["Model", *(c[0] for c in COLUMNS)]
+    parts += [f"<h2>Teacher vs students</h2>{_html_table(header, table_rows(results))}<ul>"]
+    parts += [f"<li>{_inline(line)}</li>" for line in _method_lines(results)]
     parts += [
-        f"<li>{e(n)}: {e(x['fidelity_note'])}</li>"
+        f"<li>{e(n)}: {_inline(x['fidelity_note'])}</li>"
         for n, x in results["students"].items()
         if x.get("fidelity_note")
     ]
-    parts.append("</ul><h2>Training</h2><ul>")
-    parts += [
-        f"<li><b>{e(name)}</b>: {e(_training_text(d)).replace('`', '')}</li>" for name, d in details.items()
-    ]
+    parts.append(f"</ul><h2>Training</h2>{_html_table(TRAINING_HEADER, training_rows(details))}<ul>")
+    parts += [f"<li><b>{e(name)}</b>: {_inline(_training_text(d))}</li>" for name, d in details.items()]
     parts.append("</ul><h2>Plots</h2>")
     for title, p in plots.items():
         data = base64.b64encode(p.read_bytes()).decode("ascii")
         parts.append(f"<h3>{e(title)}</h3><img alt='{e(title)}' src='data:image/png;base64,{data}'>")
-    parts.append("<h2>Sample outputs</h2>")
-    for sample in results.get("samples", []):
-        parts.append(f"<div class='sample'><p><b>Prompt</b></p><pre>{e(sample['prompt'])}</pre>")
-        answers = [
-            ("reference", sample.get("reference")),
-            ("teacher", sample["teacher"]),
-            *sample["students"].items(),
-        ]
-        parts += [f"<p><b>{e(who)}</b></p><pre>{e(text)}</pre>" for who, text in answers if text is not None]
-        parts.append("</div>")
+    for kind, title, payload in _failure_sections(results):
+        parts.append(f"<h2>{e(title)}</h2>")
+        if kind == "table":
+            parts.append(_html_table(*payload))
+            continue
+        for heading, answers in payload:
+            parts.append(f"<div class='sample'><p><b>{e(heading)}</b></p>")
+            parts += [f"{_html_label(who)}<pre>{e(text)}</pre>" for who, text in answers]
+            parts.append("</div>")
     parts.append("</body></html>")
     return "\n".join(parts)
 

@@ -170,18 +170,25 @@ def build_student(
     teacher_path: str | None = None,
     dtype: str = "float32",
     trust_remote_code: bool = False,
+    calibration: list[list[int]] | None = None,
+    pad_id: int | None = None,
 ) -> tuple[torch.nn.Module, StudentInfo]:
     """The student model and a summary of how it compares to the teacher.
 
     `teacher` (an already loaded model) is used for pruning and the parameter count; when missing and pruning
-    is asked for, it is loaded from `teacher_path` on the CPU.
+    is asked for, it is loaded from `teacher_path` on the CPU. `calibration` (token ids of prompts, padded with
+    `pad_id`) ranks the teacher's units for minitron.
     """
-    kept = None
-    if cfg.init == "prune":
-        if teacher is None:
-            if teacher_path is None:
-                raise ValueError("student.init=prune needs a local teacher (teacher.model)")
-            teacher = load_model(teacher_path, dtype=dtype, device="cpu", trust_remote_code=trust_remote_code)
+    kept, notes = None, []
+    if cfg.init in ("prune", "minitron") and teacher is None:
+        if teacher_path is None:
+            raise ValueError(f"student.init={cfg.init} needs a local teacher (teacher.model)")
+        teacher = load_model(teacher_path, dtype=dtype, device="cpu", trust_remote_code=trust_remote_code)
+    if cfg.init == "minitron":
+        from distill.students.minitron import minitron_student
+
+        student, kept, notes = minitron_student(cfg, teacher, calibration, pad_id)
+    elif cfg.init == "prune":
         n_teacher = getattr(teacher.config, _layer_count_field(teacher.config))
         if cfg.layers is not None:
             kept = list(cfg.layers)
@@ -213,6 +220,7 @@ def build_student(
         student_params=total,
         trainable_params=count_parameters(student, trainable_only=True),
         kept_layers=kept,
+        notes=notes,
     )
     return student, info
 

@@ -184,8 +184,10 @@ def _training_args(cfg: Config, out: Path, name: str):
         kwargs["warmup_ratio"] = t.warmup_ratio
     else:
         kwargs["warmup_steps"] = t.warmup_ratio  # transformers 5: a float < 1 is a ratio
-    if t.eval_fraction > 0:
-        kwargs.update(eval_strategy="steps", eval_steps=t.save_steps)
+    if t.eval_fraction > 0:  # held-out loss curve on a split of the training data, next to the training loss
+        kwargs.update(eval_strategy="steps", eval_steps=t.eval_steps or t.logging_steps)
+    if "include_num_input_tokens_seen" in fields:  # tokens seen, for the report's training table
+        kwargs["include_num_input_tokens_seen"] = "non_padding"
     kwargs.update(t.args)  # names and types checked when the config loaded (config.coerce_training_args)
     return TrainingArguments(**kwargs)
 
@@ -418,14 +420,20 @@ def train_student(cfg: Config, scfg: StudentConfig) -> Path:
     scorer = _check_onpolicy(cfg, local_teacher, names, cross)
 
     teacher = None
-    if needs_teacher_logits or scfg.init == "prune":
+    if needs_teacher_logits or scfg.init in ("prune", "minitron"):
         with _user_errors("teacher.model", cfg.teacher.model):
             teacher = load_model(cfg.teacher.model, dtype=cfg.teacher.dtype, device="cpu",
                                  trust_remote_code=cfg.teacher.trust_remote_code)
+    calibration = None
+    if scfg.init == "minitron":  # prompts whose activations rank the teacher's heads, channels and layers
+        from distill.students.minitron import calibration_prompts
+
+        calibration = calibration_prompts(cfg, tokenizer)
     with _user_errors(f"student '{scfg.name}'", None):  # build_student's ValueErrors name the student setting
         student, info = build_student(scfg, teacher=teacher,
                                       teacher_path=cfg.teacher.model if local_teacher else None,
-                                      trust_remote_code=cfg.teacher.trust_remote_code)
+                                      trust_remote_code=cfg.teacher.trust_remote_code, calibration=calibration,
+                                      pad_id=tokenizer.pad_token_id)
     if not needs_teacher_logits:
         teacher = None  # only needed for pruning: free it before training
 
