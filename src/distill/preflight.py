@@ -87,9 +87,9 @@ def _check_student(cfg: Config, i: int | None, teacher_config: Any | None) -> No
     base_config = teacher_config
     if s.model is not None:
         base_config = check_model(s.model, f"{where}.model")
-    if s.init == "prune":
+    if s.init in ("prune", "minitron"):
         if not local_teacher:
-            raise ConfigError(f"{where}.init=prune needs a local teacher (teacher.model with backend hf)")
+            raise ConfigError(f"{where}.init={s.init} needs a local teacher (teacher.model with backend hf)")
         n = layer_count(teacher_config) if teacher_config is not None else None
         if n is not None and s.num_layers is not None and s.num_layers > n:
             raise ConfigError(f"{where}.num_layers={s.num_layers}: the teacher has {n} layers; choose 1..{n}")
