@@ -39,14 +39,15 @@ def write_data(data_dir: Path, sizes: dict, seed: int = 0) -> dict[str, Path]:
 
 
 def demo_config(run_dir: str | Path, quick: bool = False, teacher: str | Path | None = None,
-                threads: int | None = 2, overrides: list[str] | None = None) -> Config:
-    """The demo as an ordinary distill config (printed by `distill demo --print-config`)."""
+                threads: int | None = 2, overrides: list[str] | None = None, seed: int = 0) -> Config:
+    """The demo as an ordinary distill config; `seed` draws the data and seeds the students' init and order."""
     sizes = QUICK if quick else FULL
     run_dir = Path(run_dir)
-    files = write_data(run_dir / "data", sizes)
+    files = write_data(run_dir / "data", sizes, seed=seed)
     steps, batch = sizes["steps"], 32
     tree = {
         "run_dir": str(run_dir),
+        "seed": seed,
         "teacher": {"model": str(teacher or math_tutor.teacher_path()), "dtype": "float32", "device": "cpu"},
         "data": {"chat_template": False},
         "generate": {"input": str(files["prompts"]), "max_new_tokens": 64, "top_k": 8, "batch_size": 256,
@@ -70,14 +71,14 @@ def demo_config(run_dir: str | Path, quick: bool = False, teacher: str | Path | 
 
 
 def demo(run_dir: str | Path = "runs/demo", quick: bool = False, teacher: str | Path | None = None,
-         threads: int | None = 2, force: bool = False, overrides: list[str] | None = None) -> dict:
+         threads: int | None = 2, force: bool = False, overrides: list[str] | None = None, seed: int = 0) -> dict:
     """Run the demo pipeline; returns the eval results with the wall time added."""
     import json
 
     from distill.pipeline import run
 
     start = time.perf_counter()
-    cfg = demo_config(run_dir, quick=quick, teacher=teacher, threads=threads, overrides=overrides)
+    cfg = demo_config(run_dir, quick=quick, teacher=teacher, threads=threads, overrides=overrides, seed=seed)
     outcome = run(cfg, force=force)
     results = json.loads((Path(cfg.run_dir) / "eval" / "results.json").read_text())
     results["wall_time_s"] = round(time.perf_counter() - start, 1)

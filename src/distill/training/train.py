@@ -234,7 +234,7 @@ def train_student(cfg: Config, scfg: StudentConfig) -> Path:
 
     local_teacher = cfg.teacher.backend != "openai" and cfg.teacher.model is not None
     teacher_tok = load_tokenizer_for(cfg.teacher.model, cfg.teacher.trust_remote_code) if local_teacher else None
-    if scfg.init in ("lora", "pretrained") and scfg.model:
+    if scfg.init in ("lora", "pretrained", "config") and scfg.model:  # config: student.model is its base
         tokenizer = load_tokenizer_for(scfg.model, cfg.teacher.trust_remote_code)
     elif teacher_tok is not None:
         tokenizer = teacher_tok
