@@ -70,7 +70,7 @@ def test_recipe_runs_end_to_end(path, task_files, tmp_path, monkeypatch):
         f"run_dir={tmp_path / 'run'}", f"eval.input={task_files['heldout']}", "eval.max_new_tokens=8",
         "eval.latency_requests=1", "eval.latency_new_tokens=2", "eval.measure_memory=false", "generate.max_new_tokens=56",
         "train.max_steps=2", "train.per_device_train_batch_size=4", "train.save_steps=1000", "train.threads=1",
-        "train.onpolicy.max_new_tokens=8", "student.config.hidden_size=32", "student.config.intermediate_size=32",
+        "train.onpolicy.max_new_tokens=8", "train.onpolicy.start_step=1", "student.config.hidden_size=32", "student.config.intermediate_size=32",
         "student.config.num_hidden_layers=1",
     ]
     if cfg.generate.input:

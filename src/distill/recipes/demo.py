@@ -18,7 +18,7 @@ from distill.config import Config, load_config
 from distill.recipes import math_tutor
 
 # Settings of the full demo; --quick shrinks the counts and steps, not the models.
-FULL = {"prompts": 10000, "labelled": 500, "heldout": 300, "steps": 3000, "baseline_steps": 600}
+FULL = {"prompts": 10000, "labelled": 500, "heldout": 300, "steps": 5000, "baseline_steps": 600}
 QUICK = {"prompts": 64, "labelled": 32, "heldout": 16, "steps": 4, "baseline_steps": 4}
 
 # The student: the teacher's architecture, narrower and shallower (>= 10x fewer parameters).
