@@ -97,3 +97,21 @@ def test_recipe_runs_end_to_end(path, task_files, tmp_path, monkeypatch):
         student_tok = AutoTokenizer.from_pretrained(run_dir / "students" / "student")
         teacher_tok = AutoTokenizer.from_pretrained(cfg.teacher.model)
         assert student_tok.get_vocab() != teacher_tok.get_vocab()
+
+
+def test_shipped_number_tokenizer_base_is_what_the_builder_writes(tmp_path):
+    """The cross-tokenizer recipe's student base: rebuilt, it equals the shipped files (no drift), and it
+    tokenizes numbers differently from the teacher while round-tripping text."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from distill.recipes import math_tutor
+
+    built = math_tutor.write_number_tokenizer_base(tmp_path / "base")
+    shipped = math_tutor.number_tokenizer_path()
+    new, old = AutoTokenizer.from_pretrained(built), AutoTokenizer.from_pretrained(shipped)
+    assert new.get_vocab() == old.get_vocab()
+    assert AutoConfig.from_pretrained(shipped).vocab_size == len(old)
+    text = " 43 + 19 = 62. The answer is 62."
+    teacher = AutoTokenizer.from_pretrained(math_tutor.teacher_path())
+    ids = old(text, add_special_tokens=False)["input_ids"]
+    assert old.decode(ids) == text and len(ids) < len(teacher(text, add_special_tokens=False)["input_ids"])
