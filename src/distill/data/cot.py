@@ -158,7 +158,7 @@ def no_reasoning_message(rows: list[dict], source: str, cfg: Config) -> str:
     params = json.loads(meta.read_text()).get("params", {}) if meta.exists() else {}
     if params and not params.get("reasoning"):
         return (f"{source}: the store was generated without generate.reasoning=true, so it has no reasoning "
-                "column; set it and regenerate (distill generate --force)")
+                "column; set it and regenerate (into a new generate.store, or remove this one)")
     marker = params.get("answer_marker", marker)
     example = next((r.get("response") for r in rows if r.get("response")), "")
     return (f"{source}: 0 of {len(rows)} teacher outputs contain the answer marker {marker!r} (nor </think>), "
