@@ -1,6 +1,6 @@
 """`distill demo`: the built-in math-tutor recipe, offline on a CPU, end to end.
 
-Run as: `distill demo` (full, about 10 minutes on 2 cores) or `distill demo --quick` (a smoke run).
+Run as: `distill demo [--seed N]` (full, under 10 minutes on 2 idle cores) or `distill demo --quick` (a smoke run).
 
 The shipped teacher (a small Llama trained on step-by-step arithmetic word problems, see
 scripts/train_math_teacher.py) answers unlabeled prompts; its solutions and top-k logits go to the store;
@@ -17,7 +17,9 @@ from pathlib import Path
 from distill.config import Config, load_config
 from distill.recipes import math_tutor
 
-# Settings of the full demo; --quick shrinks the counts and steps, not the models.
+# Settings of the full demo; --quick shrinks the counts and steps, not the models. 5,000 steps: the student
+# learns the arithmetic in a sudden drop of its loss (seed 0: 0.079 at step 3,000, 0.008 at 3,750), so a
+# 3,000-step run stopped near that edge and kept 8-79% of the teacher by luck; past it, it keeps ~100%.
 FULL = {"prompts": 10000, "labelled": 500, "heldout": 300, "steps": 5000, "baseline_steps": 600}
 QUICK = {"prompts": 64, "labelled": 32, "heldout": 16, "steps": 4, "baseline_steps": 4}
 
