@@ -29,7 +29,7 @@ def main() -> None:
     ap.add_argument("--cot-prompts", type=int, default=3000, help="chain of thought: prompts to generate")
     ap.add_argument("--run-dir", default=None)
     ap.add_argument("overrides", nargs="*")
-    a = ap.parse_args()
+    a = ap.parse_intermixed_args()
     torch.set_num_threads(1)
 
     from distill.config import load_config
