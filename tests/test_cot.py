@@ -143,3 +143,27 @@ def test_two_task_student_reasons_when_asked_and_answers_bare_when_not(tmp_path,
         bare = _greedy(student, tokenizer, student_prompt(prompt, cfg.train.cot, "answer"))
         assert with_reasoning.strip() == f"{reasoning}\nAnswer: {answer}", with_reasoning
         assert bare.strip() == answer, bare
+
+
+def test_no_split_error_names_the_marker_and_an_output(tmp_path):
+    """0 rows split: the error says which marker was looked for and shows what the teacher wrote instead."""
+    from distill.data.cot import no_reasoning_message
+
+    store = tmp_path / "teacher"
+    store.mkdir()
+    (store / "store.json").write_text(json.dumps({"params": {"reasoning": True, "answer_marker": "Answer:"}}))
+    rows = [{"prompt": "Q: 3 + 4 =", "reasoning": None, "response": "3 + 4 = 7. The answer is 7."}] * 3
+    cfg = load_config({"generate": {"reasoning": True}, "train": {"cot": {"mode": "two_task"}}})
+    msg = no_reasoning_message(rows, str(store), cfg)
+    assert "0 of 3" in msg and "'Answer:'" in msg and "The answer is 7." in msg and "generate.answer_marker" in msg
+    (store / "store.json").write_text(json.dumps({"params": {"reasoning": False}}))
+    assert "without generate.reasoning=true" in no_reasoning_message(rows, str(store), cfg)
+
+
+def test_trace_separator_follows_the_tokenizer(tokenizer):
+    """A newline between steps and answer only when the tokenizer can write one (the math tutor's cannot)."""
+    from distill.data.cot import trace_separator
+    from distill.recipes import math_tutor
+
+    assert trace_separator(tokenizer) == "\n"
+    assert trace_separator(math_tutor.build_tokenizer()) == " "

@@ -271,3 +271,72 @@ def test_onpolicy_config_errors(tmp_path, teacher_dir):
         train(cfg)
     with pytest.raises(Exception, match="lmbda"):
         load_config({"train": {"onpolicy": {"lmbda": 1.5}}})
+
+
+class BigramTeacher(torch.nn.Module):
+    """A teacher that answers every prompt ending in ":" with "7" "." EOS: next token by the previous one alone
+    (":" -> "7", "." -> EOS, anything else -> "."), sharp logits. Tiny, exact and it always stops."""
+
+    def __init__(self, tokenizer):
+        super().__init__()
+        ids = {s: tokenizer(s, add_special_tokens=False)["input_ids"] for s in (":", "7", ".")}
+        assert all(len(v) == 1 for v in ids.values())
+        colon, seven, dot = ids[":"][0], ids["7"][0], ids["."][0]
+        table = torch.full((len(tokenizer), len(tokenizer)), -10.0)
+        table[:, dot] = 10.0
+        table[colon, dot], table[colon, seven] = -10.0, 10.0
+        table[dot, dot], table[dot, tokenizer.eos_token_id] = -10.0, 10.0
+        self.table = torch.nn.Embedding.from_pretrained(table, freeze=True)
+
+    def forward(self, input_ids, attention_mask=None, **_):
+        return SimpleNamespace(logits=self.table(input_ids))
+
+
+def _stops(student, tokenizer, prompts, max_new_tokens=8) -> float:
+    """Share of greedy completions that end with EOS within max_new_tokens."""
+    from distill.data.batching import left_pad
+
+    ids, mask = left_pad(prompts, tokenizer.pad_token_id)
+    with torch.no_grad():
+        out = student.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
+                               pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    return sum(tokenizer.eos_token_id in row for row in out[:, ids.shape[1]:].tolist()) / len(prompts)
+
+
+@pytest.mark.parametrize("pad", ["pad", "eos"])
+def test_onpolicy_student_learns_to_end_its_answers(tmp_path, tokenizer, pad):
+    """Only sampled batches (lmbda=1), scored by a teacher that always stops: the student learns to stop,
+    also when the pad token is the EOS token (the EOS of a sampled row must be trained on, padding not)."""
+    import copy
+
+    from distill.training.trainer import LossSpec
+
+    tok = copy.deepcopy(tokenizer)
+    if pad == "eos":
+        tok.pad_token = tok.eos_token
+    teacher = BigramTeacher(tok)
+    student = make_llama(len(tok), hidden=32, layers=1, seed=6)
+    student.generation_config.pad_token_id = tok.pad_token_id
+    prompts = [tok(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
+    assert _stops(student, tok, prompts) < 0.5
+    batches = []
+    trainer = _direct_trainer(tmp_path, student, teacher, tok, _pairs_file(tmp_path, n=1), steps=40, lr=1e-2,
+                              losses=[LossSpec("reverse_kl")], hook=lambda e: batches.append(e))
+    trainer.train()
+    student.eval()
+    assert _stops(student, tok, prompts) == 1.0
+    for event in batches[-3:]:  # the sampled rows that stopped train on their EOS, and on nothing after it
+        for i, c in enumerate(event["completions"]):
+            counted = [t for t in event["batch"]["labels"][i].tolist() if t != -100]
+            assert counted == c
+
+
+def test_onpolicy_starts_after_the_offline_phase(tmp_path, tokenizer, sharp_teacher):
+    """onpolicy.start_step: the first optimizer steps train on the dataset's (teacher's) text, then sampling."""
+    student = make_llama(len(tokenizer), hidden=32, layers=1, seed=7)
+    seen = []
+    trainer = _direct_trainer(tmp_path, student, sharp_teacher, tokenizer, _pairs_file(tmp_path, n=1), steps=5,
+                              hook=lambda e: seen.append(e))
+    trainer.onpolicy = OnPolicyConfig(lmbda=1.0, max_new_tokens=4, start_step=3)
+    trainer.train()
+    assert len(seen) == 2  # steps 3 and 4 of 0..4

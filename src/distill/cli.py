@@ -177,6 +177,7 @@ def demo(
     teacher: Optional[Path] = typer.Option(None, help="another teacher directory (default: the shipped one)"),
     threads: int = typer.Option(2, help="torch CPU threads (pinned for stable timings)"),
     force: bool = typer.Option(False, "--force", help="rerun every stage"),
+    seed: int = typer.Option(0, help="draws the problems and seeds the students' init and data order"),
     overrides: Optional[List[str]] = OVERRIDES_ARG,
 ) -> None:
     """The built-in math-tutor demo: teacher → store → distilled student + labels-only baseline → report."""
@@ -184,7 +185,8 @@ def demo(
 
     from distill.recipes.demo import demo as run_demo
 
-    res = run_demo(run_dir, quick=quick, teacher=teacher, threads=threads, force=force, overrides=overrides)
+    res = run_demo(run_dir, quick=quick, teacher=teacher, threads=threads, force=force, overrides=overrides,
+                   seed=seed)
     table = Table(title=f"math tutor: exact match on {res['n_prompts']} held-out problems")
     for col in ("model", "params", "exact match", "% of teacher", "size ratio", "p50 latency ms"):
         table.add_column(col, justify="right")

@@ -154,6 +154,8 @@ class OnPolicyConfig(Section):
     max_new_tokens: int = Field(64, ge=1, description="tokens the student samples per prompt")
     temperature: float = Field(1.0, gt=0, description="student sampling temperature")
     top_p: float = Field(1.0, gt=0, le=1, description="student nucleus sampling")
+    start_step: int = Field(0, ge=0, description="sample only from this optimizer step on: an offline phase first "
+                            "(GKD starts from a fine-tuned student; a fresh one samples noise)")
 
 
 class CotConfig(Section):

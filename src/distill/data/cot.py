@@ -21,7 +21,8 @@ Run as: `distill generate cfg.yaml generate.reasoning=true` then `distill train 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+import json
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -91,14 +92,24 @@ def student_prompt(prompt: str, cot: CotConfig, task: str | None = None) -> str:
     return (cot.answer_prefix if task == "answer" else cot.rationale_prefix) + prompt
 
 
-def trace_text(reasoning: str, answer: str, marker: str) -> str:
-    """Reasoning followed by the marker and the answer: the whole trace the teacher was asked for."""
+def trace_text(reasoning: str, answer: str, marker: str, sep: str = "\n") -> str:
+    """Reasoning, `sep`, the marker and the answer: the whole trace the teacher was asked for."""
     reasoning, answer = reasoning.strip(), answer.strip()
-    return f"{reasoning}\n{marker} {answer}" if marker else f"{reasoning}\n{answer}"
+    return f"{reasoning}{sep}{marker} {answer}" if marker else f"{reasoning}{sep}{answer}"
 
 
-def cot_pairs(rows: Iterable[dict], cfg: Config) -> list[tuple[str, str, float]]:
-    """(student prompt, target, loss weight) for every row with a reasoning, per `train.cot`."""
+def trace_separator(tokenizer) -> str:
+    """A newline between reasoning and answer when the tokenizer can write one, else a space (a character
+    vocabulary without "\n", like the math tutor's, would turn it into <unk>)."""
+    if tokenizer is None:
+        return "\n"
+    ids = tokenizer("\n", add_special_tokens=False)["input_ids"]
+    return "\n" if ids and tokenizer.decode(ids, skip_special_tokens=True) == "\n" else " "
+
+
+def cot_pairs(rows: Iterable[dict], cfg: Config, sep: str = "\n") -> list[tuple[str, str, float]]:
+    """(student prompt, target, loss weight) for every row with a reasoning, per `train.cot`; `sep` goes
+    between the reasoning and the answer marker in rationale / trace targets."""
     cot, marker, suffix = cfg.train.cot, cfg.generate.answer_marker, cfg.generate.reasoning_prompt
     out = []
     for row in rows:
@@ -109,9 +120,9 @@ def cot_pairs(rows: Iterable[dict], cfg: Config) -> list[tuple[str, str, float]]
         if suffix and suffix in prompt:  # the student is not told how to format: the prefix/trace says it
             prompt = prompt.replace(suffix, "", 1)
         if cot.mode == "trace":
-            out.append((prompt, trace_text(reasoning, answer, marker), 1.0))
+            out.append((prompt, trace_text(reasoning, answer, marker, sep), 1.0))
             continue
-        rationale = trace_text(reasoning, answer, marker) if cot.rationale_with_answer else reasoning
+        rationale = trace_text(reasoning, answer, marker, sep) if cot.rationale_with_answer else reasoning
         out.append((student_prompt(prompt, cot, "answer"), answer, 2.0 * cot.alpha))
         out.append((student_prompt(prompt, cot, "rationale"), rationale, 2.0 * (1.0 - cot.alpha)))
     return out
@@ -137,15 +148,33 @@ def read_cot_rows(cfg: Config, tokenizer=None) -> tuple[Iterable[dict], str]:
     return StoreReader(path, columns=["index", "prompt", "reasoning", "response"]), str(path)  # text only
 
 
+def no_reasoning_message(rows: Sequence[dict], source: str, cfg: Config) -> str:
+    """What did not match when no row split into reasoning + answer: the marker, and a teacher output."""
+    marker = cfg.generate.answer_marker
+    if not rows:
+        return f"{source}: no rows; generate the store with generate.reasoning=true"
+    if cfg.train.input:
+        return (f"{source}: no row has both a 'reasoning' and a '{cfg.train.response_field}' field "
+                f"(fields of the first row: {', '.join(k for k in rows[0] if k != 'where')})")
+    meta = Path(source) / "store.json"
+    params = json.loads(meta.read_text()).get("params", {}) if meta.exists() else {}
+    if params and not params.get("reasoning"):
+        return (f"{source}: the store was generated without generate.reasoning=true, so it has no reasoning "
+                "column; set it and regenerate (into a new generate.store, or remove this one)")
+    marker = params.get("answer_marker", marker)
+    example = next((r.get("response") for r in rows if r.get("response")), "")
+    return (f"{source}: 0 of {len(rows)} teacher outputs contain the answer marker {marker!r} (nor </think>), "
+            f"so none split into reasoning + answer; e.g. {example[:120]!r}. Set generate.answer_marker to "
+            "the text this teacher writes between its steps and its answer (and generate.reasoning_prompt to "
+            "what makes it write one), then regenerate")
+
+
 def build_cot_examples(cfg: Config, tokenizer) -> list[dict]:
     """Tokenised two-task or trace examples, each with its `loss_weight`."""
     rows, source = read_cot_rows(cfg, tokenizer)
-    pairs = cot_pairs(rows, cfg)
+    pairs = cot_pairs(rows, cfg, trace_separator(tokenizer))
     if not pairs:
-        raise DataError(
-            f"{source}: no row has both a reasoning and a response; generate the store with "
-            "generate.reasoning=true (or give a 'reasoning' field in train.input)"
-        )
+        raise DataError(no_reasoning_message(rows, source, cfg))
     out = []
     for prompt, target, weight in pairs:
         ex = tokenize_pair(tokenizer, prompt, target, cfg.train.max_length, uses_template(tokenizer, cfg.data))

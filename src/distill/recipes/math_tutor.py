@@ -264,6 +264,46 @@ def build_tokenizer():
     )
 
 
+def build_number_tokenizer():
+    """A second tokenizer for the task (the cross-tokenizer recipe's student): every two-digit number is one
+    token, everything else one character, so numbers tokenize differently from the teacher's and only the
+    single characters are shared between the two vocabularies."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
+    for piece in [f"{n:02d}" for n in range(100)] + list(CHARS):
+        vocab.setdefault(piece, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"\d\d|."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", vocab["<s>"])]
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>", model_max_length=256, clean_up_tokenization_spaces=False)
+
+
+def write_number_tokenizer_base(out: str | Path) -> Path:
+    """A base for `student.init: config` with its own tokenizer: the teacher's config with the number
+    tokenizer's vocabulary, and that tokenizer (no weights: the student starts fresh)."""
+    from transformers import AutoConfig
+
+    out = Path(out)
+    tok = build_number_tokenizer()
+    cfg = AutoConfig.from_pretrained(teacher_path())
+    cfg.vocab_size = len(tok)
+    cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
+    cfg.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def number_tokenizer_path() -> Path:
+    """The shipped number-tokenizer base (config + tokenizer), see `write_number_tokenizer_base`."""
+    return recipe_dir("math_tutor") / "number_tokenizer"
+
+
 def tokenizer_path() -> Path:
     return recipe_dir("math_tutor") / "tokenizer"
 

@@ -389,7 +389,7 @@ def train_student(cfg: Config, scfg: StudentConfig) -> Path:
     api_tok = None  # an API teacher's tokenizer (teacher.tokenizer): the store's ids are in its vocabulary
     if teacher_tok is None and backend_spec(cfg.teacher.backend).remote and cfg.teacher.tokenizer:
         api_tok = _load_tokenizer(cfg.teacher.tokenizer, cfg, "teacher.tokenizer")
-    if scfg.init in ("lora", "pretrained") and scfg.model:
+    if scfg.init in ("lora", "pretrained", "config") and scfg.model:  # config: student.model is its base
         tokenizer = _load_tokenizer(scfg.model, cfg, "student.model")
     elif teacher_tok is not None or api_tok is not None:
         tokenizer = teacher_tok or api_tok

@@ -150,7 +150,9 @@ class DistillationTrainer(Trainer):
     # ----------------------------------------------------------------- on-policy batches (GKD)
     def training_step(self, model, inputs, num_items_in_batch=None):
         """With probability onpolicy.lmbda, train on the student's own samples of the batch prompts."""
-        if self.onpolicy is not None and self.onpolicy.lmbda > 0 and self._onpolicy_rng.random() < self.onpolicy.lmbda:
+        if (self.onpolicy is not None and self.onpolicy.lmbda > 0
+                and self.state.global_step >= getattr(self.onpolicy, "start_step", 0)
+                and self._onpolicy_rng.random() < self.onpolicy.lmbda):
             tok = self.processing_class
             student = self.accelerator.unwrap_model(model)
             eos = eos_token_ids(tok, getattr(student, "generation_config", None), student.config)
