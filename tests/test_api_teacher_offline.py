@@ -4,15 +4,13 @@ trains offline on the served model's top-k and gets closer to it; token strings 
 from __future__ import annotations
 
 import json
-import socket
-import threading
-import time
 
 import numpy as np
 import pytest
 import torch
 from conftest import make_llama, make_tokenizer
 from fake_openai_server import FakeOpenAIServer
+from test_serve import running
 
 from distill.config import load_config
 from distill.data.tokenmap import TokenMap, TokenMapError
@@ -34,8 +32,6 @@ def _texts(n: int, seed: int) -> list[str]:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """A sharp random teacher (chat template) behind `distill serve` on a free port: (base_url, dir, model)."""
-    import uvicorn
-
     from distill.serving.serve import build_app
 
     out = tmp_path_factory.mktemp("served")
@@ -46,19 +42,8 @@ def served(tmp_path_factory):
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     app = build_app(out, served_model_name=NAME, api_key=KEY, max_batch_size=8, batch_wait_ms=5, device="cpu")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not srv.started and time.time() < deadline:
-        time.sleep(0.05)
-    assert srv.started, "server did not start"
-    yield f"http://127.0.0.1:{port}/v1", out, model
-    srv.should_exit = True
-    thread.join(timeout=10)
+    with running(app) as url:
+        yield f"{url}/v1", out, model
 
 
 def _gen_cfg(tmp_path, url, teacher_dir, api="chat", n=48, seed=0, **extra):
