@@ -10,7 +10,8 @@ import pytest
 
 from distill.config import STUDENT_CONFIG_FILE, load_config
 from distill.errors import DiskError
-from distill.training.train import CHECKPOINT_COMPLETE, _last_checkpoint, checkpoint_state, train
+from distill.training.checkpoints import CHECKPOINT_COMPLETE, checkpoint_state, last_checkpoint
+from distill.training.train import train
 
 TEXT = ["Q: Tom has 12 apples. He eats 5. How many apples now? A: 7.", "The quick brown fox jumps over the dog.",
         "Distillation trains a small student.", "Lily has 43 cards and finds 19 more."]
@@ -78,7 +79,7 @@ def test_checkpoint_cut_mid_write_resumes_from_previous_complete_one(tmp_path, t
     partial = root / "checkpoint-6"
     assert partial.is_dir() and not (partial / "trainer_state.json").exists()
     assert checkpoint_state(partial) is None and checkpoint_state(root / "checkpoint-4") is not None
-    assert _last_checkpoint(str(root), clean=False).endswith("checkpoint-4")
+    assert last_checkpoint(str(root), clean=False).endswith("checkpoint-4")
 
     monkeypatch.setattr(TrainerState, "save_to_json", real)
     (out,) = train(cfg)  # resumes from 4 (the partial 6 is removed), reaches 6

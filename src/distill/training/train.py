@@ -11,12 +11,13 @@ Teacher signal, from `train.signal`:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import random
-import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,6 +31,7 @@ from distill.modeling import load_model, load_tokenizer_for
 from distill.preflight import preflight
 from distill.students.build import build_student
 from distill.teachers.registry import backend_spec
+from distill.training.checkpoints import already_trained, finished, last_checkpoint, mark_complete
 
 
 def _as_config(config: Config | str | Path | dict, overrides: list[str] | None = None) -> Config:
@@ -255,93 +257,6 @@ def hidden_projections(cfg: Config, student, teacher):
     return make_projections(student.config.hidden_size, teacher.config.hidden_size, len(pairs))
 
 
-CHECKPOINT_COMPLETE = "distill_complete.json"  # written after the Trainer has written everything else
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors",
-                "pytorch_model.bin")
-
-
-def _step_of(path: Path) -> int:
-    tail = path.name.rpartition("-")[2]
-    return int(tail) if tail.isdigit() else -1
-
-
-def checkpoint_state(ckpt: Path) -> dict | None:
-    """The checkpoint's trainer_state.json when the checkpoint is complete, else None.
-
-    Complete: our marker (written by `_mark_complete` once the Trainer finished the checkpoint) is there, or,
-    for checkpoints written before the marker existed, trainer_state.json (the Trainer's last file) parses and
-    weights are present. A kill or a full disk mid-write leaves neither."""
-    state_file = ckpt / "trainer_state.json"
-    try:
-        state = json.loads(state_file.read_text())
-    except (OSError, ValueError):
-        return None
-    if (ckpt / CHECKPOINT_COMPLETE).exists() or any((ckpt / f).exists() for f in WEIGHT_FILES):
-        return state if isinstance(state, dict) else None
-    return None
-
-
-def _last_checkpoint(output_dir: str, clean: bool = True) -> str | None:
-    """The newest complete checkpoint-N under output_dir; newer incomplete ones are removed (clean=True) so
-    the Trainer does not trip over them later (rank 0 only)."""
-    root = Path(output_dir)
-    if not root.is_dir():
-        return None
-    ckpts = sorted((p for p in root.iterdir() if p.is_dir() and p.name.startswith("checkpoint-")
-                    and _step_of(p) >= 0), key=_step_of, reverse=True)
-    for ckpt in ckpts:
-        if checkpoint_state(ckpt) is not None:
-            return str(ckpt)
-        if clean and int(os.environ.get("RANK", "0")) == 0:
-            print(f"[distill] {ckpt}: incomplete checkpoint (cut off mid-write); removed, resuming from an earlier one")
-            shutil.rmtree(ckpt, ignore_errors=True)
-    return None
-
-
-def _finished(resume: str | None, t) -> dict | None:
-    """The checkpoint's state when it is the end of the training this config asks for (rerun: nothing to do)."""
-    if resume is None:
-        return None
-    state = checkpoint_state(Path(resume)) or {}
-    steps, total = state.get("global_step"), state.get("max_steps")
-    if not isinstance(steps, int) or not isinstance(total, int) or total <= 0 or steps < total:
-        return None
-    if t.max_steps > 0:
-        return state if t.max_steps == total else None
-    return state if float(state.get("num_train_epochs", -1)) == float(t.num_train_epochs) else None
-
-
-def _already_trained(cfg: Config, out: Path, name: str) -> bool:
-    """The student dir holds the final result of this very config: its saved view equals this one, its summary
-    is written, and the newest complete checkpoint is the last step."""
-    saved = out / STUDENT_CONFIG_FILE
-    if not cfg.train.resume or not saved.exists() or not all(
-            (out / f).exists() for f in ("train_summary.json", "config.json")):
-        return False
-    import yaml
-
-    if yaml.safe_load(saved.read_text()) != yaml.safe_load(yaml.safe_dump(cfg.model_dump(mode="json"))):
-        return False
-    last = _last_checkpoint(str(Path(cfg.run_dir) / "checkpoints" / name), clean=False)
-    return _finished(last, cfg.train) is not None
-
-
-def _mark_complete():
-    """A TrainerCallback that writes CHECKPOINT_COMPLETE into each checkpoint once it is fully written."""
-    from transformers import TrainerCallback
-
-    class MarkComplete(TrainerCallback):
-        def on_save(self, args, state, control, **kwargs):
-            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            if state.is_world_process_zero and ckpt.is_dir():
-                tmp = ckpt / f".{CHECKPOINT_COMPLETE}.tmp"
-                tmp.write_text(json.dumps({"global_step": state.global_step}))
-                os.replace(tmp, ckpt / CHECKPOINT_COMPLETE)
-            return control
-
-    return MarkComplete()
-
-
 @contextlib.contextmanager
 def _user_errors(key: str, value: str | None):
     """Loading a model the user named: its OSError / ValueError becomes one line naming the setting."""
@@ -362,27 +277,21 @@ def _load_tokenizer(name: str, cfg: Config, key: str):
         return load_tokenizer_for(name, cfg.teacher.trust_remote_code)
 
 
-def train_student(cfg: Config, scfg: StudentConfig) -> Path:
-    """Train one student; returns its directory (HF format + train_log.json + train_summary.json)."""
-    from distill.training.trainer import (  # transformers.Trainer: import only when training
-        DistillationTrainer,
-        LossSpec,
-    )
+@dataclasses.dataclass
+class _Sides:
+    """What a student trains against, decided once from config + tokenizers (`_sides`)."""
 
-    cfg = cfg.for_student(scfg)  # per-student train overrides (e.g. a labels-only baseline next to a KD student)
-    from distill.losses import CROSS_TOKENIZER_LOSSES, HIDDEN_LOSSES, check_tokenizers
+    tokenizer: Any  # the student's
+    teacher_tok: Any | None  # a local teacher's
+    local_teacher: bool
+    same_tokenizer: bool  # the teacher's ids (store or logits) are in the student's vocabulary
+    cross: Any | None  # CrossTokenizer when every divergence is a cross-tokenizer loss
 
-    seed_everything(cfg.seed)
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    out = student_dir(cfg, scfg.name)
-    if _already_trained(cfg, out, scfg.name):
-        print(f"[distill] student '{scfg.name}': already trained to the end with this config ({out}); nothing to do")
-        return out
-    if int(os.environ.get("RANK", "0")) == 0:  # one writer under torchrun / accelerate launch
-        # this student's view (its train overrides applied) beside its weights; run_dir/config.yaml stays the run's
-        with disk_errors(out):
-            save_config(cfg, out / STUDENT_CONFIG_FILE)
+
+def _sides(cfg: Config, scfg: StudentConfig) -> _Sides:
+    """The student's tokenizer and how the teacher's signal reaches it: same vocabulary, cross-tokenizer, or an
+    API teacher's store ids (teacher.tokenizer); different vocabularies are refused unless labels only."""
+    from distill.losses import CROSS_TOKENIZER_LOSSES, check_tokenizers
 
     local_teacher = backend_spec(cfg.teacher.backend).local_weights and cfg.teacher.model is not None
     teacher_tok = _load_tokenizer(cfg.teacher.model, cfg, "teacher.model") if local_teacher else None
@@ -397,14 +306,14 @@ def train_student(cfg: Config, scfg: StudentConfig) -> Path:
         raise ConfigError(f"student '{scfg.name}': no tokenizer; set teacher.model (local), teacher.tokenizer "
                           "(openai) or student.model")
 
-    needs_teacher_logits = cfg.train.signal == "online"
     names = {t.name for t in cfg.train.losses}
-    if needs_teacher_logits and not local_teacher:
+    online = cfg.train.signal == "online"
+    if online and not local_teacher:
         raise ConfigError("train.signal=online needs a local teacher (teacher.backend=hf with teacher.model)")
     same_tokenizer = teacher_tok is not None
     cross = None  # cross-tokenizer mode (distill.data.crosstok): every divergence is a cross-tokenizer loss
     divergences = names - {"cross_entropy"}
-    if teacher_tok is not None and needs_teacher_logits and divergences and divergences <= CROSS_TOKENIZER_LOSSES:
+    if teacher_tok is not None and online and divergences and divergences <= CROSS_TOKENIZER_LOSSES:
         from distill.data.crosstok import CrossTokenizer
 
         cross = CrossTokenizer.from_tokenizers(tokenizer, teacher_tok)
@@ -417,10 +326,15 @@ def train_student(cfg: Config, scfg: StudentConfig) -> Path:
         if cfg.train.signal == "offline" and names != {"cross_entropy"}:
             check_tokenizers(tokenizer, api_tok)  # raises with a pointer to cross-tokenizer mode
         same_tokenizer = tokenizer.get_vocab() == api_tok.get_vocab()
-    scorer = _check_onpolicy(cfg, local_teacher, names, cross)
+    return _Sides(tokenizer, teacher_tok, local_teacher, same_tokenizer, cross)
 
+
+def _models(cfg: Config, scfg: StudentConfig, sides: _Sides):
+    """(student, StudentInfo, teacher or None): the teacher is loaded for online logits and for pruning, and
+    kept only for online logits."""
+    online = cfg.train.signal == "online"
     teacher = None
-    if needs_teacher_logits or scfg.init in ("prune", "minitron"):
+    if online or scfg.init in ("prune", "minitron"):
         with _user_errors("teacher.model", cfg.teacher.model):
             teacher = load_model(cfg.teacher.model, dtype=cfg.teacher.dtype, device="cpu",
                                  trust_remote_code=cfg.teacher.trust_remote_code)
@@ -428,55 +342,82 @@ def train_student(cfg: Config, scfg: StudentConfig) -> Path:
     if scfg.init == "minitron":  # prompts whose activations rank the teacher's heads, channels and layers
         from distill.students.minitron import calibration_prompts
 
-        calibration = calibration_prompts(cfg, tokenizer)
+        calibration = calibration_prompts(cfg, sides.tokenizer)
     with _user_errors(f"student '{scfg.name}'", None):  # build_student's ValueErrors name the student setting
         student, info = build_student(scfg, teacher=teacher,
-                                      teacher_path=cfg.teacher.model if local_teacher else None,
+                                      teacher_path=cfg.teacher.model if sides.local_teacher else None,
                                       trust_remote_code=cfg.teacher.trust_remote_code, calibration=calibration,
-                                      pad_id=tokenizer.pad_token_id)
-    if not needs_teacher_logits:
-        teacher = None  # only needed for pruning: free it before training
+                                      pad_id=sides.tokenizer.pad_token_id)
+    return student, info, teacher if online else None  # a pruning-only teacher is freed before training
 
-    examples, eval_examples = split_examples(cfg, build_examples(cfg, tokenizer, same_tokenizer),
-                                             tokenizer, teacher_tok if cross is not None else None)
 
-    projections = hidden_projections(cfg, student, teacher) if names & HIDDEN_LOSSES else None
+def _fit(trainer, cfg: Config, output_dir: str):
+    """(train result or None, resumed-from checkpoint, seconds): resume from the newest complete checkpoint;
+    a training already at its end is loaded, not stepped again."""
+    resume = last_checkpoint(output_dir) if cfg.train.resume else None
+    start = time.perf_counter()
+    with disk_errors(output_dir, f"checkpoints already written in {output_dir} are kept"):
+        if finished(resume, cfg.train) is not None:  # trained to the end before: load, do not step again
+            trainer._load_from_checkpoint(resume)
+            trainer.state = type(trainer.state).load_from_json(str(Path(resume) / "trainer_state.json"))
+            result = None
+        else:
+            result = trainer.train(resume_from_checkpoint=resume)
+    return result, resume, time.perf_counter() - start
 
+
+def train_student(cfg: Config, scfg: StudentConfig) -> Path:
+    """Train one student; returns its directory (HF format + train_log.json + train_summary.json)."""
+    from distill.losses import HIDDEN_LOSSES
+    from distill.training.trainer import (  # transformers.Trainer: import only when training
+        DistillationTrainer,
+        LossSpec,
+    )
+
+    cfg = cfg.for_student(scfg)  # per-student train overrides (e.g. a labels-only baseline next to a KD student)
+    seed_everything(cfg.seed)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    out = student_dir(cfg, scfg.name)
+    if already_trained(cfg, out, scfg.name):
+        print(f"[distill] student '{scfg.name}': already trained to the end with this config ({out}); nothing to do")
+        return out
+    if int(os.environ.get("RANK", "0")) == 0:  # one writer under torchrun / accelerate launch
+        # this student's view (its train overrides applied) beside its weights; run_dir/config.yaml stays the run's
+        with disk_errors(out):
+            save_config(cfg, out / STUDENT_CONFIG_FILE)
+
+    sides = _sides(cfg, scfg)
+    names = {t.name for t in cfg.train.losses}
+    scorer = _check_onpolicy(cfg, sides.local_teacher, names, sides.cross)
+    student, info, teacher = _models(cfg, scfg, sides)
+    cross_tok = sides.teacher_tok if sides.cross is not None else None
+    examples, eval_examples = split_examples(cfg, build_examples(cfg, sides.tokenizer, sides.same_tokenizer),
+                                             sides.tokenizer, cross_tok)
     args = _training_args(cfg, out, scfg.name)
     trainer = DistillationTrainer(
         model=student,
         args=args,
         train_dataset=examples,
         eval_dataset=eval_examples,
-        data_collator=_collator(cfg, tokenizer, teacher_tok if cross is not None else None),
-        processing_class=tokenizer,
+        data_collator=_collator(cfg, sides.tokenizer, cross_tok),
+        processing_class=sides.tokenizer,
         teacher=teacher,
         losses=[LossSpec(t.name, t.weight, t.temperature, t.params) for t in cfg.train.losses],
         sparse_mode=cfg.train.sparse_mode,
         scale_temperature=cfg.train.scale_temperature,
-        chunk_size=loss_chunk_size(cfg.train.chunk_size, len(tokenizer)),
+        chunk_size=loss_chunk_size(cfg.train.chunk_size, len(sides.tokenizer)),
         fused=cfg.train.fused,
-        vocab_size=len(tokenizer),
-        projections=projections,
+        vocab_size=len(sides.tokenizer),
+        projections=hidden_projections(cfg, student, teacher) if names & HIDDEN_LOSSES else None,
         onpolicy=cfg.train.onpolicy if cfg.train.onpolicy.lmbda > 0 else None,
         scorer=scorer,
-        cross_tokenizer=cross,
+        cross_tokenizer=sides.cross,
     )
-    trainer.add_callback(_mark_complete())
-    resume = _last_checkpoint(args.output_dir) if cfg.train.resume else None
-    start = time.perf_counter()
-    kept = f"checkpoints already written in {args.output_dir} are kept"
-    with disk_errors(args.output_dir, kept):
-        if _finished(resume, cfg.train) is not None:  # trained to the end before: load, do not step again
-            trainer._load_from_checkpoint(resume)
-            trainer.state = type(trainer.state).load_from_json(str(Path(resume) / "trainer_state.json"))
-            result = None
-        else:
-            result = trainer.train(resume_from_checkpoint=resume)
-    runtime = time.perf_counter() - start
-
-    with disk_errors(out, kept):
-        _save_outputs(trainer, out, tokenizer, cfg, scfg, info, examples, result, runtime, resume)
+    trainer.add_callback(mark_complete())
+    result, resume, runtime = _fit(trainer, cfg, args.output_dir)
+    with disk_errors(out, f"checkpoints already written in {args.output_dir} are kept"):
+        _save_outputs(trainer, out, sides.tokenizer, cfg, scfg, info, examples, result, runtime, resume)
     trainer.accelerator.wait_for_everyone()
     return out
 
