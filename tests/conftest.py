@@ -48,6 +48,17 @@ def make_tokenizer(vocab_size: int = 300, chat_template: bool = False):
     return fast
 
 
+def save_sharp_teacher(out, tokenizer, layers: int = 2, seed: int = 1):
+    """A random teacher with a 10x head, so its next-token distributions are peaked (a clear target), saved
+    with its tokenizer in `out`; returns the model."""
+    model = make_llama(len(tokenizer), hidden=64, layers=layers, seed=seed)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(10.0)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return model
+
+
 def make_llama(vocab_size: int, hidden: int = 64, layers: int = 2, heads: int = 4, seed: int = 0, **kw):
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -9,7 +9,7 @@ import random
 import numpy as np
 import pytest
 import torch
-from conftest import make_llama
+from conftest import save_sharp_teacher
 
 from distill.config import load_config
 from distill.data.batching import encode_example, tokenize_pair
@@ -150,12 +150,7 @@ def test_offline_logit_rows_without_ids_are_a_clear_error(tmp_path, tokenizer):
 @pytest.fixture(scope="module")
 def sharp_teacher(tmp_path_factory, tokenizer):
     out = tmp_path_factory.mktemp("sharp")
-    model = make_llama(len(tokenizer), hidden=64, layers=2, seed=1)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(10.0)
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    return out, model
+    return out, save_sharp_teacher(out, tokenizer, layers=2)
 
 
 TEXTS = [f"Q: {a} + {b} = ? A: {a + b}. The answer is {a + b}." for a, b in

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import make_llama
+from conftest import save_sharp_teacher
 from typer.testing import CliRunner
 
 from distill.config import load_config
@@ -36,11 +36,7 @@ HELDOUT_TEXT = random_text(16, seed=123)
 def sharp_teacher_dir(tmp_path_factory, tokenizer):
     """A random teacher with a scaled-up head, so its next-token distributions are peaked (a clear target)."""
     out = tmp_path_factory.mktemp("sharp_teacher")
-    model = make_llama(len(tokenizer), hidden=64, layers=4, seed=1)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(10.0)
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
+    save_sharp_teacher(out, tokenizer, layers=4)
     return out
 
 

@@ -132,7 +132,6 @@ METRICS: dict[str, MetricSpec] = {
         MetricSpec("rouge_l", rouge_l, "ROUGE-L F1 of output vs reference (LCS of words)", aliases=("rouge", "rougeL")),
     )
 }
-BUILTIN_METRICS = tuple(METRICS)  # the names, in registry order (kept for callers of the old constant)
 
 
 def metric_spec(name: str) -> MetricSpec | None:
@@ -170,7 +169,7 @@ def _import_user_metric(spec: str) -> Metric:
     where = f"eval.metric '{spec}'"
     if not module_name or not func_name:
         raise ValueError(
-            f"{where}: expected one of {', '.join(BUILTIN_METRICS)} or 'module:function' "
+            f"{where}: expected one of {', '.join(METRICS)} or 'module:function' "
             "(e.g. my_metrics:f1, or path/to/file.py:f1)"
         )
     try:
