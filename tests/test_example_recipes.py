@@ -115,3 +115,26 @@ def test_shipped_number_tokenizer_base_is_what_the_builder_writes(tmp_path):
     teacher = AutoTokenizer.from_pretrained(math_tutor.teacher_path())
     ids = old(text, add_special_tokens=False)["input_ids"]
     assert old.decode(ids) == text and len(ids) < len(teacher(text, add_special_tokens=False)["input_ids"])
+
+
+def test_cross_tokenizer_student_reads_the_store_in_its_own_vocabulary(task_files, tmp_path, monkeypatch):
+    """The teacher's store holds the teacher's ids; a student with its own tokenizer must train on the store's
+    text in its vocabulary (it was trained on the teacher's character ids, so the saved student, read with its
+    number tokenizer, wrote '9494...' at a cross-entropy of 10 while the log said 0.7)."""
+    from distill.data.batching import tokenize_pair
+    from distill.store import read_store
+    from distill.teachers.generate import generate
+    from distill.training.train import _sides, build_examples, store_path
+
+    monkeypatch.chdir(ROOT)
+    cfg = load_config(RECIPES / "cross_tokenizer.yaml", [
+        f"run_dir={tmp_path / 'run'}", f"generate.input={task_files['prompts']}", "generate.max_new_tokens=40"])
+    generate(cfg)
+    sides = _sides(cfg, cfg.student)
+    assert sides.cross is not None and not sides.same_tokenizer
+    examples = build_examples(cfg, sides.tokenizer, sides.same_tokenizer)
+    rows = read_store(store_path(cfg))
+    want = sorted(tokenize_pair(sides.tokenizer, r["prompt"], r["response"], cfg.train.max_length)["input_ids"]
+                  for r in rows)
+    assert sorted(examples[i]["input_ids"] for i in range(len(examples))) == want
+    assert any(i >= len(sides.teacher_tok) for ex in want for i in ex)  # number tokens, not characters

@@ -110,6 +110,62 @@ def test_matched_vocab_by_string_and_alignment_by_response_index():
     assert aligned[0, ~mask[0]].abs().sum() == 0
 
 
+def test_offset_alignment_pairs_the_same_character_not_the_same_index():
+    """A student with one token for "12" against a character teacher: each student position is paired with the
+    teacher position that predicts the piece starting at the same character, so nothing drifts after the first
+    number; only pairs of the same string are marked exact. Index pairing compared '+' with ' ' from there on."""
+    from distill.data.crosstok import add_teacher_side, counted_ids
+    from distill.modeling import load_tokenizer_for
+    from distill.recipes import math_tutor
+
+    s_tok = load_tokenizer_for(str(math_tutor.number_tokenizer_path()))
+    t_tok = load_tokenizer_for(str(math_tutor.teacher_path()))
+    ex = tokenize_pair(s_tok, "Tom has 12 apples and buys 5 more. How many?", "12 + 5 = 17. The answer is 17.", 160)
+    (out,) = add_teacher_side([ex], s_tok, t_tok, 160)
+    s_str = s_tok.convert_ids_to_tokens(counted_ids(ex["input_ids"], ex["labels"]))
+    t_str = t_tok.convert_ids_to_tokens(counted_ids(out["teacher_input_ids"], out["teacher_labels"]))
+    assert s_str[:3] == ["12", " ", "+"] and t_str[:4] == ["1", "2", " ", "+"]
+    index, exact = out["teacher_index"], out["teacher_exact"]
+    assert len(index) == len(s_str) and -1 not in index
+    for j, k in enumerate(index):  # same first character, same string exactly where the pieces agree
+        assert t_str[k] == s_str[j][0] or s_str[j] == t_str[k] == "</s>"
+        assert exact[j] == int(s_str[j] == t_str[k])
+    assert [s_str[j] for j, e in enumerate(exact) if not e] == ["12", "17", "17"]
+
+    # align_responses with the index puts teacher row k (predicting t_str[k]) at student position j
+    s_targets = torch.tensor([ex["labels"]])[:, 1:]
+    t_targets = torch.tensor([out["teacher_labels"]])[:, 1:]
+    t_rows = torch.arange(t_targets.shape[1], dtype=torch.float32).view(1, -1, 1)
+    aligned, mask = align_responses(t_rows, t_targets, s_targets, torch.tensor([index]))
+    t_pos = (t_targets[0] != -100).nonzero(as_tuple=True)[0]
+    s_pos = (s_targets[0] != -100).nonzero(as_tuple=True)[0]
+    assert mask[0].nonzero(as_tuple=True)[0].tolist() == s_pos.tolist()
+    assert aligned[0, s_pos, 0].tolist() == [float(t_pos[k]) for k in index]
+    positional, _ = align_responses(t_rows, t_targets, s_targets)
+    assert positional[0, s_pos[2], 0] != aligned[0, s_pos[2], 0]  # '+' paired with ' ' by index
+    from distill.losses import place_counted
+
+    placed = place_counted(torch.tensor([exact], dtype=torch.bool), s_targets)
+    assert placed[0, s_pos].tolist() == [bool(e) for e in exact] and int(placed.sum()) == sum(exact)
+
+
+def test_hybrid_compares_shared_ids_only_where_the_aligned_tokens_agree():
+    """Rows marked not exact get whole-vocabulary ULD (sorted L1), rows marked exact the GOLD hybrid."""
+    torch.manual_seed(4)
+    s, t = torch.randn(1, 4, 6), torch.randn(1, 4, 8)
+    matched = (torch.arange(5), torch.arange(5))
+    exact = torch.tensor([[True, False, True, False]])
+    got = uld_hybrid(s, t, matched=matched, exact=exact)
+    full = sorted_l1(s.softmax(-1)[0], t.softmax(-1)[0])
+    per_row = []
+    for i in range(4):
+        one = uld_hybrid(s[:, i : i + 1], t[:, i : i + 1], matched=matched)
+        per_row.append(float(one) if exact[0, i] else float(full[i]))
+    assert float(got) == pytest.approx(sum(per_row) / 4, rel=1e-5)
+    everywhere = uld_hybrid(s, t, matched=matched, exact=torch.ones(1, 4, dtype=torch.bool))
+    torch.testing.assert_close(everywhere, uld_hybrid(s, t, matched=matched))
+
+
 def test_mismatch_error_points_at_uld():
     from distill.losses import check_tokenizers
 

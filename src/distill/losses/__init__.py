@@ -28,7 +28,7 @@ from distill.losses.hidden import (
     hidden_state_loss,
     make_projections,
 )
-from distill.losses.uld import align_responses, matched_vocab, uld, uld_hybrid
+from distill.losses.uld import align_responses, matched_vocab, place_counted, uld, uld_hybrid
 from distill.losses.fused import LinearLogits
 from distill.losses.registry import LOSSES, Loss, describe_params
 from distill.losses.vocab import VocabMismatchError, align_vocab, check_tokenizers
@@ -59,6 +59,7 @@ __all__ = [
     "jsd",
     "make_projections",
     "matched_vocab",
+    "place_counted",
     "reverse_kl",
     "skew_forward_kl",
     "skew_reverse_kl",

@@ -59,14 +59,19 @@ def matched_vocab(student_tok: Any, teacher_tok: Any) -> tuple[torch.Tensor, tor
 
 
 def align_responses(
-    teacher_logits: torch.Tensor, teacher_targets: torch.Tensor, student_targets: torch.Tensor
+    teacher_logits: torch.Tensor,
+    teacher_targets: torch.Tensor,
+    student_targets: torch.Tensor,
+    index: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Place the teacher's response predictions at the student's response positions, by response index.
+    """Place the teacher's response predictions at the student's response positions.
 
     teacher_logits: (batch, seq_t, vocab_t), already causally shifted (row i predicts teacher_targets[:, i]);
     teacher_targets: (batch, seq_t) and student_targets: (batch, seq_s) shifted labels, -100 where not counted.
-    Returns (aligned teacher logits (batch, seq_s, vocab_t), mask (batch, seq_s)): the j-th counted student
-    position gets the j-th counted teacher row, for j < min of the two counts; the rest is masked (zeros).
+    index: (batch, n) for the j-th counted student token, the counted teacher token it pairs with (-1: none),
+    from `distill.data.crosstok.align_by_offsets` (same character offset); None pairs the j-th with the j-th,
+    for j < min of the two counts (ULD's positional alignment).
+    Returns (aligned teacher logits (batch, seq_s, vocab_t), mask (batch, seq_s)); unpaired rows are zeros.
     """
     b, seq_s = student_targets.shape
     if teacher_logits.shape[0] != b or teacher_targets.shape[0] != b:
@@ -79,11 +84,27 @@ def align_responses(
     for i in range(b):
         s_pos = (student_targets[i] != -100).nonzero(as_tuple=True)[0]
         t_pos = (teacher_targets[i] != -100).nonzero(as_tuple=True)[0].to(teacher_logits.device)
-        n = min(len(s_pos), len(t_pos))
-        if n:
-            aligned[i, s_pos[:n].to(aligned.device)] = teacher_logits[i, t_pos[:n]]
-            mask[i, s_pos[:n]] = True
+        if index is None:
+            n = min(len(s_pos), len(t_pos))
+            s_sel, t_sel = s_pos[:n], t_pos[:n]
+        else:
+            k = index[i, : len(s_pos)].to(s_pos.device)
+            keep = (k >= 0) & (k < len(t_pos))
+            s_sel, t_sel = s_pos[: len(k)][keep], t_pos[k[keep].to(t_pos.device)]
+        if len(s_sel):
+            aligned[i, s_sel.to(aligned.device)] = teacher_logits[i, t_sel]
+            mask[i, s_sel] = True
     return aligned, mask
+
+
+def place_counted(values: torch.Tensor, student_targets: torch.Tensor) -> torch.Tensor:
+    """(batch, n) values of the counted student tokens, in order, at their (batch, seq_s) positions (False elsewhere)."""
+    out = torch.zeros(student_targets.shape, dtype=values.dtype, device=student_targets.device)
+    for i in range(student_targets.shape[0]):
+        s_pos = (student_targets[i] != -100).nonzero(as_tuple=True)[0]
+        n = min(len(s_pos), values.shape[1])
+        out[i, s_pos[:n]] = values[i, :n].to(out.device)
+    return out
 
 
 # ------------------------------------------------------------------------------------------ per-token parts
@@ -118,7 +139,10 @@ def _hybrid_tokens(
     s_ids: torch.Tensor,
     matched_weight: float,
     beta: float,
+    exact_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    """exact_rows (n, 1): 1 where the two aligned tokens are the same string; elsewhere only the whole-vocabulary
+    sorted L1 (ULD) is meaningful, since the teacher's shared-token ids predict a different piece of text."""
     ls, lt = _tempered_log_probs(s, temperature), _tempered_log_probs(t.detach(), temperature)
     s_un = torch.ones(ls.shape[-1], dtype=torch.bool, device=ls.device)
     t_un = torch.ones(lt.shape[-1], dtype=torch.bool, device=lt.device)
@@ -130,10 +154,12 @@ def _hybrid_tokens(
         return torch.logsumexp(lp[:, un], dim=-1, keepdim=True)
 
     exact = _jsd(torch.cat([ls[:, s_ids], rest(ls, s_un)], -1), torch.cat([lt[:, t_ids], rest(lt, t_un)], -1), beta)
-    if matched_weight >= 1.0:
-        return exact
-    sorted_part = sorted_l1(ls[:, s_un].exp(), lt[:, t_un].exp())
-    return matched_weight * exact + (1.0 - matched_weight) * sorted_part
+    hybrid = exact if matched_weight >= 1.0 else (
+        matched_weight * exact + (1.0 - matched_weight) * sorted_l1(ls[:, s_un].exp(), lt[:, t_un].exp()))
+    if exact_rows is None:
+        return hybrid
+    same = exact_rows.reshape(-1).to(torch.bool)
+    return torch.where(same, hybrid, sorted_l1(ls.exp(), lt.exp()))
 
 
 # ---------------------------------------------------------------------------------------------- the losses
@@ -156,8 +182,12 @@ def _uld(
     matched_weight: float | None = None,
     teacher_vocab_size: int | None = None,
     matched: tuple[torch.Tensor, torch.Tensor] | None = None,
+    exact: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """ULD: sorted-probability L1 per aligned position; with `matched`, the GOLD hybrid (see module doc).
+
+    exact: (batch, seq) bool, the positions whose two aligned tokens are the same string (from the offset
+    alignment, `distill.data.crosstok`); the hybrid compares shared ids only there. None: everywhere.
 
     vocab_size / teacher_vocab_size cut padded embedding rows of each side (the tokenizers' true sizes).
     sparse_mode is accepted for the common call shape; ULD needs dense teacher logits (an online teacher).
@@ -189,10 +219,11 @@ def _uld(
             raise ValueError("uld_hybrid: no token string is shared by the two vocabularies; use plain uld")
         weight = t_ids.numel() / t_vocab if matched_weight is None else float(matched_weight)
 
-        def token_fn(s, t):
-            return _hybrid_tokens(s, t, temperature, t_ids, s_ids, weight, beta)
+        def token_fn(s, t, e=None):
+            return _hybrid_tokens(s, t, temperature, t_ids, s_ids, weight, beta, e)
 
-    total, count = token_sum(token_fn, student_logits, (teacher,), mask, vocab, settings.chunk_size)
+    payload = (teacher,) if exact is None or matched is None else (teacher, exact.to(torch.float32)[..., None])
+    total, count = token_sum(token_fn, student_logits, payload, mask, vocab, settings.chunk_size)
     return finish(total, count, settings)
 
 
@@ -200,7 +231,7 @@ _CROSS = {"params": UldParams, "teacher": "tokenizer", "signals": frozenset({"de
 uld = logit_loss("uld", context=("teacher_vocab_size",), **_CROSS)(_uld)
 
 
-@logit_loss("uld_hybrid", context=("teacher_vocab_size", "matched"), **_CROSS)
+@logit_loss("uld_hybrid", context=("teacher_vocab_size", "matched", "exact"), **_CROSS)
 def uld_hybrid(student_logits, teacher, mask, settings: LogitSettings, **kwargs: Any) -> torch.Tensor:
     """Exact JSD(beta) on string-matched tokens + ULD on the rest; `matched` from `matched_vocab`."""
     if kwargs.get("matched") is None:

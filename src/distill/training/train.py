@@ -310,7 +310,9 @@ def _sides(cfg: Config, scfg: StudentConfig) -> _Sides:
     online = cfg.train.signal == "online"
     if online and not local_teacher:
         raise ConfigError("train.signal=online needs a local teacher (teacher.backend=hf with teacher.model)")
-    same_tokenizer = teacher_tok is not None
+    # the store's and the logits' ids are the student's only when the vocabularies are one (cross-tokenizer
+    # students read the store's text in their own tokenization; the teacher side is re-tokenized from it)
+    same_tokenizer = teacher_tok is not None and (tokenizer is teacher_tok or tokenizer.get_vocab() == teacher_tok.get_vocab())
     cross = None  # cross-tokenizer mode (distill.data.crosstok): every divergence is a cross-tokenizer loss
     divergences = names - {"cross_entropy"}
     if teacher_tok is not None and online and divergences and divergences <= CROSS_TOKENIZER_LOSSES:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from transformers import Trainer, TrainerCallback
 
-from distill.losses import LOSSES, LinearLogits, align_responses
+from distill.losses import LOSSES, LinearLogits, align_responses, place_counted
 from distill.losses.fused import forward_unprojected, output_head
 from distill.modeling import eos_token_ids
 from distill.signals import SparseSignal
@@ -31,7 +31,8 @@ from distill.training.onpolicy import SAMPLED_KEY, onpolicy_inputs, sampled_reve
 # Component metrics are `loss_<name>`: never `loss/<name>`, which a tracker that maps names to paths (MLflow's file
 # store) cannot hold next to the `loss` metric itself ("[Errno 20] Not a directory").
 COMPONENT_PREFIX = "loss_"
-EXTRA_KEYS = ("loss_weight", "teacher_input_ids", "teacher_attention_mask", "teacher_labels", SAMPLED_KEY, "onpolicy")
+EXTRA_KEYS = ("loss_weight", "teacher_input_ids", "teacher_attention_mask", "teacher_labels", "teacher_index",
+              "teacher_exact", SAMPLED_KEY, "onpolicy")
 
 
 @dataclass
@@ -165,16 +166,18 @@ class DistillationTrainer(Trainer):
         return super().training_step(model, inputs, num_items_in_batch)
 
     def _cross_signal(self, extra: dict, targets: torch.Tensor, fused: bool):
-        """Teacher logits on its own tokenization, aligned to the student's response positions (with `fused`, its
-        hidden states are aligned and projected inside the loss)."""
+        """Teacher logits on its own tokenization, aligned to the student's response positions by character offset
+        (with `fused`, its hidden states are aligned and projected inside the loss); plus the (batch, seq) mask
+        of positions whose two tokens are the same string (None without an offset alignment)."""
         with torch.no_grad():
             _, logits = self._forward(self.teacher, extra["teacher_input_ids"], extra.get("teacher_attention_mask"),
                                       False, fused)  # fmt: skip
         rows = logits.hidden if isinstance(logits, LinearLogits) else logits
-        aligned, mask = align_responses(rows, extra["teacher_labels"][:, 1:], targets)
+        aligned, mask = align_responses(rows, extra["teacher_labels"][:, 1:], targets, extra.get("teacher_index"))
         if isinstance(logits, LinearLogits):
             aligned = LinearLogits(aligned, logits.weight, logits.bias)
-        return aligned, mask
+        exact = extra.get("teacher_exact")
+        return aligned, mask, (None if exact is None else place_counted(exact, targets))
 
     @staticmethod
     def _weighted(fn, logits, teacher, mask, kwargs: dict, weights: torch.Tensor | None) -> torch.Tensor:
@@ -195,7 +198,7 @@ class DistillationTrainer(Trainer):
         sides: dict = {"labels": (targets, mask)}
         cross = "teacher_input_ids" in extra and self.teacher is not None
         if cross and "tokenizer" in kinds:  # the teacher reads its own ids (see _cross_signal)
-            aligned, aligned_mask = self._cross_signal(extra, targets, fused)
+            aligned, aligned_mask, sides["exact"] = self._cross_signal(extra, targets, fused)
             sides["tokenizer"] = (aligned, mask & aligned_mask)
         if kinds & {"signal", "hidden"} or ("tokenizer" in kinds and not cross):
             signal, sides["hidden"] = self._teacher_signal(inputs, needs_hidden, fused)
@@ -213,7 +216,8 @@ class DistillationTrainer(Trainer):
         params = dict(spec.params or {})
         context = {"projections": self.projections}
         if self.cross_tokenizer is not None:
-            context.update(teacher_vocab_size=self.cross_tokenizer.teacher_vocab_size, matched=self.cross_tokenizer.matched)
+            context.update(teacher_vocab_size=self.cross_tokenizer.teacher_vocab_size, matched=self.cross_tokenizer.matched,
+                           exact=sides.get("exact"))  # fmt: skip
         params.update({k: context[k] for k in entry.context if k in context})
         if entry.student == "hidden":
             if sides.get("hidden") is None:
