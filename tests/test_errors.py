@@ -123,6 +123,10 @@ def test_teacher_dependent_config_errors_found_before_any_stage(tmp_path, teache
     tree = _run_tree(tmp_path, teacher_dir, prompts_file, student={"init": "config", "config": {"hiden_size": 8}})
     res = CliRunner().invoke(app, ["run", str(_write_cfg(tmp_path, tree))])
     _one_line_error(res, "student.config.hiden_size")
+    tree = _run_tree(tmp_path, teacher_dir, prompts_file,  # 52 / 4 heads: the rotary embedding fails at step one
+                     student={"init": "config", "config": {"hidden_size": 52, "num_attention_heads": 4}})
+    res = CliRunner().invoke(app, ["run", str(_write_cfg(tmp_path, tree))])
+    _one_line_error(res, "student.config", "head dimension 13", "must be even")
     tree = _run_tree(tmp_path, teacher_dir, prompts_file, students=[{"name": "a", "init": "prune", "layers": [0, 9]}])
     res = CliRunner().invoke(app, ["train", str(_write_cfg(tmp_path, tree))])
     _one_line_error(res, "students[0].layers", "[0, 3]")

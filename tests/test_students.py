@@ -51,6 +51,13 @@ def test_build_student_errors(teacher_dir):
         build_student(StudentConfig(init="prune", num_layers=9), teacher_path=str(teacher_dir))
     with pytest.raises(ValueError, match="student.model"):
         build_student(StudentConfig(init="lora"), teacher_path=str(teacher_dir))
+    # a shape the first forward pass would reject mid-training (rotary needs an even head dimension: 52 / 4 = 13)
+    with pytest.raises(ValueError, match="head dimension 13 .* must be even .* hidden_size=56"):
+        build_student(StudentConfig(init="config", config={"hidden_size": 52, "num_attention_heads": 4,
+                                                           "num_key_value_heads": 4}), teacher_path=str(teacher_dir))
+    with pytest.raises(ValueError, match="multiple of num_key_value_heads=3"):
+        build_student(StudentConfig(init="config", config={"num_attention_heads": 4, "num_key_value_heads": 3}),
+                      teacher_path=str(teacher_dir))
 
 
 def test_config_student_keeps_head_dim_consistent_with_width(tmp_path, tokenizer):

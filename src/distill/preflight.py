@@ -101,9 +101,14 @@ def _check_student(cfg: Config, i: int | None, teacher_config: Any | None) -> No
         if s.model is None and not local_teacher:
             raise ConfigError(f"{where}.init=config needs teacher.model or {where}.model for the base config")
         if base_config is not None:
-            for k in s.config:
-                if not hasattr(base_config, k):
-                    raise ConfigError(f"{where}.config.{k}: {type(base_config).__name__} has no field '{k}'")
+            import copy
+
+            from distill.students.build import config_student
+
+            try:
+                config_student(s, copy.deepcopy(base_config))
+            except ValueError as err:  # its messages name student.config; here the student is named as configured
+                raise ConfigError(str(err).replace("student.config", f"{where}.config", 1)) from err
     elif s.model is None:  # lora, pretrained
         raise ConfigError(f"{where}.init={s.init} needs {where}.model (a hub id or local path)")
     t = cfg.train_for(s)

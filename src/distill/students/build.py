@@ -133,7 +133,14 @@ def _from_config(cfg: StudentConfig, teacher_path: str | None):
     base = cfg.model or teacher_path
     if base is None:
         raise ValueError("student.init=config needs teacher.model (a local/hub model) or student.model for the base config")
-    model_cfg = AutoConfig.from_pretrained(base)
+    return AutoModelForCausalLM.from_config(config_student(cfg, AutoConfig.from_pretrained(base)))
+
+
+def config_student(cfg: StudentConfig, model_cfg):
+    """The base model's config with student.config applied (`init: config`), checked; `model_cfg` is changed.
+
+    Used by the build and by preflight, so a shape the first forward pass would reject is refused before any
+    generation."""
     derived_head_dim = _derived_head_dim(model_cfg)
     for key, value in cfg.config.items():
         if not hasattr(model_cfg, key):
@@ -144,7 +151,23 @@ def _from_config(cfg: StudentConfig, teacher_path: str | None):
         model_cfg.head_dim = model_cfg.hidden_size // model_cfg.num_attention_heads
     if "num_hidden_layers" in cfg.config and isinstance(getattr(model_cfg, "layer_types", None), list):
         model_cfg.layer_types = model_cfg.layer_types[: model_cfg.num_hidden_layers]
-    return AutoModelForCausalLM.from_config(model_cfg)
+    _check_shape(model_cfg)
+    return model_cfg
+
+
+def _check_shape(model_cfg) -> None:
+    """Shape errors a forward pass would only raise mid-training, named by the student.config fields."""
+    hidden, heads = getattr(model_cfg, "hidden_size", None), getattr(model_cfg, "num_attention_heads", None)
+    kv = getattr(model_cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(model_cfg, "head_dim", None) or (hidden // heads if hidden and heads else None)
+    if heads and kv and heads % kv:
+        raise ValueError(f"student.config: num_attention_heads={heads} must be a multiple of num_key_value_heads={kv}")
+    if head_dim and hidden and heads and not getattr(model_cfg, "head_dim", None) and hidden % heads:
+        raise ValueError(f"student.config: hidden_size={hidden} must be a multiple of num_attention_heads={heads}")
+    rotary = any(getattr(model_cfg, k, None) for k in ("rope_parameters", "rope_theta", "rope_scaling"))
+    if rotary and head_dim and head_dim % 2:
+        raise ValueError(f"student.config: head dimension {head_dim} (hidden_size={hidden} / num_attention_heads="
+                         f"{heads}) must be even for rotary position embeddings; e.g. hidden_size={hidden + heads}")
 
 
 def _lora(cfg: StudentConfig, teacher_path: str | None, dtype: str, trust_remote_code: bool):
