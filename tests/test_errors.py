@@ -182,9 +182,14 @@ class HungServer(FakeOpenAIServer):
         return None if "fast" in prompt else "timeout"
 
 
-def test_ctrl_c_with_requests_hung_in_flight_stops_and_keeps_rows(tmp_path, capsys):
+def test_ctrl_c_with_requests_hung_in_flight_stops_and_keeps_rows(tmp_path, capsys, request):
     from distill.store.shards import read_store
     from distill.teachers.generate import generate
+
+    # Ctrl-C reaches Python's own handler, as in a fresh `distill generate`, whatever an earlier test's library
+    # left installed (in the full suite the SIGINT went elsewhere and generation ran on for 300 s)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    request.addfinalizer(lambda: signal.signal(signal.SIGINT, previous))
 
     prompts = tmp_path / "p.jsonl"
     texts = ["fast one", "fast two", "slow a", "slow b", "slow c", "slow d"]
