@@ -9,6 +9,7 @@ setting. The resolved config is written into the run directory by each stage (`s
 from __future__ import annotations
 
 import difflib
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,13 +17,42 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from distill.evaluation.metrics import METRICS, check_metric_name  # stdlib only: config stays light
-from distill.errors import ConfigError
+from distill.errors import ConfigError, not_found, short_repr
 
 STUDENT_CONFIG_FILE = "train_config.yaml"  # each student's resolved view, in run_dir/students/NAME
+INT64_MAX = 2**63 - 1  # integers past this overflow torch, numpy and Arrow; none is a sane setting
+SEED_MAX = 2**32 - 1  # numpy's seed range
+
+
+def number_problem(value: Any, key: str = "") -> str | None:
+    """'key: why' for the first non-finite float or out-of-range integer in value (dicts and lists walked,
+    so free-form settings such as extra_body or loss params are covered); None when all numbers are sane."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{key}: not a finite number (got {value}); give a finite value"
+    if isinstance(value, int) and abs(value) > INT64_MAX:
+        return f"{key}: {short_repr(value, 40)} is out of range (beyond +-2^63); give a sane value"
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else ()
+    for k, v in items:
+        found = number_problem(v, f"{key}[{k}]" if isinstance(k, int) else f"{key}.{k}")
+        if found:
+            return found
+    return None
 
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+    @field_validator("*")
+    @classmethod
+    def _sane_numbers(cls, value: Any, info) -> Any:
+        """inf / nan (a learning rate of inf trains an all-NaN student with exit 0) and integers past int64 (a seed
+        of 1e23) are refused in every field of every section, free-form dicts included."""
+        problem = number_problem(value, info.field_name)
+        if problem:
+            raise ValueError(problem)
+        return value
 
 
 class TeacherConfig(Section):
@@ -212,7 +242,7 @@ class TrainConfig(Section):
     resume: bool = Field(True, description="resume from the last checkpoint in the run directory")
     report_to: list[str] = Field(default_factory=lambda: ["none"],
                                  description="trackers: none | tensorboard | mlflow | wandb | ...")
-    threads: int | None = Field(None, ge=1, description="torch CPU threads (None: torch default)")
+    threads: int | None = Field(None, ge=1, le=4096, description="torch CPU threads (None: torch default)")
     args: dict[str, Any] = Field(default_factory=dict, description="extra transformers.TrainingArguments")
     onpolicy: OnPolicyConfig = Field(default_factory=OnPolicyConfig, description="on-policy distillation (GKD)")
     cot: CotConfig = Field(default_factory=CotConfig, description="chain-of-thought distillation")
@@ -322,7 +352,7 @@ class Config(Section):
     """The whole pipeline: teacher → store → student → eval → report."""
 
     run_dir: str = Field("runs/default", description="every artifact of the run goes here")
-    seed: int = Field(0, description="seed for training (init, shuffling) and data splits")
+    seed: int = Field(0, ge=0, le=SEED_MAX, description="seed for training (init, shuffling) and data splits")
     teacher: TeacherConfig = Field(default_factory=TeacherConfig, description="where teacher outputs come from")
     data: DataConfig = Field(default_factory=DataConfig, description="how prompts are read and rendered")
     generate: GenerateConfig = Field(default_factory=GenerateConfig, description="teacher generation into the store")
@@ -476,6 +506,76 @@ def _plain(value: Any) -> Any:
 
 # ---------------------------------------------------------------- loading
 
+MAX_YAML_VALUES = 1_000_000  # values a YAML document may expand to through its aliases
+
+
+class YamlBombError(yaml.YAMLError):
+    """Aliases that expand past MAX_YAML_VALUES values, or that contain themselves."""
+
+
+class BoundedLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a document whose aliases expand to more than MAX_YAML_VALUES values: a
+    'billion laughs' document is a few hundred bytes, but copying and validating its tree takes gigabytes and
+    never ends. The composed node graph is measured (shared nodes counted once per use) before anything is built."""
+
+    def compose_document(self):
+        node = super().compose_document()
+        _expanded_size(node, {}, set())
+        return node
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int], open_: set[int]) -> int:
+    """How many values `node` becomes once every alias is expanded; raises YamlBombError past the bound."""
+    key = id(node)
+    if key in sizes:
+        return sizes[key]
+    if key in open_:
+        raise YamlBombError(f"line {node.start_mark.line + 1}: an alias refers to the list or mapping that holds it "
+                            "(a recursive value); write the value out")
+    open_.add(key)
+    size = 1
+    if isinstance(node, yaml.SequenceNode):
+        size += sum(_expanded_size(child, sizes, open_) for child in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        size += sum(_expanded_size(k, sizes, open_) + _expanded_size(v, sizes, open_) for k, v in node.value)
+    open_.discard(key)
+    if size > MAX_YAML_VALUES:
+        raise YamlBombError(f"line {node.start_mark.line + 1}: aliases (*name) expand to more than "
+                            f"{MAX_YAML_VALUES:,} values (an alias bomb?); write the values out")
+    sizes[key] = size
+    return size
+
+
+def read_yaml(path: Path) -> Any:
+    """A YAML file's content; every way it can be unreadable is one ConfigError line naming the file."""
+    if not path.exists():
+        raise ConfigError(f"config file not found: {path}" if not path.is_symlink() else not_found(path, "config file"))
+    if path.is_dir():
+        raise ConfigError(f"{path}: a directory, not a config file; give a .yaml file")
+    data = path.read_bytes()
+    if b"\0" in data[:8192]:
+        raise ConfigError(f"{path}: a binary file (NUL bytes), not a YAML config; give a .yaml text file")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text (byte 0x{data[exc.start]:02x}); a YAML config is UTF-8 "
+                          "text: re-save it as UTF-8") from None
+    try:
+        return yaml.load(text, Loader=BoundedLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        raise ConfigError(f"{where}: not valid YAML ({exc.problem or exc.context})") from None
+    except yaml.YAMLError as exc:  # YamlBombError and the reader's errors
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to read; a config is a few levels of sections") from None
+    except ValueError as exc:  # e.g. an integer of more than 4,300 digits (Python's int conversion limit)
+        why = "a number of more than 4,300 digits" if "digits" in str(exc) else str(exc).split(";")[0]
+        raise ConfigError(f"{path}: a value cannot be read: {why}; give a sane value") from None
+
+
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     keys = dotted.split(".")
@@ -508,16 +608,22 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
         if not key:
             raise ConfigError(f"override '{item}': empty key")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
+            value = yaml.load(raw, Loader=BoundedLoader) if raw.strip() else ""
+        except (yaml.YAMLError, ValueError, RecursionError):
             value = raw
         out.append((key, value))
     return out
 
 
+MAX_ERRORS = 10  # a 10,000-item list of wrong values is 10 lines and a count, not 10,000 lines
+
+
 def _format_errors(err: ValidationError, source: str) -> str:
     lines = [f"invalid config ({source}):"]
-    for e in err.errors():
+    errors = err.errors()
+    if len(errors) > MAX_ERRORS:
+        lines[0] = f"invalid config ({source}), {len(errors)} errors, the first {MAX_ERRORS}:"
+    for e in errors[:MAX_ERRORS]:
         loc = ".".join(str(p) for p in e["loc"])
         if e["type"] == "extra_forbidden":
             parent = _section_for(e["loc"][:-1])
@@ -526,7 +632,8 @@ def _format_errors(err: ValidationError, source: str) -> str:
             msg = f"unknown key; expected one of: {', '.join(known)}"
             if hint:
                 msg += f" (did you mean '{hint[0]}'?)"
-        elif e["type"] == "value_error" and e["loc"] and str(e["ctx"]["error"]).startswith(f"{e['loc'][-1]}["):
+        elif e["type"] == "value_error" and e["loc"] and str(e["ctx"]["error"]).startswith(
+                (f"{e['loc'][-1]}[", f"{e['loc'][-1]}.", f"{e['loc'][-1]}:")):
             # a validator that names the item itself ("losses[0].params.betaa: ..."): print that key
             head, _, msg = str(e["ctx"]["error"]).partition(": ")
             loc = ".".join([*(str(p) for p in e["loc"][:-1]), head])
@@ -535,7 +642,7 @@ def _format_errors(err: ValidationError, source: str) -> str:
         else:
             msg = e["msg"]
             if "input" in e and e["type"] != "missing" and e["loc"]:  # not the whole tree for a root error
-                msg += f" (got {e['input']!r})"
+                msg += f" (got {short_repr(e['input'])})"
         lines.append(f"  {msg}" if loc and msg.startswith(loc + ".") else f"  {loc or '<root>'}: {msg}")
     return "\n".join(lines)
 
@@ -571,12 +678,7 @@ def load_config(
         tree, source = dict(path), "dict"
     elif path is not None:
         p = Path(path)
-        if not p.exists():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            tree = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{p}: not valid YAML: {exc}") from exc
+        tree = read_yaml(p)
         if not isinstance(tree, dict):
             raise ConfigError(f"{p}: expected a mapping of sections at the top, got {type(tree).__name__}")
         source = str(p)
