@@ -9,12 +9,13 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from distill.config import DataConfig
-from distill.errors import DataError
+from distill.errors import DataError, not_found, short_repr
 
 
 @dataclass
@@ -53,13 +54,24 @@ def _rows_jsonl(path: Path):
             line = _decode(raw, path) if lineno == 1 else _decode_line(raw, path, lineno)
             if not line.strip():
                 continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+            row = _parse_json(line, f"{path}:{lineno}")
             if not isinstance(row, dict):
                 raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
             yield f"{path}:{lineno}", row
+
+
+def _parse_json(text: str, where: str) -> Any:
+    """json.loads whose every failure is a DataError at `where`: bad syntax, nesting too deep for the parser
+    (RecursionError), an integer of more than 4,300 digits (ValueError: Python's int conversion limit)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{where}: not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
+    except RecursionError:
+        raise DataError(f"{where}: JSON nested too deeply to read (thousands of levels); flatten the row") from None
+    except ValueError as exc:
+        why = "an integer of more than 4,300 digits" if "digits" in str(exc) else str(exc).split(";")[0]
+        raise DataError(f"{where}: a JSON value cannot be read: {why}; write it as a string or fix it") from None
 
 
 def _decode_line(raw: bytes, path: Path, lineno: int) -> str:
@@ -71,10 +83,7 @@ def _decode_line(raw: bytes, path: Path, lineno: int) -> str:
 
 
 def _rows_json(path: Path):
-    try:
-        data = json.loads(_decode(path.read_bytes(), path))
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+    data = _parse_json(_decode(path.read_bytes(), path), str(path))
     if isinstance(data, dict):
         data = data.get("data", data.get("rows"))
     if not isinstance(data, list):
@@ -110,7 +119,11 @@ def _rows_parquet(path: Path):
 
     files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
     for f in files:
-        table = pq.read_table(f)
+        try:
+            table = pq.read_table(f)
+        except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError; ArrowIOError an OSError
+            raise DataError(f"{f}: not a readable Parquet file ({str(exc).splitlines()[0][:200]}); give a Parquet "
+                            "file, or the file's real extension (.jsonl, .json, .csv)") from None
         for i, row in enumerate(table.to_pylist()):
             yield f"{f}:row {i}", row
 
@@ -166,7 +179,7 @@ def iter_rows(source: str | Path, split: str = "train"):
         return
     path = Path(spec)
     if not path.exists():
-        raise DataError(f"{path}: file not found")
+        raise DataError(not_found(path))
     suffix = path.suffix.lower()
     if path.is_dir():
         yield from _rows_dir(path, split)
@@ -178,6 +191,26 @@ def iter_rows(source: str | Path, split: str = "train"):
     yield from readers[suffix](path)
 
 
+def content_text(content: Any, where: str, key: str) -> str:
+    """A chat message's content as text: a string, or OpenAI's list of parts (`[{"type": "text", "text": ...}]`)
+    whose text parts are joined. Null content and non-text parts (images, audio) are refused, naming `key`."""
+    if isinstance(content, str):
+        return content
+    if content is None:
+        raise DataError(f"{where}: field {key} is null; expected a string (or a list of text parts)")
+    if not isinstance(content, list):
+        raise DataError(f"{where}: field {key} is a {type(content).__name__}; expected a string (or a list of "
+                        f"text parts), got {short_repr(content)}")
+    texts = []
+    for i, part in enumerate(content):
+        if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            raise DataError(f"{where}: field {key}[{i}] is a '{kind}' part; only text parts "
+                            '({"type": "text", "text": "..."}) can be distilled: drop the others')
+        texts.append(part["text"])
+    return "".join(texts)
+
+
 def _check_messages(messages: Any, where: str, field_name: str) -> list[dict[str, str]]:
     if not isinstance(messages, list) or not messages:
         raise DataError(f"{where}: field '{field_name}' must be a non-empty list of {{role, content}} objects")
@@ -185,15 +218,38 @@ def _check_messages(messages: Any, where: str, field_name: str) -> list[dict[str
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
             raise DataError(f"{where}: field '{field_name}'[{j}] must be an object with 'role' and 'content'")
         if m["role"] not in ("system", "user", "assistant", "tool"):
-            raise DataError(f"{where}: field '{field_name}'[{j}].role is '{m['role']}'; expected system/user/assistant")
-    return [{"role": str(m["role"]), "content": str(m["content"])} for m in messages]
+            raise DataError(f"{where}: field '{field_name}'[{j}].role is {short_repr(m['role'], 60)}; expected "
+                            "system/user/assistant")
+    return [{"role": str(m["role"]), "content": content_text(m["content"], where, f"'{field_name}'[{j}].content")}
+            for j, m in enumerate(messages)]
 
 
-def _last_assistant(messages: Any) -> str | None:
+def _last_assistant(messages: Any, where: str = "", key: str = "completion") -> str | None:
     if isinstance(messages, list) and messages and isinstance(messages[-1], dict) \
             and messages[-1].get("role") == "assistant":
-        return str(messages[-1].get("content", ""))
+        return content_text(messages[-1].get("content", ""), where, f"'{key}'[{len(messages) - 1}].content")
     return None
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _check_writable(value: Any, where: str, key: str) -> None:
+    """Every string of a row can be written as UTF-8: a lone surrogate (valid JSON: "\\ud800" without its pair)
+    would pass here and fail when the store writes its shard, costing the other rows of that shard on every rerun."""
+    if isinstance(value, str):
+        bad = _SURROGATE.search(value)
+        if bad:
+            raise DataError(f"{where}: field {key} holds a lone surrogate (\\u{ord(bad.group()):04x} at character "
+                            f"{bad.start()}), which is not text and cannot be written as UTF-8; fix or drop that "
+                            "character (a \\uXXXX escape without its pair)")
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_writable(k, where, f"{key} key")
+            _check_writable(v, where, f"{key}.{k}" if key else f"'{k}'")
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_writable(v, where, f"{key}[{i}]")
 
 
 def record_from_row(row: dict, where: str, cfg: DataConfig) -> Record:
@@ -202,6 +258,7 @@ def record_from_row(row: dict, where: str, cfg: DataConfig) -> Record:
     Conversational SFT rows (`messages` ending with an assistant turn) give that turn as `response` and the
     turns before it as the prompt; TRL-style rows (`prompt` + `completion`, as text or as message lists) give
     `completion` as the response."""
+    _check_writable(row, where, "")
     messages = row.get(cfg.messages_field)
     prompt = row.get(cfg.prompt_field)
     field_name = cfg.messages_field
@@ -212,7 +269,7 @@ def record_from_row(row: dict, where: str, cfg: DataConfig) -> Record:
     if isinstance(completion, str) and completion:
         response = completion
     elif isinstance(completion, list):
-        response = _last_assistant(completion)
+        response = _last_assistant(completion, where)
     if messages is not None and messages != "":
         if isinstance(messages, str):
             try:
@@ -220,20 +277,23 @@ def record_from_row(row: dict, where: str, cfg: DataConfig) -> Record:
             except json.JSONDecodeError:
                 raise DataError(f"{where}: field '{field_name}' is a string but not JSON messages") from None
         messages = _check_messages(messages, where, field_name)
-        last = _last_assistant(messages)
+        last = _last_assistant(messages, where, field_name)
         if last is not None:
             if len(messages) == 1:
                 raise DataError(f"{where}: field '{field_name}' has only an assistant turn; a prompt needs a "
                                 "user turn before it")
             messages, response = messages[:-1], response or last
         prompt = None
+    elif prompt is None and cfg.prompt_field in row:
+        raise DataError(f"{where}: field '{cfg.prompt_field}' is null; expected a string (or '{cfg.messages_field}': "
+                        "a list of chat messages)")
     elif prompt is None:
         raise DataError(
             f"{where}: missing field '{cfg.prompt_field}' (or '{cfg.messages_field}'); "
-            f"fields present: {', '.join(map(str, row)) or 'none'}"
+            f"fields present: {_names(row)}"
         )
     elif not isinstance(prompt, str) or not prompt.strip():
-        raise DataError(f"{where}: field '{cfg.prompt_field}' must be a non-empty string, got {prompt!r}")
+        raise DataError(f"{where}: field '{cfg.prompt_field}' must be a non-empty string, got {short_repr(prompt)}")
     reference = row.get(cfg.reference_field) if cfg.reference_field else None
     rid = row.get(cfg.id_field) if cfg.id_field else None
     used = {cfg.prompt_field, cfg.messages_field, cfg.reference_field, cfg.id_field}
@@ -247,6 +307,12 @@ def record_from_row(row: dict, where: str, cfg: DataConfig) -> Record:
         extra=extra,
         source=where,
     )
+
+
+def _names(row: dict, most: int = 20) -> str:
+    names = [str(k)[:60] for k in row]
+    more = f", ... ({len(names) - most} more)" if len(names) > most else ""
+    return ", ".join(names[:most]) + more or "none"
 
 
 def load_records(source: str | Path, cfg: DataConfig | None = None, limit: int | None = None) -> list[Record]:
