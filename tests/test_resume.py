@@ -111,3 +111,98 @@ def test_run_config_stays_the_runs_and_each_student_keeps_its_own(tmp_path, teac
     details = {n: training_details(run_dir, n, cfg) for n in ("a", "b")}
     assert (details["a"]["max_steps"], details["a"]["learning_rate"]) == (2, 1e-2)
     assert (details["b"]["max_steps"], details["b"]["learning_rate"]) == (1, 5e-3)
+
+
+# ---------------------------------------------------------------- damaged checkpoints, diverged training (issue 21)
+
+
+@pytest.fixture(scope="module")
+def trained4(tmp_path_factory, teacher_dir) -> Path:
+    """A run trained to step 4 (checkpoints 2 and 4), copied by each test that damages it."""
+    base = tmp_path_factory.mktemp("trained4")
+    train(_cfg(base, teacher_dir, max_steps=4))
+    return base / "run"
+
+
+def _nan_weights(path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(path))
+    name = next(k for k, v in state.items() if v.is_floating_point())
+    state[name] = state[name] * float("nan")
+    save_file(state, str(path), metadata={"format": "pt"})
+
+
+DAMAGE = {
+    "optimizer.pt: empty file": lambda p: p.write_bytes(b""),  # on main: the process dies with "Aborted."
+    "scheduler.pt: damaged": lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]),
+    "rng_state.pth: damaged": lambda p: p.write_bytes(bytes(b ^ 0xFF for b in p.read_bytes())),
+    "model.safetensors: non-finite weights": _nan_weights,
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_damaged_newest_checkpoint_resumes_from_the_newest_intact_one(tmp_path, trained4, teacher_dir, damage,
+                                                                      capsys):
+    import shutil
+
+    shutil.copytree(trained4, tmp_path / "run")
+    root = tmp_path / "run" / "checkpoints" / "student"
+    DAMAGE[damage](root / "checkpoint-4" / damage.split(":")[0])
+    (out,) = train(_cfg(tmp_path, teacher_dir, max_steps=6))
+    said = " ".join(capsys.readouterr().out.split())
+    assert f"checkpoint-4: damaged checkpoint ({damage}" in said and "resuming from an earlier one" in said
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["resumed_from"].endswith("checkpoint-2") and summary["global_steps"] == 6
+    assert (root / "damaged-checkpoint-4").is_dir()  # kept for a look, out of the Trainer's way
+    assert _ckpts(tmp_path) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
+
+
+def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, teacher_dir, monkeypatch):
+    from distill.training.checkpoints import DivergedError, checkpoint_problem
+    from distill.training.trainer import DistillationTrainer
+
+    real = DistillationTrainer._component
+
+    def nan_from_step_6(self, *args, **kwargs):  # as an overflowing loss would
+        value = real(self, *args, **kwargs)
+        return value * float("nan") if self.state.global_step >= 5 else value
+
+    monkeypatch.setattr(DistillationTrainer, "_component", nan_from_step_6)
+    with pytest.raises(DivergedError, match=r"step 6: the loss is nan \(not finite\).*kept"):
+        train(_cfg(tmp_path, teacher_dir, max_steps=8))
+    root = tmp_path / "run" / "checkpoints" / "student"
+    assert _ckpts(tmp_path) == ["checkpoint-2", "checkpoint-4"]  # no NaN checkpoint-6
+    assert checkpoint_problem(root / "checkpoint-4") is None
+    assert not (tmp_path / "run" / "students" / "student" / "model.safetensors").exists()  # no NaN student
+
+
+def test_diverged_weights_are_never_saved(tmp_path, teacher_dir):
+    from distill.training.checkpoints import DivergedError
+
+    cfg = _cfg(tmp_path, teacher_dir, max_steps=3)
+    cfg.train.learning_rate, cfg.train.save_steps = 1e39, 1  # finite, but one AdamW step overflows float32
+    with pytest.raises(DivergedError, match=r"step 1: weight .* became NaN or inf"):
+        train(cfg)
+    root = tmp_path / "run" / "checkpoints" / "student"
+    assert not root.exists() or _ckpts(tmp_path) == []
+
+
+def test_full_disk_in_torch_save_is_a_disk_error_with_the_free_space(tmp_path, teacher_dir, monkeypatch):
+    import torch
+
+    real = torch.save
+
+    def full(obj, f, *args, **kwargs):  # what torch's C++ writer raises on a full disk: not an OSError
+        if "checkpoint-4" in str(f):
+            raise RuntimeError("basic_ios::clear: iostream error")
+        return real(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(DiskError, match=r"no space left on device \([\d,.]+ MB free on the disk of .*\) "
+                                        r"\[Errno 28\].*checkpoints already written .* are kept"):
+        train(_cfg(tmp_path, teacher_dir, max_steps=4))
+    assert _ckpts(tmp_path)[0] == "checkpoint-2"
+    monkeypatch.setattr(torch, "save", real)
+    (out,) = train(_cfg(tmp_path, teacher_dir, max_steps=4))  # the partial checkpoint-4 is redone
+    assert json.loads((out / "train_summary.json").read_text())["resumed_from"].endswith("checkpoint-2")

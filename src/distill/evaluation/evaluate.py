@@ -30,7 +30,7 @@ from typing import Any
 from distill.config import Config, ConfigError, load_config
 from distill.data.cot import student_prompt
 from distill.data.prompts import load_records, render_prompt
-from distill.errors import DataError
+from distill.errors import DataError, disk_errors, write_atomic
 from distill.evaluation.api_teacher import NO_API_FIDELITY, api_teacher_entry
 from distill.evaluation.cost import measure_cost, relative_to_teacher, throughput_batch
 from distill.evaluation.fidelity import fidelity
@@ -252,10 +252,11 @@ def _evaluate(cfg: Config) -> dict[str, Any]:
         for name, texts in outputs.items()
     }
     out_dir = Path(cfg.run_dir) / "eval"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
-    with (out_dir / "outputs.jsonl").open("w") as fh:
-        for i in range(len(records)):
-            fh.write(json.dumps(row(i)) + "\n")
+    # atomic writes, results.json last: a full disk leaves the previous results (or none), never a 0-byte
+    # results.json that breaks `distill report`
+    with disk_errors(out_dir, "earlier eval results, if any, are kept"):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(out_dir / "outputs.jsonl", "".join(json.dumps(row(i)) + "\n" for i in range(len(records))))
+        write_atomic(out_dir / "results.json", json.dumps(results, indent=2))
     console.print(f"[green]eval results:[/] {out_dir / 'results.json'}")
     return results

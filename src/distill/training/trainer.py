@@ -24,6 +24,7 @@ from distill.losses import LOSSES, LinearLogits, align_responses, place_counted
 from distill.losses.fused import forward_unprojected, output_head
 from distill.modeling import eos_token_ids
 from distill.signals import SparseSignal
+from distill.training.checkpoints import check_finite_loss, finite_weights_guard
 from distill.training.onpolicy import SAMPLED_KEY, onpolicy_inputs, sampled_reverse_kl
 
 # Batch keys that are not model inputs: per-example loss weights (chain of thought), the teacher's own
@@ -96,6 +97,7 @@ class DistillationTrainer(Trainer):
             self.add_callback(AverageProjectionGrads(projections, self.accelerator))
             self.add_callback(SaveProjections(projections))
         self._component_sums: dict[str, list[float]] = defaultdict(list)
+        self.add_callback(finite_weights_guard())  # never a checkpoint or student with NaN / inf weights
         # Our loss is always normalised by the global token count, so let the Trainer count it (over shifted
         # labels) and not divide again by the accumulation steps.
         self.model_accepts_loss_kwargs = True
@@ -256,6 +258,8 @@ class DistillationTrainer(Trainer):
         if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
             # DDP averages gradients over processes; our loss is already divided by the global count.
             total = total * self.accelerator.num_processes
+        if model.training:  # a NaN / inf loss stops here, before backward turns every weight into NaN
+            check_finite_loss(total, self.state.global_step, self.args.output_dir)
         return (total, outputs) if return_outputs else total
 
     def _record(self, name: str, value: torch.Tensor, model) -> None:
