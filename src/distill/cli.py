@@ -13,9 +13,10 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from distill.config import load_config
-from distill.errors import UserError, disk_error_message, is_user_error, register
+from distill.errors import UserError, bounded, disk_error_message, is_user_error, register
 
 # transformers imports torchao (the int8 extra) on every model load, which logs optional kernels it cannot load
 # and torch.compile deprecation notes: noise on every command, not something the user can act on
@@ -93,7 +94,9 @@ def main_guard(fn):
         except Exception as exc:
             if DEBUG["on"] or not _is_user_error(exc):
                 raise
-            console.print(f"[bold red]error:[/] {disk_error_message(exc) or exc}", highlight=False, soft_wrap=True)
+            # bounded: a 10,000-item value in a message is not a 30 KB line; escaped: '[/tmp/x]' is text, not markup
+            message = escape(bounded(disk_error_message(exc) or str(exc)))
+            console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper
@@ -115,7 +118,7 @@ def generate(
     try:
         path = run_generate(cfg)
     except (TeacherError, StoreError) as exc:
-        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        console.print(f"[bold red]error:[/] {escape(bounded(str(exc)))}", highlight=False)
         raise typer.Exit(1) from None
     s = store_stats(path)
     per = f"{s['bytes_per_entry']:.2f} bytes per (token, k) entry (k={s['k']})" if s["bytes_per_entry"] else "no top-k"
@@ -212,7 +215,7 @@ def eval_(config: Path = CONFIG_ARG, overrides: Optional[List[str]] = OVERRIDES_
     try:
         run_eval(cfg)
     except TeacherError as exc:  # an API teacher that cannot answer: one line, like `distill generate`
-        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        console.print(f"[bold red]error:[/] {escape(bounded(str(exc)))}", highlight=False)
         raise typer.Exit(1) from None
     print(Path(cfg.run_dir) / "eval" / "results.json")
 

@@ -80,6 +80,7 @@ def export(model_dir: str | Path, out_dir: str | Path, quantize: str | None = No
         raise ValueError(f"--gguf-type '{gguf_type}': choose one of {', '.join(GGUF_TYPES)}")
     if quantize and int8_scheme not in SCHEMES:
         raise ValueError(f"--int8-scheme '{int8_scheme}': choose one of {', '.join(SCHEMES)}")
+    _check_out_dir(Path(out_dir))
     t0 = time.time()
     model, tokenizer, info = load_student(model_dir, dtype="float32", device="cpu")
     out = save_model(model, tokenizer, out_dir)
@@ -108,6 +109,17 @@ def export(model_dir: str | Path, out_dir: str | Path, quantize: str | None = No
     source_card = Path(info["adapter"] or info["source"]) / "README.md"
     model_card(report, Path(out).name, source_card).save(out / "README.md")
     return report
+
+
+def _check_out_dir(out: Path) -> None:
+    """--out must be a directory, or creatable as one: an existing file there (or above it) is refused before the
+    student is loaded, instead of a FileExistsError traceback from the first write."""
+    for folder in (out, *out.parents):
+        if folder.exists() or folder.is_symlink():
+            if not folder.is_dir():
+                what = "is an existing file" if folder == out else f"is inside {folder}, an existing file"
+                raise ValueError(f"--out {out}: {what}, not a directory; give a directory path (it is created)")
+            return
 
 
 def _export_gguf(model, tokenizer, out: Path, gguf_type: str) -> dict:
