@@ -18,12 +18,13 @@ import yaml
 from test_errors import _one_line_error, _write_cfg
 from typer.testing import CliRunner
 
+import distill
 from distill.cli import app
 from distill.config import load_config
 from distill.data.prompts import load_records
 from distill.errors import ConfigError, DataError, DiskError
 
-SRC = str(Path(__file__).resolve().parents[1] / "src")
+SRC = str(Path(distill.__file__).resolve().parents[1])  # the distill under test, for child processes
 
 
 # ---------------------------------------------------------------- settings

@@ -56,9 +56,11 @@ def checkpoint_problem(ckpt: Path) -> str | None:
 
     torch files (zip archives) are checked against their CRCs without unpickling; safetensors weights are read
     tensor by tensor and must be finite. This reads the checkpoint once, on resume only."""
-    for f in sorted(ckpt.iterdir()):
-        if not f.is_file():
-            continue
+    try:
+        files = sorted(f for f in ckpt.iterdir() if f.is_file())
+    except OSError as exc:  # e.g. moved aside by rank 0 while another rank looks at it
+        return f"unreadable ({exc.strerror})"
+    for f in files:
         if f.stat().st_size == 0 and f.suffix in (*TORCH_FILE_SUFFIXES, ".safetensors"):
             return f"{f.name}: empty file"
         if f.suffix in TORCH_FILE_SUFFIXES:
