@@ -32,7 +32,7 @@ SRC = str(Path(distill.__file__).resolve().parents[1])  # the distill under test
 
 @pytest.mark.parametrize("tree, key", [
     ({"train": {"learning_rate": float("inf")}}, "train.learning_rate"),
-    ({"train": {"weight_decay": float("nan")}}, "train.weight_decay"),
+    ({"train": {"weight_decay": float("inf")}}, "train.weight_decay"),
     ({"train": {"losses": [{"name": "forward_kl", "weight": float("inf")}]}}, "train.losses.0.weight"),
     ({"train": {"losses": [{"name": "forward_kl", "temperature": float("inf")}]}}, "train.losses.0.temperature"),
     ({"train": {"losses": [{"name": "jsd", "params": {"beta": float("nan")}}]}}, "train.losses.0.params.beta"),

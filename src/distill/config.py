@@ -17,7 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from distill.evaluation.metrics import METRICS, check_metric_name  # stdlib only: config stays light
-from distill.errors import ConfigError, not_found, short_repr
+from distill.errors import ConfigError, not_found, short_repr, write_atomic
 
 STUDENT_CONFIG_FILE = "train_config.yaml"  # each student's resolved view, in run_dir/students/NAME
 INT64_MAX = 2**63 - 1  # integers past this overflow torch, numpy and Arrow; none is a sane setting
@@ -699,5 +699,4 @@ def save_config(config: Config, path: str | Path) -> Path:
     """Write the resolved config (every default filled in) as YAML."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
-    return path
+    return write_atomic(path, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
