@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 from test_errors import _one_line_error, _write_cfg
 from typer.testing import CliRunner
 
@@ -84,7 +83,7 @@ def _load_in_subprocess(path: Path, timeout: float = 60) -> subprocess.Completed
             "try:\n    load_config(sys.argv[1])\nexcept ConfigError as e:\n    print('ConfigError:', e); sys.exit(2)\n")
     env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
     try:
-        return subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True,
+        return subprocess.run([sys.executable, "-c", code, str(path)], check=False, capture_output=True, text=True,
                               timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         pytest.fail(f"loading {path.name} hung for {timeout} s")
@@ -171,7 +170,7 @@ def test_chat_content_as_a_list_of_text_parts_is_joined(tmp_path):
      "p.jsonl:1: field 'messages'[0].content[0] is a 'image_url' part; only text parts"),
     ({"messages": [{"role": "user", "content": None}]}, "p.jsonl:1: field 'messages'[0].content is null"),
     ({"prompt": None}, "p.jsonl:1: field 'prompt' is null; expected a string"),
-    ({"prompt": {f"k{i}": i for i in range(10_000)}}, "(9"),  # the repr is cut: '... (99xx more)'
+    ({"prompt": {f"k{i}": i for i in range(10_000)}}, "more)"),  # the repr is cut: '... (99xx more)'
 ])
 def test_bad_chat_content_and_null_prompt_name_file_line_field(tmp_path, row, needle):
     with pytest.raises(DataError) as err:

@@ -16,8 +16,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from distill.evaluation.metrics import METRICS, check_metric_name  # stdlib only: config stays light
 from distill.errors import ConfigError, not_found, short_repr, write_atomic
+from distill.evaluation.metrics import METRICS, check_metric_name  # stdlib only: config stays light
 
 STUDENT_CONFIG_FILE = "train_config.yaml"  # each student's resolved view, in run_dir/students/NAME
 INT64_MAX = 2**63 - 1  # integers past this overflow torch, numpy and Arrow; none is a sane setting

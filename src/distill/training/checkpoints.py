@@ -91,7 +91,7 @@ def _weights_problem(path: Path) -> str | None:
 
     try:
         with safe_open(str(path), framework="pt") as fh:
-            for name in fh.keys():
+            for name in fh.keys():  # noqa: SIM118 - safe_open is not a dict
                 tensor = fh.get_tensor(name)
                 if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
                     return f"non-finite weights ({name} holds NaN or inf: the training had diverged)"
