@@ -196,6 +196,8 @@ def content_text(content: Any, where: str, key: str) -> str:
     whose text parts are joined. Null content and non-text parts (images, audio) are refused, naming `key`."""
     if isinstance(content, str):
         return content
+    if isinstance(content, (int, float)) and not isinstance(content, bool):  # a bare number, as before
+        return str(content)
     if content is None:
         raise DataError(f"{where}: field {key} is null; expected a string (or a list of text parts)")
     if not isinstance(content, list):
