@@ -121,21 +121,24 @@ def last_checkpoint(output_dir: str, clean: bool = True) -> str | None:
     ckpts = sorted((p for p in root.iterdir() if p.is_dir() and p.name.startswith("checkpoint-")
                     and _step_of(p) >= 0), key=_step_of, reverse=True)
     writer = clean and int(os.environ.get("RANK", "0")) == 0
+    said: list[str] = []  # one line per checkpoint passed over, printed once the one to resume from is known
+    found = None
     for ckpt in ckpts:
         if checkpoint_state(ckpt) is None:
             if writer:
-                print(f"[distill] {ckpt}: incomplete checkpoint (cut off mid-write); removed, resuming from an "
-                      "earlier one")
+                said.append(f"{ckpt}: incomplete checkpoint (cut off mid-write); removed")
                 shutil.rmtree(ckpt, ignore_errors=True)
             continue
         problem = checkpoint_problem(ckpt) if clean else None
         if problem is None:
-            return str(ckpt)
+            found = str(ckpt)
+            break
         if writer:
-            moved = _set_aside(ckpt)
-            print(f"[distill] {ckpt}: damaged checkpoint ({problem}); moved to {moved.name}, resuming from an "
-                  "earlier one")
-    return None
+            said.append(f"{ckpt}: damaged checkpoint ({problem}); moved to {_set_aside(ckpt).name}")
+    then = f"resuming from {Path(found).name}" if found else "no intact checkpoint left: training starts over"
+    for line in said:
+        print(f"[distill] {line}, {then}")
+    return found
 
 
 class DivergedError(UserError, RuntimeError):
