@@ -50,8 +50,10 @@ def is_user_error(exc: BaseException) -> bool:
 # How writers that are not Python's own file objects report a full disk: torch.save's C++ stream writer
 # ("basic_ios::clear: iostream error", "unexpected pos 704 vs 598", "file write failed") and safetensors'
 # Rust writer ("IoError(Os { code: 28, kind: StorageFull ...})"). None of them is an OSError.
-_FULL_DISK_TEXTS = ("iostream error", "file write failed", "unexpected pos", "storagefull", "code: 28",
-                    "no space left on device")
+_FULL_DISK_TEXTS = {
+    "RuntimeError": ("iostream error", "file write failed", "unexpected pos", "no space left on device"),
+    "SafetensorError": ("storagefull", "code: 28", "no space left on device"),
+}
 
 
 def _disk_errno(exc: BaseException) -> int | None:
@@ -59,7 +61,7 @@ def _disk_errno(exc: BaseException) -> int | None:
     if isinstance(exc, OSError):
         return exc.errno if exc.errno in DISK_ERRNOS else None
     text = str(exc).lower()
-    if type(exc).__name__ in ("RuntimeError", "SafetensorError") and any(t in text for t in _FULL_DISK_TEXTS):
+    if any(t in text for t in _FULL_DISK_TEXTS.get(type(exc).__name__, ())):
         return errno.ENOSPC
     return None
 
@@ -85,6 +87,8 @@ def disk_error_message(exc: BaseException, where: str | Path | None = None, kept
     path = getattr(exc, "filename", None) or where or "the run directory"
     reason = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
               errno.EROFS: "read-only file system", errno.EFBIG: "file too large"}.get(code, "permission denied")
+    if not isinstance(exc, OSError):  # torch / safetensors say only that the write failed: say what it likely was
+        reason = f"the write failed ({' '.join(str(exc).split())[:120]}), most likely {reason}"
     if code in (errno.ENOSPC, errno.EDQUOT):
         space = free_space(path)
         reason += f" ({space})" if space else ""
