@@ -268,3 +268,10 @@ def test_full_disk_during_eval_keeps_the_previous_results(tmp_path, teacher_dir,
     monkeypatch.setattr(Path, "write_text", real)
     assert results.read_text() == before and json.loads(before)["students"]["small"]
     assert sorted(p.name for p in results.parent.iterdir()) == ["outputs.jsonl", "results.json"]  # no temp left
+
+
+def test_report_names_a_damaged_results_json(tmp_path):
+    (tmp_path / "run" / "eval").mkdir(parents=True)
+    (tmp_path / "run" / "eval" / "results.json").write_text("")  # left by a full disk before atomic writes
+    res = CliRunner().invoke(app, ["report", str(_write_cfg(tmp_path, {"run_dir": str(tmp_path / "run")}))])
+    _one_line_error(res, "results.json: damaged (empty or cut off", "rerun `distill eval CONFIG`")

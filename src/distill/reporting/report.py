@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from distill.config import STUDENT_CONFIG_FILE, Config, load_config
+from distill.errors import DataError
 from distill.reporting.failures import breakdown_table, disagreement_answers, disagreements, labelled_answers
 from distill.reporting.plots import loss_series, make_plots
 
@@ -402,7 +403,11 @@ def report(config: Config | str | Path, overrides: list[str] | None = None) -> P
     results_path = run_dir / "eval" / "results.json"
     if not results_path.exists():
         raise FileNotFoundError(f"{results_path}: no eval results; run `distill eval CONFIG` first")
-    results = json.loads(results_path.read_text())
+    try:  # a results.json cut by a full disk (before eval wrote it atomically) is named, not a JSON traceback
+        results = json.loads(results_path.read_text())
+    except ValueError:
+        raise DataError(f"{results_path}: damaged (empty or cut off, e.g. by a full disk); rerun `distill eval "
+                        "CONFIG`") from None
     out = run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
     logs = {n: load_train_log(run_dir / "students" / n / "train_log.json") for n in results["students"]}
