@@ -9,6 +9,12 @@ another distill run can use this server as its teacher. `echo: true` (with `logp
 allowed) returns the prompt's teacher-forced logprobs, which is how lm-eval's `local-completions` scores
 multiple-choice tasks against this server.
 
+Chat messages are rendered as the student's training rendered its prompts (prompt_format.json, written by
+`distill train`), else with the model's chat template; a model with neither gets a 400 naming /v1/completions.
+Bodies must be `Content-Type: application/json` (415), one request asks for at most `max_request_rows`
+sequences (prompts x n; 400), and requests share the batcher round-robin. /health, /docs and /openapi.json
+need no API key.
+
 Run as: `distill serve runs/demo/students/small --port 8000 --api-key $KEY`
 """
 
