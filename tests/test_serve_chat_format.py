@@ -12,7 +12,6 @@ from fastapi.testclient import TestClient
 from test_serve import save_student
 
 from distill.config import load_config
-from distill.data.prompt_format import PROMPT_FORMAT_FILE, load_prompt_format
 from distill.serving.app import _chat_prompt
 from distill.serving.protocol import ChatMessage
 from distill.serving.serve import build_app
@@ -52,6 +51,8 @@ def _training_prompt_ids(cfg, tokenizer) -> list[int]:
     (False, {"system_prompt": "Be brief."}),  # the run's system prompt comes along
 ])
 def test_chat_renders_exactly_the_training_prompt(tmp_path, template, data):
+    from distill.data.prompt_format import PROMPT_FORMAT_FILE, load_prompt_format
+
     tok = make_tokenizer(chat_template=template)
     out, cfg = _train_student(tmp_path, tok, **data)
     assert (out / PROMPT_FORMAT_FILE).is_file()
@@ -77,6 +78,8 @@ def test_demo_like_student_answers_chat_as_completions(tmp_path):
 
 def test_chat_rows_render_as_the_transcript_training_saw(tmp_path):
     """A student trained on chat `messages` rows saw a 'role: content' transcript: a one-question chat gets it."""
+    from distill.data.prompt_format import load_prompt_format
+
     tok = make_tokenizer()
     teacher = tmp_path / "teacher"
     save_sharp_teacher(teacher, tok)
@@ -108,6 +111,8 @@ def test_model_without_template_or_format_is_400_naming_completions(tmp_path):
 
 
 def test_model_with_its_own_template_and_no_format_uses_the_template(tmp_path):
+    from distill.data.prompt_format import load_prompt_format
+
     student = save_student(tmp_path / "templated", chat_template=True)
     tok = make_tokenizer(chat_template=True)
     ids = _chat_prompt([ChatMessage(role="user", content="hi")], tok, load_prompt_format(student))
