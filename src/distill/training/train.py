@@ -25,6 +25,7 @@ import torch
 from distill.config import STUDENT_CONFIG_FILE, Config, StudentConfig, load_config, save_config
 from distill.data.batching import DistillCollator, encode_example, tokenize_pair
 from distill.data.encoding import uses_template
+from distill.data.prompt_format import save_prompt_format, training_prompt_format
 from distill.data.prompts import DataError, iter_rows, record_from_row, render_prompt
 from distill.errors import ConfigError, UserError, disk_error_message, disk_errors
 from distill.modeling import load_model, load_tokenizer_for
@@ -441,6 +442,7 @@ def _save_outputs(trainer, out: Path, tokenizer, cfg: Config, scfg: StudentConfi
     trainer.save_model(str(out))
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(out)
+        save_prompt_format(out, training_prompt_format(cfg, tokenizer, backend_spec(cfg.teacher.backend).tokenizer_access))
         (out / "train_log.json").write_text(json.dumps(trainer.state.log_history, indent=1))
         summary = {
             "student": scfg.name,
