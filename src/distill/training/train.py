@@ -338,7 +338,7 @@ def _models(cfg: Config, scfg: StudentConfig, sides: _Sides):
     teacher = None
     if online or scfg.init in ("prune", "minitron"):
         with _user_errors("teacher.model", cfg.teacher.model):
-            teacher = load_model(cfg.teacher.model, dtype=cfg.teacher.dtype, device="cpu",
+            teacher = load_model(cfg.teacher.model, dtype=cfg.teacher.dtype, device="cpu", runs_on="auto",
                                  trust_remote_code=cfg.teacher.trust_remote_code)
     calibration = None
     if scfg.init == "minitron":  # prompts whose activations rank the teacher's heads, channels and layers
