@@ -51,3 +51,76 @@ def test_every_generating_stage_stops_on_the_same_tokens(tmp_path):
     model, tok = load_for_eval(path, device="cpu")
     teacher = HFTeacher(TeacherConfig(model=str(path), device="cpu"), DataConfig())
     assert teacher.eos_ids == sorted(Engine(model, tok).eos_ids) == eos_token_ids(model, tok) == [2, end]
+
+
+# ----------------------------------------------------------------------------------------------- dtype
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """A CUDA machine as far as dtype and device choice can tell: models 'move' to cuda without moving."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    real_to = torch.nn.Module.to
+
+    def to(self, *args, **kwargs):
+        args = tuple(a for a in args if not (isinstance(a, (str, torch.device)) and "cuda" in str(a)))
+        kwargs.pop("device", None)
+        return real_to(self, *args, **kwargs) if args or kwargs else self
+
+    monkeypatch.setattr(torch.nn.Module, "to", to)
+
+
+def _stage_dtypes(tmp_path, saved: torch.dtype) -> dict[str, torch.dtype]:
+    """The teacher's dtype in generate, train (online) and eval for one config whose dtypes are all `auto`."""
+    from distill.config import load_config
+    from distill.evaluation.generation import load_for_eval
+    from distill.teachers.hf import HFTeacher
+    from distill.training.train import _models, _sides
+
+    tok = make_tokenizer()
+    teacher_dir = tmp_path / f"teacher-{saved}"
+    make_llama(len(tok), hidden=16, layers=1, heads=2).to(saved).save_pretrained(teacher_dir)
+    tok.save_pretrained(teacher_dir)
+    cfg = load_config({"teacher": {"model": str(teacher_dir)}, "run_dir": str(tmp_path / "run"),
+                       "train": {"signal": "online"},
+                       "student": {"init": "config", "config": {"num_hidden_layers": 1}}})
+    sides = _sides(cfg, cfg.student)
+    return {
+        "generate": next(HFTeacher(cfg.teacher, cfg.data).model.parameters()).dtype,
+        "train": next(_models(cfg, cfg.student, sides)[2].parameters()).dtype,
+        "eval": next(load_for_eval(teacher_dir, cfg.eval.device, cfg.eval.dtype)[0].parameters()).dtype,
+    }
+
+
+@pytest.mark.parametrize("saved", [torch.bfloat16, torch.float32])
+def test_auto_dtype_is_the_same_in_generate_train_and_eval_on_an_accelerator(tmp_path, fake_gpu, saved):
+    """Before, `teacher.dtype: auto` gave the teacher fp32 in training (resolved for the CPU it is loaded on) but
+    bf16 in generate and eval (resolved for CUDA), whatever the checkpoint: now it is the checkpoint's dtype."""
+    assert _stage_dtypes(tmp_path, saved) == {"generate": saved, "train": saved, "eval": saved}
+
+
+def test_auto_dtype_is_float32_on_cpu_in_every_stage(tmp_path):
+    assert set(_stage_dtypes(tmp_path, torch.bfloat16).values()) == {torch.float32}
+
+
+def test_resolve_dtype_rules(tmp_path):
+    from distill.modeling import checkpoint_dtype, resolve_dtype
+
+    make_llama(32, hidden=16, layers=1, heads=2).to(torch.float16).save_pretrained(tmp_path)
+    assert checkpoint_dtype(tmp_path) == torch.float16
+    assert checkpoint_dtype(tmp_path / "missing") is None
+    assert resolve_dtype("auto", "cpu", tmp_path) == torch.float32  # bf16/fp16 matmuls are slow on CPU
+    assert resolve_dtype("bf16", "cpu") == resolve_dtype(torch.bfloat16) == torch.bfloat16
+    with pytest.raises(ValueError, match="unknown dtype 'fp8'"):
+        resolve_dtype("fp8")
+
+
+def test_resolve_dtype_on_an_accelerator(tmp_path, fake_gpu, monkeypatch):
+    from distill.modeling import resolve_dtype
+
+    make_llama(32, hidden=16, layers=1, heads=2).to(torch.float16).save_pretrained(tmp_path)
+    assert resolve_dtype("auto", "cuda", tmp_path) == torch.float16
+    assert resolve_dtype("auto", "auto", tmp_path / "model.gguf") == torch.bfloat16  # a GGUF does not say
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert resolve_dtype("auto", "cuda", torch.bfloat16) == torch.float32
