@@ -124,3 +124,48 @@ def test_resolve_dtype_on_an_accelerator(tmp_path, fake_gpu, monkeypatch):
     assert resolve_dtype("auto", "auto", tmp_path / "model.gguf") == torch.bfloat16  # a GGUF does not say
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
     assert resolve_dtype("auto", "cuda", torch.bfloat16) == torch.float32
+
+
+# ----------------------------------------------------------------------------------------------- GGUF BOS
+
+
+@pytest.fixture(scope="module")
+def gguf_pair(tmp_path_factory):
+    """(HF dir, .gguf) of one tiny model whose tokenizer adds BOS, written the way `distill export --gguf` does."""
+    pytest.importorskip("gguf")
+    from distill.exporting.gguf import export_gguf
+
+    tmp_path = tmp_path_factory.mktemp("gguf")
+    tok = make_tokenizer(chat_template=True)
+    tok.add_bos_token = True
+    model = make_llama(len(tok), hidden=16, layers=1, heads=2)
+    model.save_pretrained(tmp_path / "hf")
+    tok.save_pretrained(tmp_path / "hf")
+    return tmp_path / "hf", export_gguf(model, tok, tmp_path / "m.gguf", "f16")["path"]
+
+
+def test_a_gguf_tokenizer_adds_the_bos_its_file_asks_for(gguf_pair):
+    """A .gguf teacher or served model must see the prompt ids its HF directory gives (BOS included)."""
+    from distill.data.encoding import encode_prompt
+    from distill.modeling import gguf_add_bos, load_tokenizer_for
+
+    hf_dir, gguf_path = gguf_pair
+    hf, gg = load_tokenizer_for(hf_dir), load_tokenizer_for(gguf_path)
+    assert gguf_add_bos(gguf_path) == hf.bos_token_id == 1
+    for text in ("Q: Tom has 12 apples. How many now?", ""):
+        want = encode_prompt(hf, text, False)
+        assert want[0] == hf.bos_token_id and encode_prompt(gg, text, False) == want
+
+
+def test_add_gguf_bos_restores_a_bos_the_loader_dropped(gguf_pair):
+    """Some transformers versions load a GGUF tokenizer with no BOS (no bos_token, or a post-processor that
+    ignores add_bos_token): the file's metadata puts it back."""
+    from distill.modeling import add_gguf_bos, load_tokenizer_for
+
+    hf_dir, gguf_path = gguf_pair
+    want = load_tokenizer_for(hf_dir)("hello")["input_ids"]
+    tok = load_tokenizer_for(gguf_path)
+    tok.add_bos_token = False  # what such a loader gives
+    assert tok("hello")["input_ids"] == want[1:]
+    add_gguf_bos(tok, gguf_path)
+    assert tok("hello")["input_ids"] == want

@@ -122,10 +122,42 @@ def load_tokenizer_for(name_or_path: str | Path, trust_remote_code: bool = False
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        add_gguf_bos(tok, path)
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
         return tok
     return load_tokenizer(path, trust_remote_code=trust_remote_code)
+
+
+def gguf_add_bos(path: str | Path) -> int | None:
+    """The BOS id a .gguf says to put in front of every text, as llama.cpp reads it: `tokenizer.ggml.bos_token_id`
+    when `tokenizer.ggml.add_bos_token` is true (absent: true for a sentencepiece 'llama' vocabulary, false
+    otherwise); None when it adds none, or when the `gguf` package (extra `distill[gguf]`) is missing."""
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        return None
+    fields = GGUFReader(str(path)).fields
+
+    def value(key: str):
+        field = fields.get(key)
+        return None if field is None else field.contents()
+
+    add = value("tokenizer.ggml.add_bos_token")
+    add = value("tokenizer.ggml.model") == "llama" if add is None else bool(add)
+    bos = value("tokenizer.ggml.bos_token_id")
+    return int(bos) if add and bos is not None else None
+
+
+def add_gguf_bos(tokenizer, path: str | Path) -> None:
+    """Make a tokenizer read from a .gguf add the BOS its file asks for. Some transformers versions build it with
+    no bos_token, or a post-processor that ignores add_bos_token, so every prompt lost its first token against
+    the same model's HF directory (77 vs 78 prompt tokens, different outputs)."""
+    bos = gguf_add_bos(path)
+    if bos is None or tokenizer("a")["input_ids"][:1] == [bos]:
+        return
+    tokenizer.bos_token = tokenizer.convert_ids_to_tokens(bos)
+    tokenizer.add_bos_token = True  # rebuilds the post-processor (TokenizersBackend.update_post_processor)
 
 
 def eos_token_ids(model, tokenizer) -> list[int]:
