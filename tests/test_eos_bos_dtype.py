@@ -169,3 +169,36 @@ def test_add_gguf_bos_restores_a_bos_the_loader_dropped(gguf_pair):
     assert tok("hello")["input_ids"] == want[1:]
     add_gguf_bos(tok, gguf_path)
     assert tok("hello")["input_ids"] == want
+
+
+# ----------------------------------------------------------------------------------------------- pins
+
+
+def _declared_minimum(package: str):
+    """The lower bound pyproject.toml declares for a dependency (tomllib is Python 3.11+)."""
+    import re
+    from pathlib import Path
+
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    text = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    lines = re.findall(r'^\s*"([^"]+)",', text, flags=re.M)
+    req = next(Requirement(x) for x in lines if Requirement(x).name == package)
+    return max(Version(s.version) for s in req.specifier if s.operator in (">=", "==", "~="))
+
+
+def test_saved_tokenizers_load_with_the_declared_transformers(tmp_path):
+    """Every tokenizer distill saves names TokenizersBackend (transformers 5.x); with `transformers>=4.56`
+    declared, a 4.x install could not load a single student distill wrote."""
+    import json
+
+    from packaging.version import Version
+
+    from distill.modeling import save_model
+
+    tok = make_tokenizer()
+    save_model(make_llama(len(tok), hidden=16, layers=1, heads=2), tok, tmp_path)
+    cls = json.loads((tmp_path / "tokenizer_config.json").read_text())["tokenizer_class"]
+    introduced = {"TokenizersBackend": Version("5.0")}  # classes a saved tokenizer may name, and since when
+    assert _declared_minimum("transformers") >= introduced.get(cls, Version("0"))
