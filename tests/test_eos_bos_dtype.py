@@ -202,3 +202,67 @@ def test_saved_tokenizers_load_with_the_declared_transformers(tmp_path):
     cls = json.loads((tmp_path / "tokenizer_config.json").read_text())["tokenizer_class"]
     introduced = {"TokenizersBackend": Version("5.0")}  # classes a saved tokenizer may name, and since when
     assert _declared_minimum("transformers") >= introduced.get(cls, Version("0"))
+
+
+# ----------------------------------------------------------------------------------------------- MLflow
+
+FAKE_MLFLOW = {
+    "__init__.py": "from mlflow import exceptions, utils\n__version__ = '3.14.0'\n"
+                   "def is_tracking_uri_set():\n    return True\n"
+                   "def get_tracking_uri():\n    return './mlruns'\n"
+                   "def active_run():\n    return None\n"
+                   "def start_run(**kwargs):\n    raise exceptions.MlflowException(\n"
+                   "        \"The filesystem tracking backend (e.g., './mlruns') is no longer supported.\\n"
+                   "Please migrate to a database backend (e.g., 'sqlite:///mlflow.db').\")\n",
+    "exceptions.py": "class MlflowException(Exception):\n    pass\n",
+    "utils/__init__.py": "from mlflow.utils import validation\n",
+    "utils/validation.py": "MAX_PARAM_VAL_LENGTH = 6000\nMAX_PARAMS_TAGS_PER_BATCH = 100\n",
+}
+
+
+def _tiny_train_cfg(tmp_path, report_to: list[str]):
+    import json
+
+    from distill.config import load_config
+
+    tok = make_tokenizer()
+    teacher = tmp_path / "teacher"
+    make_llama(len(tok), hidden=16, layers=1, heads=2).save_pretrained(teacher)
+    tok.save_pretrained(teacher)
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Q: 2 + {i} =", "response": f" {2 + i}"}) + "\n" for i in range(4)))
+    return load_config({"run_dir": str(tmp_path / "run"), "teacher": {"model": str(teacher)},
+                        "student": {"init": "config", "config": {"num_hidden_layers": 1}},
+                        "train": {"input": str(data), "signal": "none", "losses": [{"name": "cross_entropy"}],
+                                  "max_steps": 1, "save_steps": 1000, "report_to": report_to}})
+
+
+def test_an_mlflow_store_refusal_is_one_line(tmp_path, monkeypatch):
+    """MLflow 3.13+ refuses a './mlruns' file store from inside Trainer.train: it was a 40-line traceback, rc 1."""
+    from typer.testing import CliRunner
+
+    from distill.cli import app
+    from distill.config import save_config
+
+    for rel, text in FAKE_MLFLOW.items():
+        (tmp_path / "pkgs" / "mlflow" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "pkgs" / "mlflow" / rel).write_text(text)
+    monkeypatch.syspath_prepend(str(tmp_path / "pkgs"))
+    for mod in [m for m in list(__import__("sys").modules) if m == "mlflow" or m.startswith("mlflow.")]:
+        monkeypatch.delitem(__import__("sys").modules, mod)
+    cfg_path = tmp_path / "cfg.yaml"
+    save_config(_tiny_train_cfg(tmp_path, ["mlflow"]), cfg_path)
+    res = CliRunner().invoke(app, ["train", str(cfg_path)])
+    assert res.exit_code == 2, res.output
+    assert "train.report_to: mlflow refused to log: The filesystem tracking" in res.output
+    assert "sqlite:///mlflow.db" in res.output and "Traceback" not in res.output
+
+
+def test_a_tracker_that_is_not_installed_fails_at_preflight(tmp_path):
+    from distill.errors import ConfigError
+    from distill.preflight import check_trackers
+
+    with pytest.raises(ConfigError, match="train.report_to: 'clearml' is not installed; `pip install clearml`"):
+        check_trackers(["none", "clearml"])
+    with pytest.raises(ConfigError, match="unknown tracker 'mlfow'"):
+        check_trackers(["mlfow"])
