@@ -230,7 +230,8 @@ def _tiny_train_cfg(tmp_path, report_to: list[str]):
     make_llama(len(tok), hidden=16, layers=1, heads=2).save_pretrained(teacher)
     tok.save_pretrained(teacher)
     data = tmp_path / "train.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"Q: 2 + {i} =", "response": f" {2 + i}"}) + "\n" for i in range(4)))
+    rows = [{"prompt": f"Q: 2 + {i} =", "response": f" {2 + i}"} for i in range(4)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return load_config({"run_dir": str(tmp_path / "run"), "teacher": {"model": str(teacher)},
                         "student": {"init": "config", "config": {"num_hidden_layers": 1}},
                         "train": {"input": str(data), "signal": "none", "losses": [{"name": "cross_entropy"}],

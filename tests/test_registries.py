@@ -105,7 +105,8 @@ def test_eos_token_ids_collects_every_source():
     from types import SimpleNamespace
 
     tok = make_tokenizer()
-    model = SimpleNamespace(generation_config=GenerationConfig(eos_token_id=[7, 5]), config=LlamaConfig(eos_token_id=9))
+    model = SimpleNamespace(generation_config=GenerationConfig(eos_token_id=[7, 5]),
+                            config=LlamaConfig(eos_token_id=9))
     assert eos_token_ids(model, tok) == sorted({5, 7, 9, tok.eos_token_id})
     bare = SimpleNamespace(generation_config=GenerationConfig(), config=LlamaConfig(eos_token_id=None))
     assert eos_token_ids(bare, tok) == [tok.eos_token_id]

@@ -63,7 +63,7 @@ def resolve_dtype(
     dev = resolve_device(None if device is None else str(device))
     if dev.type == "cpu":
         return torch.float32
-    saved = checkpoint if isinstance(checkpoint, torch.dtype) or checkpoint is None else checkpoint_dtype(checkpoint)
+    saved = checkpoint_dtype(checkpoint) if isinstance(checkpoint, (str, Path)) else checkpoint
     saved = saved if saved in FLOAT_DTYPES else torch.bfloat16
     if saved == torch.bfloat16 and dev.type == "cuda" and not torch.cuda.is_bf16_supported():
         return torch.float32
@@ -130,9 +130,9 @@ def load_tokenizer_for(name_or_path: str | Path, trust_remote_code: bool = False
 
 
 def gguf_add_bos(path: str | Path) -> int | None:
-    """The BOS id a .gguf says to put in front of every text, as llama.cpp reads it: `tokenizer.ggml.bos_token_id`
-    when `tokenizer.ggml.add_bos_token` is true (absent: true for a sentencepiece 'llama' vocabulary, false
-    otherwise); None when it adds none, or when the `gguf` package (extra `distill[gguf]`) is missing."""
+    """The BOS id a .gguf says to put in front of every text, as llama.cpp reads it: tokenizer.ggml.bos_token_id
+    when tokenizer.ggml.add_bos_token is true (absent: true for a sentencepiece 'llama' vocabulary, else
+    false); None when it adds none, or when the `gguf` package (extra `distill[gguf]`) is missing."""
     try:
         from gguf import GGUFReader
     except ImportError:
@@ -150,9 +150,9 @@ def gguf_add_bos(path: str | Path) -> int | None:
 
 
 def add_gguf_bos(tokenizer, path: str | Path) -> None:
-    """Make a tokenizer read from a .gguf add the BOS its file asks for. Some transformers versions build it with
-    no bos_token, or a post-processor that ignores add_bos_token, so every prompt lost its first token against
-    the same model's HF directory (77 vs 78 prompt tokens, different outputs)."""
+    """Make a tokenizer read from a .gguf add the BOS its file asks for. Some transformers versions build it
+    with no bos_token, or a post-processor that ignores add_bos_token (issue 18), so every prompt lost its
+    first token against the same model's HF directory; the file's own metadata decides, as in llama.cpp."""
     bos = gguf_add_bos(path)
     if bos is None or tokenizer("a")["input_ids"][:1] == [bos]:
         return
