@@ -123,6 +123,28 @@ def _check_student(cfg: Config, i: int | None, teacher_config: Any | None) -> No
         raise ConfigError(f"{where}: train.input {t.input} does not exist")
 
 
+TRACKER_PACKAGES = {"azure_ml": "azureml"}  # train.report_to names whose package is named otherwise
+
+
+def check_trackers(report_to: list[str]) -> None:
+    """Each tracker in train.report_to is one transformers knows, and installed: its callback would otherwise
+    raise inside Trainer construction, after the teacher and student were loaded."""
+    import importlib.util
+
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    for name in report_to:
+        if name in ("none", "all"):
+            continue
+        if name not in INTEGRATION_TO_CALLBACK:
+            raise ConfigError(f"train.report_to: unknown tracker '{name}'; use none, all or one of "
+                              f"{', '.join(sorted(INTEGRATION_TO_CALLBACK))}")
+        package = TRACKER_PACKAGES.get(name, name)
+        if importlib.util.find_spec(package) is None:
+            raise ConfigError(f"train.report_to: '{name}' is not installed; `pip install {package}`, or remove "
+                              f"it from train.report_to")
+
+
 def preflight(cfg: Config, stages: tuple[str, ...] = ("generate", "train", "eval")) -> None:
     """Raise ConfigError for anything wrong that can be seen without loading weights."""
     teacher_config = None
@@ -132,6 +154,7 @@ def preflight(cfg: Config, stages: tuple[str, ...] = ("generate", "train", "eval
             and not Path(cfg.generate.input).exists():
         raise ConfigError(f"generate.input: {cfg.generate.input} does not exist")
     if "train" in stages:
+        check_trackers(cfg.train.report_to)
         students = cfg.all_students()
         for i in range(len(students)):
             _check_student(cfg, i if cfg.students else None, teacher_config)

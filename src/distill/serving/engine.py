@@ -485,7 +485,7 @@ def _fail(row: Row, exc: BaseException) -> None:
 
 
 def _eos_ids(model, tokenizer) -> set[int]:
-    return set(eos_token_ids(tokenizer, getattr(model, "generation_config", None), model.config))
+    return set(eos_token_ids(model, tokenizer))
 
 
 def _joinable(cache) -> bool:

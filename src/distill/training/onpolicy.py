@@ -30,6 +30,7 @@ import torch
 from distill.config import GenerateConfig
 from distill.data.batching import DistillCollator, encode_example, left_pad
 from distill.data.prompts import Record
+from distill.modeling import cut_at_eos
 from distill.teachers.base import Completion, Prompt, TeacherError
 from distill.teachers.openai import MalformedResponse, OpenAITeacher
 
@@ -53,13 +54,6 @@ def generation_kwargs(settings: Any, pad_id: int, eos_ids: list[int]) -> dict:
     return {"do_sample": True, "temperature": settings.temperature, "top_p": settings.top_p, "top_k": 0,
                 "max_new_tokens": settings.max_new_tokens, "pad_token_id": pad_id, "eos_token_id": eos_ids or None,
                 "use_cache": True}
-
-
-def cut_at_eos(new: list[int], eos_ids: list[int]) -> list[int]:
-    """Generated ids up to and including the first EOS (the rest is padding)."""
-    eos = set(eos_ids)
-    cut = next((i for i, t in enumerate(new) if t in eos), None)
-    return new if cut is None else new[: cut + 1]
 
 
 @torch.no_grad()

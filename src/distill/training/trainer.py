@@ -156,7 +156,7 @@ class DistillationTrainer(Trainer):
                 and self._onpolicy_rng.random() < self.onpolicy.lmbda):
             tok = self.processing_class
             student = self.accelerator.unwrap_model(model)
-            eos = eos_token_ids(tok, getattr(student, "generation_config", None), student.config)
+            eos = eos_token_ids(student, tok)
             seed = self.args.seed * 1_000_003 + self.state.global_step * 1009 + self._onpolicy_rng.randrange(1009)
             inputs, num_items_in_batch = onpolicy_inputs(
                 self.accelerator.unwrap_model(model), self._prepare_inputs(inputs), self.onpolicy,
