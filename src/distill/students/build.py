@@ -187,6 +187,24 @@ def _lora(cfg: StudentConfig, teacher_path: str | None, dtype: str, trust_remote
     return get_peft_model(model, lcfg)
 
 
+def fp32_trainable(model: torch.nn.Module) -> torch.nn.Module:
+    """Cast the parameters that train to float32, in place.
+
+    A student cut from a bf16 teacher (prune, minitron, or `init: config` from its config.json, which says
+    bfloat16) would otherwise train in pure bf16: no fp32 master weights, so updates smaller than bf16's
+    resolution are lost. Mixed precision stays the user's choice, through the Trainer's autocast
+    (`train.args: {bf16: true}`), which keeps fp32 parameters. Frozen weights (a LoRA base) keep their dtype.
+    """
+    params = [p for p in model.parameters() if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32]
+    if params and all(p.requires_grad for p in model.parameters()):
+        model.float()
+        model.config.dtype = torch.float32  # what save_pretrained writes and from_pretrained reads back
+    else:
+        for p in params:
+            p.data = p.data.float()
+    return model
+
+
 def build_student(
     cfg: StudentConfig,
     teacher: torch.nn.Module | None = None,
@@ -227,6 +245,7 @@ def build_student(
             raise ValueError("student.init=pretrained needs student.model (a hub id or local path)")
         student = load_model(cfg.model, dtype=dtype, device="cpu", trust_remote_code=trust_remote_code)
 
+    fp32_trainable(student)
     if cfg.init == "lora":
         total = count_parameters(student.get_base_model())
     else:
