@@ -13,7 +13,6 @@ Trainer computes from the labels, so the gradient equals one big batch's regardl
 
 from __future__ import annotations
 
-import random
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -24,7 +23,7 @@ from distill.losses import LOSSES, LinearLogits, align_responses, place_counted
 from distill.losses.fused import forward_unprojected, output_head
 from distill.modeling import eos_token_ids
 from distill.signals import SparseSignal
-from distill.training.onpolicy import SAMPLED_KEY, onpolicy_inputs, sampled_reverse_kl
+from distill.training.onpolicy import SAMPLED_KEY, micro_batch_rng, onpolicy_inputs, sampled_reverse_kl
 
 # Batch keys that are not model inputs: per-example loss weights (chain of thought), the teacher's own
 # tokenization (cross-tokenizer), on-policy markers. The sparse top-k keys stay in `inputs` for _teacher_signal.
@@ -90,7 +89,7 @@ class DistillationTrainer(Trainer):
         # and a hook that sees every sampled batch; cross-tokenizer (distill.data.crosstok.CrossTokenizer)
         self.onpolicy, self.scorer, self.onpolicy_hook = onpolicy, scorer, onpolicy_hook
         self.cross_tokenizer = cross_tokenizer
-        self._onpolicy_rng = random.Random(self.args.seed)
+        self._micro_batch = (-1, -1)  # (optimizer step, micro-batch within it): where the on-policy draw comes from
         if projections is not None:
             projections.to(self.args.device)
             if self.is_deepspeed_enabled:  # the engine clips the student alone; elsewhere see _joint_grad_norm
@@ -184,13 +183,15 @@ class DistillationTrainer(Trainer):
     # ----------------------------------------------------------------- on-policy batches (GKD)
     def training_step(self, model, inputs, num_items_in_batch=None):
         """With probability onpolicy.lmbda, train on the student's own samples of the batch prompts."""
-        if (self.onpolicy is not None and self.onpolicy.lmbda > 0
-                and self.state.global_step >= getattr(self.onpolicy, "start_step", 0)
-                and self._onpolicy_rng.random() < self.onpolicy.lmbda):
+        step = self.state.global_step
+        self._micro_batch = (step, self._micro_batch[1] + 1 if self._micro_batch[0] == step else 0)
+        active = self.onpolicy is not None and self.onpolicy.lmbda > 0 and step >= getattr(self.onpolicy, "start_step", 0)
+        draw = micro_batch_rng(self.args.seed, *self._micro_batch) if active else None  # nothing to checkpoint
+        if draw is not None and draw.random() < self.onpolicy.lmbda:
             tok = self.processing_class
             student = self.accelerator.unwrap_model(model)
             eos = eos_token_ids(tok, getattr(student, "generation_config", None), student.config)
-            seed = self.args.seed * 1_000_003 + self.state.global_step * 1009 + self._onpolicy_rng.randrange(1009)
+            seed = draw.randrange(2**31) + self.args.process_index  # each process samples its own prompts apart
             inputs, num_items_in_batch = onpolicy_inputs(
                 self.accelerator.unwrap_model(model), self._prepare_inputs(inputs), self.onpolicy,
                 pad_id=tok.pad_token_id, eos_ids=eos, seed=seed, scorer=self.scorer, hook=self.onpolicy_hook,
