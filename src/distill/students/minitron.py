@@ -15,6 +15,10 @@ prompt's real tokens, then the L2 norm over prompts: the paper's best "batch=L2,
 - layers: block importance, 1 - cos(input, output) of the layer (ShortGPT / Minitron's depth metric).
 head_dim is kept: the kept heads are the teacher's heads, unchanged.
 
+Shape (`choose_shape`): the sizes given, the others scaled down together to fit student.target_params, each a
+valid config (hidden a multiple of the heads, whole key/value groups; checked with the family's own config
+validation, at preflight too), widths no narrower than MIN_WIDTH of the teacher's while layers can go instead.
+
 Run as: `distill train cfg.yaml student.init=minitron student.target_params=100000`.
 """
 
