@@ -101,8 +101,10 @@ def test_students_of_a_bf16_teacher_have_fp32_parameters(bf16_teacher_dir, stude
     assert next(teacher.parameters()).dtype == torch.bfloat16  # the teacher itself is left as loaded
 
 
-def test_training_a_pruned_student_of_a_bf16_teacher_updates_fp32_weights(tmp_path, bf16_teacher_dir):
-    """Pure bf16 training would leave every weight a bf16 value; fp32 master weights move off that grid."""
+@pytest.mark.parametrize("args", [{}, {"bf16": True}], ids=["fp32", "autocast_bf16"])
+def test_training_a_pruned_student_of_a_bf16_teacher_updates_fp32_weights(tmp_path, bf16_teacher_dir, args):
+    """Pure bf16 training would leave every weight a bf16 value; fp32 master weights move off that grid, also
+    under the mixed precision a user asks for (train.args bf16: autocast, parameters stay fp32)."""
     import json
 
     from safetensors.torch import load_file
@@ -118,7 +120,8 @@ def test_training_a_pruned_student_of_a_bf16_teacher_updates_fp32_weights(tmp_pa
         "teacher": {"model": str(bf16_teacher_dir), "dtype": "bfloat16"},
         "student": {"init": "prune", "num_layers": 2},
         "train": {"input": str(data), "signal": "online", "max_steps": 2, "learning_rate": 1e-4,
-                  "per_device_train_batch_size": 2, "save_steps": 1000, "losses": [{"name": "forward_kl"}]},
+                  "per_device_train_batch_size": 2, "save_steps": 1000, "losses": [{"name": "forward_kl"}],
+                  "args": args},
     })
     (out,) = train(cfg)
     weights = load_file(str(out / "model.safetensors"))
