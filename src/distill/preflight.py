@@ -97,6 +97,13 @@ def _check_student(cfg: Config, i: int | None, teacher_config: Any | None) -> No
                 any(not 0 <= j < n for j in s.layers) or len(set(s.layers)) != len(s.layers)):
             raise ConfigError(f"{where}.layers={s.layers}: indices must be distinct and in [0, {n - 1}] "
                               f"(the teacher has {n} layers)")
+        if s.init == "minitron" and teacher_config is not None:  # the shape it would cut, as a config
+            from distill.students.minitron import choose_shape
+
+            try:
+                choose_shape(teacher_config, s)
+            except ValueError as err:  # its messages name student.*; here the student is named as configured
+                raise ConfigError(str(err).replace("student.", f"{where}.")) from err
     elif s.init == "config":
         if s.model is None and not local_teacher:
             raise ConfigError(f"{where}.init=config needs teacher.model or {where}.model for the base config")

@@ -151,23 +151,36 @@ def config_student(cfg: StudentConfig, model_cfg):
         model_cfg.head_dim = model_cfg.hidden_size // model_cfg.num_attention_heads
     if "num_hidden_layers" in cfg.config and isinstance(getattr(model_cfg, "layer_types", None), list):
         model_cfg.layer_types = model_cfg.layer_types[: model_cfg.num_hidden_layers]
-    _check_shape(model_cfg)
+    check_shape(model_cfg)
     return model_cfg
 
 
-def _check_shape(model_cfg) -> None:
-    """Shape errors a forward pass would only raise mid-training, named by the student.config fields."""
+def check_shape(model_cfg, where: str = "student.config") -> None:
+    """Shapes a forward pass or save_pretrained would only reject mid-training (the first checkpoint), refused
+    now in one line naming the `where` fields: key/value groups, hidden size per head, an even rotary head
+    dimension, and the config class's own validation (what save_pretrained runs)."""
     hidden, heads = getattr(model_cfg, "hidden_size", None), getattr(model_cfg, "num_attention_heads", None)
     kv = getattr(model_cfg, "num_key_value_heads", None) or heads
     head_dim = getattr(model_cfg, "head_dim", None) or (hidden // heads if hidden and heads else None)
     if heads and kv and heads % kv:
-        raise ValueError(f"student.config: num_attention_heads={heads} must be a multiple of num_key_value_heads={kv}")
+        raise ValueError(f"{where}: num_attention_heads={heads} must be a multiple of num_key_value_heads={kv}")
     if head_dim and hidden and heads and not getattr(model_cfg, "head_dim", None) and hidden % heads:
-        raise ValueError(f"student.config: hidden_size={hidden} must be a multiple of num_attention_heads={heads}")
+        raise ValueError(f"{where}: hidden_size={hidden} must be a multiple of num_attention_heads={heads}")
     rotary = any(getattr(model_cfg, k, None) for k in ("rope_parameters", "rope_theta", "rope_scaling"))
     if rotary and head_dim and head_dim % 2:
-        raise ValueError(f"student.config: head dimension {head_dim} (hidden_size={hidden} / num_attention_heads="
+        raise ValueError(f"{where}: head dimension {head_dim} (hidden_size={hidden} / num_attention_heads="
                          f"{heads}) must be even for rotary position embeddings; e.g. hidden_size={hidden + heads}")
+    validate = getattr(model_cfg, "validate", None)  # transformers' strict configs: what save_pretrained runs
+    if callable(validate):
+        from huggingface_hub.errors import StrictDataclassError
+
+        try:
+            validate()
+        except (StrictDataclassError, ValueError, TypeError) as exc:
+            cause = exc.__cause__ or exc
+            raise ValueError(f"{where}: hidden_size={hidden}, num_attention_heads={heads}, num_key_value_heads={kv}: "
+                             f"{type(model_cfg).__name__} refuses it ({str(cause).splitlines()[0]}); saving the "
+                             "first checkpoint would fail") from None
 
 
 def _lora(cfg: StudentConfig, teacher_path: str | None, dtype: str, trust_remote_code: bool):
@@ -185,6 +198,24 @@ def _lora(cfg: StudentConfig, teacher_path: str | None, dtype: str, trust_remote
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, lcfg)
+
+
+def fp32_trainable(model: torch.nn.Module) -> torch.nn.Module:
+    """Cast the parameters that train to float32, in place.
+
+    A student cut from a bf16 teacher (prune, minitron, or `init: config` from its config.json, which says
+    bfloat16) would otherwise train in pure bf16: no fp32 master weights, so updates smaller than bf16's
+    resolution are lost. Mixed precision stays the user's choice, through the Trainer's autocast
+    (`train.args: {bf16: true}`), which keeps fp32 parameters. Frozen weights (a LoRA base) keep their dtype.
+    """
+    params = [p for p in model.parameters() if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32]
+    if params and all(p.requires_grad for p in model.parameters()):
+        model.float()
+        model.config.dtype = torch.float32  # what save_pretrained writes and from_pretrained reads back
+    else:
+        for p in params:
+            p.data = p.data.float()
+    return model
 
 
 def build_student(
@@ -227,6 +258,7 @@ def build_student(
             raise ValueError("student.init=pretrained needs student.model (a hub id or local path)")
         student = load_model(cfg.model, dtype=dtype, device="cpu", trust_remote_code=trust_remote_code)
 
+    fp32_trainable(student)
     if cfg.init == "lora":
         total = count_parameters(student.get_base_model())
     else:

@@ -21,6 +21,7 @@ Works with LoRA students: generation goes through the (peft-wrapped) model's own
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -38,6 +39,15 @@ SAMPLED_KEY = "teacher_token_logprobs"  # (batch, seq - 1) teacher logprob of ea
 
 
 # ------------------------------------------------------------------------------------------------ sampling
+
+
+def micro_batch_rng(seed: int, step: int, micro_batch: int) -> random.Random:
+    """The generator deciding whether a micro-batch is sampled (lmbda) and with which sampling seed.
+
+    Derived from (seed, optimizer step, micro-batch within the step) rather than carried from batch to batch:
+    its state is fully given by the step a checkpoint records, so a run resumed from checkpoint-N samples exactly
+    what the uninterrupted run sampled (a single generator seeded once restarted from the seed on resume)."""
+    return random.Random(f"distill-onpolicy/{seed}/{step}/{micro_batch}")  # str seeds hash stably (sha512)
 
 
 def prompts_from_batch(input_ids: torch.Tensor, labels: torch.Tensor) -> list[list[int]]:
