@@ -110,11 +110,13 @@ def prune_layers(teacher: torch.nn.Module, keep: list[int]) -> torch.nn.Module:
 
 def _params_from_config(path: str) -> int | None:
     """The teacher's parameter count without loading its weights (built on the meta device)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    from distill.modeling import load_model_config
 
     try:
         with torch.device("meta"):
-            return count_parameters(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path)))
+            return count_parameters(AutoModelForCausalLM.from_config(load_model_config(path)))
     except (OSError, ValueError):
         return None
 
@@ -128,12 +130,14 @@ def _derived_head_dim(model_cfg) -> bool:
 
 
 def _from_config(cfg: StudentConfig, teacher_path: str | None):
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    from distill.modeling import load_model_config
 
     base = cfg.model or teacher_path
     if base is None:
         raise ValueError("student.init=config needs teacher.model (a local/hub model) or student.model for the base config")
-    return AutoModelForCausalLM.from_config(config_student(cfg, AutoConfig.from_pretrained(base)))
+    return AutoModelForCausalLM.from_config(config_student(cfg, load_model_config(base)))
 
 
 def config_student(cfg: StudentConfig, model_cfg):
