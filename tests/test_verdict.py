@@ -68,3 +68,19 @@ def test_generation_cost_and_provenance(tmp_path):
     p = provenance(cfg)
     assert p["teacher"] == "org/teacher" and p["seed"] == 0 and p["train_input"].endswith("prompts.jsonl")
     assert p["generation"] == cost
+
+
+def test_a_reasoning_store_is_scored_on_the_whole_trace(tmp_path):
+    """generate.reasoning stores the answer apart from the reasoning; the check reads both, as eval would."""
+    refs = ["7", "3", "5", "9", "2", "8"]
+    cfg = _store_cfg(tmp_path, [f"the answer is {r}." for r in refs], refs)
+    rows = [{"key": f"r{i}", "index": i, "prompt": f"Q{i}", "response": r, "reasoning": f"so the answer is {r}",
+             "reference": r, "finish_reason": "stop", "teacher": "org/teacher", "response_ids": [1]}
+            for i, r in enumerate(refs)]
+    with Store(tmp_path / "reasoning", shard_rows=8) as store:
+        for row in rows:
+            store.add(row)
+    cfg = load_config({**cfg.model_dump(mode="json"), "generate": {"input": "p.jsonl", "store": str(tmp_path / "reasoning"),
+                                                                   "reasoning": True}})
+    check = check_teacher_store(cfg)
+    assert check["score"] == 1.0 and not check["flagged"]  # the answer column alone ('7') has no 'answer is'

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from distill.config import Config
+from distill.data.cot import trace_text
 from distill.evaluation.metrics import Metric, extract_answer, final_answer, get_metric, normalize_answer, prompt_scores
 from distill.evaluation.stats import (
     PRECISION_POINTS,
@@ -145,10 +146,10 @@ def check_teacher_store(cfg: Config, limit: int = 500) -> dict[str, Any] | None:
         return None
     texts, refs = [], []
     for f in shard_files(store):
-        table = pq.read_table(f, columns=["response", "reference"])
-        for text, ref in zip(table.column("response").to_pylist(), table.column("reference").to_pylist()):
-            if ref is not None and len(refs) < limit:
-                texts.append(text or "")
+        table = pq.read_table(f, columns=["response", "reasoning", "reference"])
+        for text, why, ref in zip(*(table.column(c).to_pylist() for c in ("response", "reasoning", "reference"))):
+            if ref is not None and len(refs) < limit:  # scored like eval scores the teacher: the whole output
+                texts.append(text or "" if why is None else trace_text(why, text or "", cfg.generate.answer_marker))
                 refs.append(ref)
         if len(refs) >= limit:
             break

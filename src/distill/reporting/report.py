@@ -33,6 +33,7 @@ from distill.reporting.verdict import (
     speed_text,
     teacher_line,
     verdict_lines,
+    verdict_method_lines,
 )
 
 __all__ = ["COLUMNS", "loss_series", "make_plots", "report", "table_rows"]  # loss_series: moved to plots
@@ -245,6 +246,7 @@ def _method_lines(results: dict) -> list[str]:
             f"Memory: {local['memory_method']}."
         ),
         *api,
+        *verdict_method_lines(results),
     ]
 
 

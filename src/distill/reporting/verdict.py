@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from distill.evaluation.stats import break_even_tokens, speed_claim
+from distill.evaluation.stats import DOMINANT_EXCESS, DOMINANT_SHARE, TV_LIMIT, break_even_tokens, speed_claim
 
 WARN = "⚠"
 
@@ -145,3 +145,20 @@ def verdict_lines(results: dict, details: dict[str, dict]) -> list[str]:
         lines += [x for x in (confidence_line(results, name), f"**{name}** latency: {speed_text(results, name)}.",
                               break_even_line(results, name, details.get(name))) if x]
     return lines
+
+
+def verdict_method_lines(results: dict) -> list[str]:
+    """How the verdict's figures were made (only when the eval stored a verdict)."""
+    v = results.get("verdict")
+    if not v:
+        return []
+    return [
+        f"Verdict: 95% intervals are percentile bootstraps over prompts (teacher and student resampled together, "
+        f"seed {v['seed']}); student vs teacher: exact McNemar test on per-prompt right/wrong (an exact sign test "
+        f"for graded metrics); imprecise when % of teacher is wider than ±{v['precision_points']:.0f} points; "
+        f"collapsed: one answer everywhere, one answer on >= {DOMINANT_SHARE:.0%} of prompts and >= "
+        f"{100 * DOMINANT_EXCESS:.0f} points more often than the teacher's most common, or total variation >= "
+        f"{TV_LIMIT} from the teacher's answers; speed is claimed only when "
+        "every pairing of timed passes is on the same side of 1; break-even: (generation + training seconds) x "
+        "$/hour over the saving per token."
+    ]
