@@ -18,7 +18,14 @@ from typing import Any
 
 from distill.config import Config
 from distill.data.cot import trace_text
-from distill.evaluation.metrics import Metric, extract_answer, final_answer, get_metric, normalize_answer, prompt_scores
+from distill.evaluation.metrics import (
+    Metric,
+    extract_answer,
+    final_answer,
+    get_metric,
+    normalize_answer,
+    prompt_scores,
+)
 from distill.evaluation.stats import (
     PRECISION_POINTS,
     answer_collapse,

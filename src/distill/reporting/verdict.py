@@ -152,7 +152,7 @@ def verdict_method_lines(results: dict) -> list[str]:
     v = results.get("verdict")
     if not v:
         return []
-    return [
+    return [(
         f"Verdict: 95% intervals are percentile bootstraps over prompts (teacher and student resampled together, "
         f"seed {v['seed']}); student vs teacher: exact McNemar test on per-prompt right/wrong (an exact sign test "
         f"for graded metrics); imprecise when % of teacher is wider than ±{v['precision_points']:.0f} points; "
@@ -161,4 +161,4 @@ def verdict_method_lines(results: dict) -> list[str]:
         f"{TV_LIMIT} from the teacher's answers; speed is claimed only when "
         "every pairing of timed passes is on the same side of 1; break-even: (generation + training seconds) x "
         "$/hour over the saving per token."
-    ]
+    )]
