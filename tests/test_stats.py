@@ -188,3 +188,10 @@ def test_break_even_tokens():
     assert break_even_tokens(2.0, 10.0, 2.0) == pytest.approx(250_000)
     assert break_even_tokens(2.0, 2.0, 3.0) == math.inf  # the student is not cheaper: never pays off
     assert break_even_tokens(None, 10.0, 2.0) is None and break_even_tokens(1.0, None, 2.0) is None
+
+
+def test_a_long_collapsed_answer_is_quoted_on_one_short_line():
+    long = "The answer is\n" + "x" * 200
+    res = answer_collapse([long] * 6, [str(i) for i in range(6)])
+    assert res["collapsed"] and "\n" not in res["reasons"][0] and len(res["reasons"][0]) < 120
+    assert res["most_common"] == long  # results.json keeps the answer itself

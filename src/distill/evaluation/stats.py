@@ -161,6 +161,12 @@ def total_variation(a: Counter, b: Counter) -> float:
     return 0.5 * sum(abs(a[x] * nb - b[x] * na) for x in set(a) | set(b)) / (na * nb)  # integers: exact 0 and 1
 
 
+def _quote(answer: str | None, limit: int = 40) -> str:
+    """An answer for a one-line message: on one line, at most `limit` characters."""
+    text = " ".join(str(answer).split())
+    return f"'{text}'" if len(text) <= limit else f"'{text[: limit - 3]}...'"
+
+
 def answer_collapse(student: Sequence[str | None], teacher: Sequence[str | None]) -> dict[str, Any]:
     """Has the student collapsed onto one answer (or lost the teacher's spread of answers)?
 
@@ -181,9 +187,9 @@ def answer_collapse(student: Sequence[str | None], teacher: Sequence[str | None]
     reasons = []
     if n >= COLLAPSE_MIN_PROMPTS:
         if len(s) == 1 and len(t) > 1:
-            reasons.append(f"gives one answer on every prompt ('{top}'); the teacher gives {len(t)} different ones")
+            reasons.append(f"gives one answer on every prompt ({_quote(top)}); the teacher gives {len(t)} different ones")
         elif share >= DOMINANT_SHARE and share - t_share >= DOMINANT_EXCESS:
-            reasons.append(f"gives '{top}' on {share:.0%} of prompts (the teacher's most common answer: "
+            reasons.append(f"gives {_quote(top)} on {share:.0%} of prompts (the teacher's most common answer: "
                            f"{t_share:.0%})")
         if len(t) <= n / 2 and tv >= TV_LIMIT:
             reasons.append(f"its answers are distributed unlike the teacher's (total variation {tv:.2f})")
