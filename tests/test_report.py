@@ -308,6 +308,8 @@ def test_noisy_latency_is_flagged(reported):
     assert "5.00x faster at batch 1 (p50; passes 2.94-7.14x)" in md  # the noisy teacher is still slower every time
     baseline = next(line for line in md.splitlines() if line.startswith("- **baseline**: keeps"))
     assert "no measurable latency difference" in baseline and "faster" not in baseline
+    speedup = 1 + [key for _, key, _ in COLUMNS].index("speedup")
+    assert rows["distilled"][speedup] == "5.00x" and rows["baseline"][speedup] == "5.00x (n.s.)"
     assert "gives the teacher's answer on 64.0% of prompts (token agreement 0.875)" in md
 
 

@@ -91,6 +91,8 @@ def table_rows(results: dict) -> list[list[str]]:
             cell = _fmt(entry.get(key), kind)
             if key == "latency_ms_p50" and entry.get("latency_noisy"):
                 cell += " (noisy)"  # the passes disagreed or the tail is long: a busy machine, not the model
+            if key == "speedup" and entry.get(key) and speed_cell(results, name) == "no measurable difference":
+                cell += " (n.s.)"  # the passes straddle 1: a measurement, not a claim
             row.append(cell)
         rows.append(row)
     return rows
@@ -241,7 +243,8 @@ def _method_lines(results: dict) -> list[str]:
         (
             f"Latency: batch 1, {local['latency_new_tokens']} new tokens per request, "
             f"{len(local.get('latency_pass_p50_ms') or [0])} timed passes; p50 spread: (max - min) / median of "
-            "the passes' p50s, '(noisy)' above 15% or when p95 > 3x p50; tokens/s at batch "
+            "the passes' p50s, '(noisy)' above 15% or when p95 > 3x p50; a speedup marked '(n.s.)' is not "
+            "significant (the passes straddle 1); tokens/s at batch "
             f"{local['throughput_batch_size']}; $/M tokens at ${results['cost_per_hour']}/hour. "
             f"Memory: {local['memory_method']}."
         ),
