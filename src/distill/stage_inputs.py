@@ -11,6 +11,8 @@ Stage tags:
     generate  which prompts, and where the store is
     train     the student's weights
     eval      eval/results.json
+    parts     hashed through its own fields: `students[]` as student.* and each student's `train` overrides as
+              train.* (so an override of logging_steps reruns nothing either)
 A field with no tag is operational (speed, logging, retries, where a process runs).
 
 Run as: `stage_values(cfg, "train", student)` -> {dotted field: value} hashed into that stage's fingerprint.
@@ -25,7 +27,8 @@ from pydantic import BaseModel
 from distill.config import Config, StudentConfig
 
 _TAGGED = {
-    "": """run_dir students student.train
+    "parts": "students student.train",
+    "": """run_dir
         teacher.device teacher.trust_remote_code teacher.base_url teacher.api_key_env teacher.max_concurrency
         teacher.timeout teacher.max_retries teacher.retry_base_delay teacher.retry_max_delay
         teacher.tensor_parallel_size teacher.gpu_memory_utilization
@@ -60,11 +63,12 @@ OPERATIONAL = frozenset(name for name, tags in FIELD_STAGES.items() if not tags)
 
 # transformers.TrainingArguments (train.args) that change logging, saving or data loading, never the weights
 OPERATIONAL_TRAINING_ARGS = frozenset(
-    """logging_dir logging_strategy logging_first_step logging_nan_inf_filter save_strategy save_steps
-    save_total_limit save_only_model save_safetensors save_on_each_node report_to run_name disable_tqdm
+    """logging_strategy logging_first_step logging_nan_inf_filter log_level log_level_replica log_on_each_node
+    save_strategy save_steps save_total_limit save_only_model save_on_each_node report_to run_name disable_tqdm
     dataloader_num_workers dataloader_pin_memory dataloader_persistent_workers dataloader_prefetch_factor
-    eval_strategy eval_steps eval_delay include_num_input_tokens_seen push_to_hub hub_model_id hub_strategy
-    hub_token hub_private_repo output_dir overwrite_output_dir""".split()
+    dataloader_multiprocessing_context eval_strategy eval_steps eval_delay eval_on_start eval_accumulation_steps
+    per_device_eval_batch_size push_to_hub hub_model_id hub_strategy hub_token hub_private_repo hub_revision
+    hub_always_push output_dir""".split()
 )
 
 
