@@ -32,7 +32,8 @@ class RowError(StoreError):
 
 def damaged(path: Path, exc: BaseException) -> StoreError:
     """The error for a shard Arrow cannot read: file, Arrow's reason (first line), what to do."""
-    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    reason = reason.replace(f"Could not open Parquet input source '{path}': ", "").replace(str(path), "it")[:200]
     size = path.stat().st_size if path.exists() else 0
     what = "empty (0 bytes)" if size == 0 else f"damaged or truncated ({reason})"
     return StoreError(f"{path}: shard is {what}; {REMOVE_AND_RERUN}")

@@ -77,6 +77,9 @@ class StoreLock:
             raise
         self._fd = fd
 
+    def __del__(self) -> None:  # a writer dropped without close(): its lock goes with it
+        self.release()
+
     def release(self) -> None:
         if self._fd is None:
             return
