@@ -8,6 +8,7 @@ import pytest
 
 from distill.config import load_config
 from distill.pipeline import StageLog, file_digest, run, stage_fingerprints
+from distill.stage_inputs import FIELD_STAGES, OPERATIONAL, schema_fields
 
 
 @pytest.fixture
@@ -84,8 +85,6 @@ def test_fingerprints_follow_inputs(run_cfg, prompts_file):
 
 
 # ---------------------------------------------------------------- what reruns a stage (issue 18)
-
-from distill.stage_inputs import FIELD_STAGES, OPERATIONAL, schema_fields  # noqa: E402
 
 # a changed value for every operational field: a new operational field needs one here
 OPERATIONAL_CHANGES = {

@@ -11,9 +11,9 @@ import sys
 
 import pyarrow.parquet as pq
 import pytest
+from test_store import META, _row  # tests/ is on sys.path (pytest rootdir-relative imports)
 
 from distill.store import RowError, Store, StoreError, StoreReader, read_store, shard_files
-from test_store import META, _row  # tests/ is on sys.path (pytest rootdir-relative imports)
 
 OTHER = {"teacher": "hf:tiny", "params": {"max_new_tokens": 16}}
 
@@ -135,12 +135,12 @@ def test_a_row_that_cannot_be_stored_costs_no_other_row(tmp_path):
 
 def test_unwritable_rows_found_by_arrow_are_left_out_of_the_shard(tmp_path, monkeypatch):
     """Should Arrow refuse a row that `add` let through, flush writes the others and names that one."""
-    import distill.store.shards as shards
+    from distill.store import rows
 
-    monkeypatch.setattr(shards, "_check_text", lambda record: None)  # as if the check missed something
-    with pytest.raises(RowError, match=r"1 row\(s\) could not be stored.*prompts.jsonl:2"):
-        with Store(tmp_path, shard_rows=10, meta=META) as store:
-            store.add(_row(0))
-            store.add({**_row(1), "response": "\udcff", "source": "prompts.jsonl:2"})
-            store.add(_row(2))
+    monkeypatch.setattr(rows, "_check_text", lambda record: None)  # as if the check missed something
+    refused = pytest.raises(RowError, match=r"1 row\(s\) could not be stored.*prompts.jsonl:2")
+    with refused, Store(tmp_path, shard_rows=10, meta=META) as store:
+        store.add(_row(0))
+        store.add({**_row(1), "response": "\udcff", "source": "prompts.jsonl:2"})
+        store.add(_row(2))
     assert [r["index"] for r in read_store(tmp_path)] == [0, 2]

@@ -26,7 +26,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from distill.store.integrity import check_settings, damaged, open_shard, read_settings, read_shard
-from distill.store.shards import SCHEMA, shard_files
+from distill.store.rows import SCHEMA
+from distill.store.shards import shard_files
 
 LIST_DTYPES = {"prompt_ids": np.int64, "response_ids": np.int64, "topk_ids": np.int32,
                "topk_logprobs": np.float32, "tail": np.float32}
