@@ -62,7 +62,8 @@ FIELD_STAGES: dict[str, frozenset[str]] = {
 OPERATIONAL = frozenset(name for name, tags in FIELD_STAGES.items() if not tags)
 
 # transformers.TrainingArguments (train.args) that change logging, saving or data loading, never the weights
-_OPERATIONAL_ARGS = """logging_strategy logging_first_step logging_nan_inf_filter log_level log_level_replica log_on_each_node
+_OPERATIONAL_ARGS = """
+    logging_strategy logging_first_step logging_nan_inf_filter log_level log_level_replica log_on_each_node
     save_strategy save_steps save_total_limit save_only_model save_on_each_node report_to run_name disable_tqdm
     dataloader_num_workers dataloader_pin_memory dataloader_persistent_workers dataloader_prefetch_factor
     dataloader_multiprocessing_context eval_strategy eval_steps eval_delay eval_on_start eval_accumulation_steps
