@@ -145,3 +145,42 @@ def test_projections_are_checkpointed_and_restored_on_resume(tmp_path, hidden_te
         assert torch.equal(seen["start"][key], value), key  # restored, not re-initialised
         assert not torch.equal(seen["end"][key], value), key  # and trained on from there
     assert (tmp_path / "run" / "checkpoints" / "student" / "checkpoint-3" / PROJECTIONS_FILE).exists()
+
+
+def test_projection_gradients_are_clipped_with_the_students(tmp_path, tokenizer):
+    """max_grad_norm bounds the global norm of student + learned projections (issue 18: the Trainer clipped only
+    the model, so a huge hidden-state loss moved the projections by its full gradient)."""
+    import math
+
+    from transformers import TrainerCallback, TrainingArguments
+
+    from distill.data.batching import DistillCollator, tokenize_pair
+    from distill.losses import make_projections
+    from distill.training.trainer import DistillationTrainer, LossSpec
+
+    teacher = make_llama(len(tokenizer), hidden=64, layers=2, seed=3)
+    student = make_llama(len(tokenizer), hidden=32, layers=1, seed=4)
+    projections = make_projections(32, 64, 2)  # embeddings and the one layer, onto the teacher's width
+    seen = []
+
+    def norm(params) -> float:
+        return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
+
+    class Spy(TrainerCallback):  # the gradients the optimizer is about to apply (after clipping)
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            seen.append((norm(projections.parameters()), norm(student.parameters())))
+
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, max_steps=2,
+                             learning_rate=1e-3, max_grad_norm=1.0, logging_steps=1, save_strategy="no",
+                             report_to=["none"], use_cpu=True, remove_unused_columns=False, disable_tqdm=True)
+    trainer = DistillationTrainer(
+        model=student, args=args, train_dataset=[tokenize_pair(tokenizer, "Q: 2 + 3? A:", " 5.", 64)] * 8,
+        data_collator=DistillCollator(tokenizer.pad_token_id), processing_class=tokenizer, teacher=teacher,
+        losses=[LossSpec("hidden_mse", weight=1e6)], vocab_size=len(tokenizer), projections=projections,
+        callbacks=[Spy()],
+    )
+    trainer.train()
+    logged = [e["grad_norm"] for e in trainer.state.log_history if "grad_norm" in e]
+    assert len(seen) == 2 and min(logged) > 1e3  # the norm before clipping: a huge loss
+    for proj, stud in seen:
+        assert proj > 0 and math.hypot(proj, stud) <= 1.0 + 1e-4, (proj, stud)

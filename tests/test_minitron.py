@@ -191,3 +191,111 @@ def test_build_student_and_train_with_minitron(tmp_path, teacher_dir, prompts_fi
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["init"] == "minitron" and summary["student_params"] <= info.teacher_params // 3
     assert "4 calibration prompts" in summary["notes"][0]
+
+
+# ---------------------------------------------------------------- shapes that save (issue 18)
+
+
+def _teacher(cls: str = "Llama", **kw):
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = getattr(transformers, f"{cls}Config")(max_position_embeddings=64, tie_word_embeddings=True, **kw)
+    return getattr(transformers, f"{cls}ForCausalLM")(cfg).eval()
+
+
+def _cut_and_save(teacher, shape, tmp_path):
+    """Cut `shape` out of the teacher, run it, save it: what the first checkpoint does."""
+    student, _ = prune(teacher, shape, random_importance(teacher.config))
+    assert count_parameters(student) == shape_params(teacher.config, shape)
+    out = student(torch.tensor([[1, 5, 9, 3]])).logits
+    assert torch.isfinite(out).all()
+    student.save_pretrained(tmp_path)  # runs the config's own validation
+    return student
+
+
+def test_all_heads_kept_gives_a_hidden_size_that_saves(tmp_path):
+    """SmolLM-135M's attention (9 heads over 3 key/value heads, head_dim 64): with every head kept, main chose
+    hidden 104 for this target, and save_pretrained refused it at the first checkpoint."""
+    teacher = _teacher(vocab_size=64, hidden_size=576, intermediate_size=256, num_hidden_layers=2,
+                       num_attention_heads=9, num_key_value_heads=3)
+    cfg = StudentConfig(init="minitron", target_params=370_000, config={"num_attention_heads": 9})
+    student, info = build_student(cfg, teacher=teacher, calibration=[[1, 5, 9, 11], [1, 7]], pad_id=0)
+    c = student.config
+    assert c.num_attention_heads == 9 and c.hidden_size % 9 == 0 and info.student_params <= 370_000
+    student.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["hidden_size"] == c.hidden_size
+
+
+TEACHERS = {  # family, shape: odd head counts, grouped-query attention, a head_dim wider than hidden / heads
+    "llama_9h_gqa3": ("Llama", dict(hidden_size=72, intermediate_size=192, num_hidden_layers=4,
+                                    num_attention_heads=9, num_key_value_heads=3)),
+    "llama_12h_gqa4": ("Llama", dict(hidden_size=96, intermediate_size=256, num_hidden_layers=3,
+                                     num_attention_heads=12, num_key_value_heads=4)),
+    "llama_15h_gqa5": ("Llama", dict(hidden_size=120, intermediate_size=320, num_hidden_layers=2,
+                                     num_attention_heads=15, num_key_value_heads=5)),
+    "qwen3_headdim32": ("Qwen3", dict(hidden_size=64, intermediate_size=160, num_hidden_layers=3, head_dim=32,
+                                      num_attention_heads=4, num_key_value_heads=2)),
+    "mistral_6h": ("Mistral", dict(hidden_size=48, intermediate_size=128, num_hidden_layers=3,
+                                   num_attention_heads=6, num_key_value_heads=6)),
+}
+
+
+@pytest.mark.parametrize("name", list(TEACHERS))
+def test_every_chosen_shape_builds_runs_and_saves(tmp_path, name):
+    """Property: over targets from 5% to 90% of the teacher, with the heads free or all kept, every chosen shape
+    is a valid config (hidden a multiple of the heads, whole key/value groups), builds with the predicted
+    parameter count, runs and passes save_pretrained; and depth goes before the MLP falls under a quarter."""
+    from distill.students.minitron import MIN_WIDTH, teacher_shape
+
+    cls, kw = TEACHERS[name]
+    teacher = _teacher(cls, vocab_size=64, **kw)
+    t = teacher_shape(teacher.config)
+    total = count_parameters(teacher)
+    checked = 0
+    for fraction in (0.05, 0.12, 0.25, 0.45, 0.9):
+        for sizes in ({}, {"num_attention_heads": t.num_attention_heads}):
+            cfg = StudentConfig(init="minitron", target_params=int(total * fraction), config=sizes)
+            try:
+                shape = choose_shape(teacher.config, cfg)
+            except ValueError as err:  # only a target below the smallest student may be refused
+                assert "even the narrowest" in str(err)
+                continue
+            assert shape.hidden_size % shape.num_attention_heads == 0
+            assert shape.num_attention_heads % shape.num_key_value_heads == 0
+            assert shape_params(teacher.config, shape) <= cfg.target_params
+            if shape.num_hidden_layers > 1:  # widths at a quarter of the teacher's or more, else fewer layers
+                assert shape.intermediate_size >= MIN_WIDTH * t.intermediate_size - 8, shape
+            _cut_and_save(teacher, shape, tmp_path / f"{fraction}_{len(sizes)}")
+            checked += 1
+    assert checked >= 6
+
+
+def test_small_targets_drop_layers_before_a_narrow_mlp():
+    """A 30x target on a teacher whose layers hold most parameters: fewer layers at sane widths, not every
+    layer at hidden 16 (main: all 8 layers, hidden 16, MLP 80 on this teacher at this target)."""
+    teacher = _teacher(vocab_size=64, hidden_size=128, intermediate_size=512, num_hidden_layers=8,
+                       num_attention_heads=4, num_key_value_heads=4)
+    shape = choose_shape(teacher.config, StudentConfig(init="minitron", target_params=count_parameters(teacher) // 30))
+    assert shape.num_hidden_layers < 8 and shape.hidden_size >= 32 and shape.intermediate_size >= 128, shape
+
+
+def test_an_invalid_given_shape_is_refused_at_preflight_in_one_line(tmp_path, prompts_file):
+    from distill.errors import ConfigError
+    from distill.preflight import preflight
+
+    _teacher(vocab_size=64, hidden_size=72, intermediate_size=192, num_hidden_layers=2, num_attention_heads=9,
+             num_key_value_heads=3).save_pretrained(tmp_path / "teacher")
+    tree = {"run_dir": str(tmp_path / "run"), "teacher": {"model": str(tmp_path / "teacher")},
+            "generate": {"input": str(prompts_file)}, "eval": {"input": str(prompts_file)},
+            "student": {"init": "minitron", "config": {"hidden_size": 60, "num_attention_heads": 9}}}
+    with pytest.raises(ConfigError) as err:
+        preflight(load_config(tree))
+    message = str(err.value)
+    assert "\n" not in message and "student.config" in message and "hidden_size=60" in message, message
+    tree["student"]["config"] = {"hidden_size": 36, "num_attention_heads": 9}
+    preflight(load_config(tree))  # a valid one passes
+    tree["students"] = [{"name": "a", "init": "minitron", "target_params": 10}]
+    del tree["student"]
+    with pytest.raises(ConfigError, match=r"^students\[0\]\.target_params=10: even the narrowest"):
+        preflight(load_config(tree))

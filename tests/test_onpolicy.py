@@ -127,8 +127,10 @@ def test_openai_scorer_reads_echoed_prompt_logprobs(tokenizer, sharp_teacher, mo
 # ----------------------------------------------------------------------------------------------- training
 
 
-def _direct_trainer(tmp_path, student, teacher, tokenizer, data, *, scorer=None, hook=None, steps=30, losses=None, lr=3e-3, batch=8):
-    """A DistillationTrainer built by hand (as train.py does) so tests can pass a hook or a scorer."""
+def _direct_trainer(tmp_path, student, teacher, tokenizer, data, *, scorer=None, hook=None, steps=30, losses=None, lr=3e-3, batch=8,
+                    onpolicy=SETTINGS, **args):
+    """A DistillationTrainer built by hand (as train.py does) so tests can pass a hook or a scorer; `args`
+    override TrainingArguments."""
     from transformers import TrainingArguments
 
     from distill.data.batching import DistillCollator
@@ -136,14 +138,14 @@ def _direct_trainer(tmp_path, student, teacher, tokenizer, data, *, scorer=None,
 
     examples = [tokenize_pair(tokenizer, r["prompt"], r["response"], 64)
                 for r in map(json.loads, data.read_text().splitlines())]
-    args = TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=batch, max_steps=steps,
-                             learning_rate=lr, lr_scheduler_type="constant", logging_steps=5, save_steps=10_000,
-                             report_to=["none"], use_cpu=True, remove_unused_columns=False, seed=0,
-                             disable_tqdm=True)
+    args = TrainingArguments(**{"output_dir": str(tmp_path / "out"), "per_device_train_batch_size": batch,
+                                "max_steps": steps, "learning_rate": lr, "lr_scheduler_type": "constant",
+                                "logging_steps": 5, "save_steps": 10_000, "report_to": ["none"], "use_cpu": True,
+                                "remove_unused_columns": False, "seed": 0, "disable_tqdm": True, **args})
     return DistillationTrainer(model=student, args=args, train_dataset=examples,
                                data_collator=DistillCollator(tokenizer.pad_token_id), processing_class=tokenizer,
                                teacher=None if scorer else teacher, losses=losses or [LossSpec("reverse_kl")],
-                               vocab_size=len(tokenizer), onpolicy=SETTINGS, scorer=scorer, onpolicy_hook=hook)
+                               vocab_size=len(tokenizer), onpolicy=onpolicy, scorer=scorer, onpolicy_hook=hook)
 
 
 def test_onpolicy_batches_are_the_students_samples(tmp_path, tokenizer, sharp_teacher):
@@ -340,3 +342,36 @@ def test_onpolicy_starts_after_the_offline_phase(tmp_path, tokenizer, sharp_teac
     trainer.onpolicy = OnPolicyConfig(lmbda=1.0, max_new_tokens=4, start_step=3)
     trainer.train()
     assert len(seen) == 2  # steps 3 and 4 of 0..4
+
+
+def test_a_resumed_run_samples_what_an_uninterrupted_one_does(tmp_path, tokenizer, sharp_teacher):
+    """6 steps straight vs 3 steps, stopped, resumed from checkpoint-3 for 3 more (lmbda=0.5, 2 micro-batches a
+    step): the same batches are sampled, with the same samples, and the weights end equal (issue 18: the
+    sampler's generator restarted from the seed on resume)."""
+    from transformers import TrainerCallback
+
+    data = _pairs_file(tmp_path, n=2)
+    settings = OnPolicyConfig(lmbda=0.5, max_new_tokens=6)
+
+    class StopAt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            control.should_training_stop = state.global_step == 3
+
+    def run(out, resume=None, stop=False):
+        seen = []
+        student = make_llama(len(tokenizer), hidden=32, layers=1, seed=3)
+        trainer = _direct_trainer(out, student, sharp_teacher, tokenizer, data, steps=6, batch=2, onpolicy=settings,
+                                  hook=lambda e: seen.append((trainer.state.global_step, e["completions"])),
+                                  gradient_accumulation_steps=2, save_steps=3)
+        if stop:
+            trainer.add_callback(StopAt())
+        trainer.train(resume_from_checkpoint=resume)
+        return seen, student.state_dict()
+
+    straight, weights = run(tmp_path / "straight")
+    first, _ = run(tmp_path / "resumed", stop=True)
+    second, resumed_weights = run(tmp_path / "resumed", resume=str(tmp_path / "resumed" / "out" / "checkpoint-3"))
+    assert first == [s for s in straight if s[0] < 3] and second == [s for s in straight if s[0] >= 3]
+    assert 0 < len(second) < 6  # some of the resumed micro-batches were sampled, not all
+    for key, value in weights.items():
+        torch.testing.assert_close(resumed_weights[key], value, msg=key)

@@ -102,12 +102,15 @@ def test_metric_registry_drives_validation_lookup_and_docs():
 def test_eos_token_ids_collects_every_source():
     from transformers import GenerationConfig, LlamaConfig
 
+    from types import SimpleNamespace
+
     tok = make_tokenizer()
-    gen_cfg = GenerationConfig(eos_token_id=[7, 5])
-    model_cfg = LlamaConfig(eos_token_id=9)
-    assert eos_token_ids(tok, gen_cfg, model_cfg) == sorted({5, 7, 9, tok.eos_token_id})
-    assert eos_token_ids(tok, None, GenerationConfig()) == [tok.eos_token_id]
-    assert eos_token_ids(None, model_cfg) == [9]
+    model = SimpleNamespace(generation_config=GenerationConfig(eos_token_id=[7, 5]),
+                            config=LlamaConfig(eos_token_id=9))
+    assert eos_token_ids(model, tok) == sorted({5, 7, 9, tok.eos_token_id})
+    bare = SimpleNamespace(generation_config=GenerationConfig(), config=LlamaConfig(eos_token_id=None))
+    assert eos_token_ids(bare, tok) == [tok.eos_token_id]
+    assert eos_token_ids(model, None) == [5, 7, 9]
 
 
 def test_teacher_engine_and_trainer_stop_on_the_same_tokens():

@@ -378,15 +378,6 @@ def test_streaming_with_n_and_token_id_prompts(client, ref):
     assert done == {0, 1}
 
 
-def test_chat_without_template_uses_role_transcript():
-    from distill.serving.app import _chat_prompt
-    from distill.serving.protocol import ChatMessage
-
-    tok = make_tokenizer()  # no chat template
-    ids = _chat_prompt([ChatMessage(role="user", content=[{"type": "text", "text": "hello"}])], tok)
-    assert tok.decode(ids) == "user: hello\nassistant:"
-
-
 @pytest.mark.parametrize("text,stop", [("hello world. bye now", "o w"), ("hello world. bye now", "bye"),
                                        ("é€ 中文 and more", None), ("Q: 43 + 19 = 62.", "= 6")])
 def test_row_state_streams_text_that_is_never_taken_back(text, stop):

@@ -1,3 +1,4 @@
+import pytest
 import torch
 from conftest import make_llama
 
@@ -70,3 +71,60 @@ def test_config_student_keeps_head_dim_consistent_with_width(tmp_path, tokenizer
     explicit, _ = build_student(StudentConfig(init="config", config={"hidden_size": 32, "head_dim": 16}),
                                 teacher_path=str(tmp_path))
     assert explicit.config.head_dim == 16
+
+
+# ---------------------------------------------------------------- precision (issue 18): fp32 parameters
+
+
+@pytest.fixture(scope="module")
+def bf16_teacher_dir(tmp_path_factory, tokenizer):
+    """A teacher saved in bfloat16 (config.json says so), as most released checkpoints are."""
+    out = tmp_path_factory.mktemp("bf16_teacher")
+    make_llama(len(tokenizer), hidden=64, layers=4, seed=2).to(torch.bfloat16).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("student", [
+    StudentConfig(init="prune", num_layers=2),
+    StudentConfig(init="minitron", config={"hidden_size": 32, "intermediate_size": 64}, num_layers=2),
+    StudentConfig(init="config", config={"num_hidden_layers": 1}),
+], ids=["prune", "minitron", "config"])
+def test_students_of_a_bf16_teacher_have_fp32_parameters(bf16_teacher_dir, student):
+    from distill.modeling import load_model
+
+    teacher = load_model(bf16_teacher_dir, dtype="bfloat16", device="cpu")  # e.g. teacher.dtype auto on a GPU
+    model, _ = build_student(student, teacher=teacher, teacher_path=str(bf16_teacher_dir),
+                             calibration=[[1, 5, 9, 11], [1, 7]], pad_id=0)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert model.config.dtype == torch.float32
+    assert next(teacher.parameters()).dtype == torch.bfloat16  # the teacher itself is left as loaded
+
+
+@pytest.mark.parametrize("args", [{}, {"bf16": True}], ids=["fp32", "autocast_bf16"])
+def test_training_a_pruned_student_of_a_bf16_teacher_updates_fp32_weights(tmp_path, bf16_teacher_dir, args):
+    """Pure bf16 training would leave every weight a bf16 value; fp32 master weights move off that grid, also
+    under the mixed precision a user asks for (train.args bf16: autocast, parameters stay fp32)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from distill.config import load_config
+    from distill.training.train import train
+
+    data = tmp_path / "train.jsonl"
+    rows = [{"prompt": "Q: 2 + 3? A:", "response": " 5."}, {"prompt": "Q: 4 - 1? A:", "response": " 3."}]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = load_config({
+        "run_dir": str(tmp_path / "run"),
+        "teacher": {"model": str(bf16_teacher_dir), "dtype": "bfloat16"},
+        "student": {"init": "prune", "num_layers": 2},
+        "train": {"input": str(data), "signal": "online", "max_steps": 2, "learning_rate": 1e-4,
+                  "per_device_train_batch_size": 2, "save_steps": 1000, "losses": [{"name": "forward_kl"}],
+                  "args": args},
+    })
+    (out,) = train(cfg)
+    weights = load_file(str(out / "model.safetensors"))
+    assert {w.dtype for w in weights.values()} == {torch.float32}
+    moved = weights["model.layers.0.mlp.up_proj.weight"]
+    assert not torch.equal(moved, moved.to(torch.bfloat16).float())  # updated below bf16's resolution

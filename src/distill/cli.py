@@ -118,8 +118,10 @@ def generate(
     try:
         path = run_generate(cfg)
     except (TeacherError, StoreError) as exc:
-        console.print(f"[bold red]error:[/] {escape(bounded(str(exc)))}", highlight=False)
-        raise typer.Exit(1) from None
+        console.print(f"[bold red]error:[/] {escape(bounded(str(exc)))}", highlight=False,
+                      soft_wrap=True)  # one line, even when long
+        # an unreachable teacher may come back (1: retry later); a damaged or locked store is the user's to fix (2)
+        raise typer.Exit(1 if isinstance(exc, TeacherError) else 2) from None
     s = store_stats(path)
     per = f"{s['bytes_per_entry']:.2f} bytes per (token, k) entry (k={s['k']})" if s["bytes_per_entry"] else "no top-k"
     console.print(f"store: {s['rows']} rows, {s['tokens']} tokens, {s['bytes'] / 1e6:.2f} MB in {s['shards']} "
@@ -243,6 +245,7 @@ def serve(
     max_prompt_tokens: Optional[int] = typer.Option(None, help="prompt length limit (default: context length)"),
     max_tokens_limit: int = typer.Option(1024, help="largest max_tokens a request may ask for"),
     max_body_bytes: int = typer.Option(1_000_000, help="request body size limit (413 above)"),
+    max_request_rows: int = typer.Option(1024, help="most sequences (prompts x n) one request may ask for (400 above)"),
     return_tokens_as_token_ids: bool = typer.Option(
         False, help="logprob tokens as 'token_id:N' unless a request says otherwise (vLLM's flag)"),
     dtype: str = typer.Option("auto", help="auto | float32 | bfloat16 | float16"),
@@ -253,7 +256,7 @@ def serve(
 
     run_serve(model_dir, host=host, port=port, api_key=api_key, served_model_name=served_model_name,
               max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms, max_prompt_tokens=max_prompt_tokens,
-              max_tokens_limit=max_tokens_limit, max_body_bytes=max_body_bytes,
+              max_tokens_limit=max_tokens_limit, max_body_bytes=max_body_bytes, max_request_rows=max_request_rows,
               return_tokens_as_token_ids=return_tokens_as_token_ids, dtype=dtype, device=device)
 
 

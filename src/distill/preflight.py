@@ -39,7 +39,13 @@ def check_model(name: str, key: str) -> Any | None:
             with p.open("rb") as fh:
                 if fh.read(4) != b"GGUF":
                     raise ConfigError(f"{key}: {name} is not a GGUF file (no GGUF header)")
-            return None
+            from distill.modeling import load_model_config
+
+            try:  # its architecture, from the metadata: student shapes are checked against it like a directory's
+                return load_model_config(p)
+            except Exception as exc:  # one line: the file's fault (an architecture transformers cannot read)
+                raise ConfigError(f"{key}: {name}: transformers cannot read this GGUF's model config "
+                                  f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from exc
         raise ConfigError(f"{key}: {name} is a file, not a model directory; give the directory that holds "
                           "config.json and *.safetensors (or a .gguf file)")
     config_file = p / "config.json"
@@ -97,6 +103,13 @@ def _check_student(cfg: Config, i: int | None, teacher_config: Any | None) -> No
                 any(not 0 <= j < n for j in s.layers) or len(set(s.layers)) != len(s.layers)):
             raise ConfigError(f"{where}.layers={s.layers}: indices must be distinct and in [0, {n - 1}] "
                               f"(the teacher has {n} layers)")
+        if s.init == "minitron" and teacher_config is not None:  # the shape it would cut, as a config
+            from distill.students.minitron import choose_shape
+
+            try:
+                choose_shape(teacher_config, s)
+            except ValueError as err:  # its messages name student.*; here the student is named as configured
+                raise ConfigError(str(err).replace("student.", f"{where}.")) from err
     elif s.init == "config":
         if s.model is None and not local_teacher:
             raise ConfigError(f"{where}.init=config needs teacher.model or {where}.model for the base config")
@@ -123,6 +136,28 @@ def _check_student(cfg: Config, i: int | None, teacher_config: Any | None) -> No
         raise ConfigError(f"{where}: train.input {t.input} does not exist")
 
 
+TRACKER_PACKAGES = {"azure_ml": "azureml"}  # train.report_to names whose package is named otherwise
+
+
+def check_trackers(report_to: list[str]) -> None:
+    """Each tracker in train.report_to is one transformers knows, and installed: its callback would otherwise
+    raise inside Trainer construction, after the teacher and student were loaded."""
+    import importlib.util
+
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    for name in report_to:
+        if name in ("none", "all"):
+            continue
+        if name not in INTEGRATION_TO_CALLBACK:
+            raise ConfigError(f"train.report_to: unknown tracker '{name}'; use none, all or one of "
+                              f"{', '.join(sorted(INTEGRATION_TO_CALLBACK))}")
+        package = TRACKER_PACKAGES.get(name, name)
+        if importlib.util.find_spec(package) is None:
+            raise ConfigError(f"train.report_to: '{name}' is not installed; `pip install {package}`, or remove "
+                              f"it from train.report_to")
+
+
 def preflight(cfg: Config, stages: tuple[str, ...] = ("generate", "train", "eval")) -> None:
     """Raise ConfigError for anything wrong that can be seen without loading weights."""
     teacher_config = None
@@ -132,6 +167,7 @@ def preflight(cfg: Config, stages: tuple[str, ...] = ("generate", "train", "eval
             and not Path(cfg.generate.input).exists():
         raise ConfigError(f"generate.input: {cfg.generate.input} does not exist")
     if "train" in stages:
+        check_trackers(cfg.train.report_to)
         students = cfg.all_students()
         for i in range(len(students)):
             _check_student(cfg, i if cfg.students else None, teacher_config)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from distill.data.batching import left_pad
 from distill.data.encoding import encode_prompt
+from distill.modeling import cut_at_eos, eos_token_ids
 
 
 def is_adapter(path: str | Path) -> bool:
@@ -23,10 +24,13 @@ def load_for_eval(
     from distill.modeling import load_model, load_tokenizer, load_tokenizer_for, resolve_device, resolve_dtype
 
     if is_adapter(path):
+        import json
+
         from peft import AutoPeftModelForCausalLM
 
         dev = resolve_device(device)
-        model = AutoPeftModelForCausalLM.from_pretrained(str(path), dtype=resolve_dtype(dtype, str(dev)))
+        base = json.loads((Path(path) / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        model = AutoPeftModelForCausalLM.from_pretrained(str(path), dtype=resolve_dtype(dtype, dev, base))
         model = model.merge_and_unload().to(dev)
         try:
             tok = load_tokenizer(path)
@@ -79,7 +83,7 @@ def generate_ids(model, tokenizer, batch: list[list[int]], max_new_tokens: int, 
         min_new_tokens=max_new_tokens if fixed else None,
         do_sample=False,
         pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+        eos_token_id=eos_token_ids(model, tokenizer) or None,
         bos_token_id=tokenizer.bos_token_id,
     )
     ids, mask = left_pad(batch, tokenizer.pad_token_id, model.device)
@@ -105,7 +109,7 @@ def generate_batch(
     prompt_ids = encode_prompts(tokenizer, prompts, add_special_tokens)
     order = sorted(range(len(prompts)), key=lambda i: len(prompt_ids[i]))
     outputs: list[list[int]] = [[] for _ in prompts]
-    eos = tokenizer.eos_token_id
+    eos = set(eos_token_ids(model, tokenizer))
     with Progress(transient=True) as progress:
         task = progress.add_task(label, total=len(prompts))
         for start in range(0, len(order), batch_size):
@@ -113,7 +117,7 @@ def generate_batch(
             for i, new in zip(
                 idx, generate_ids(model, tokenizer, [prompt_ids[i] for i in idx], max_new_tokens, False)
             ):
-                outputs[i] = new[: new.index(eos) + 1] if eos is not None and eos in new else new
+                outputs[i] = cut_at_eos(new, eos)
             progress.advance(task, len(idx))
     texts = [tokenizer.decode(o, skip_special_tokens=True) for o in outputs]
     return Generation(texts=texts, prompt_ids=prompt_ids, output_ids=outputs)

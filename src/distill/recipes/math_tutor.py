@@ -319,6 +319,8 @@ def greedy_solve(
     """Greedy completions (special tokens dropped) for plain-text prompts, batched with left padding."""
     import torch
 
+    from distill.modeling import eos_token_ids
+
     old_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     out: list[str] = []
@@ -332,7 +334,7 @@ def greedy_solve(
                     max_new_tokens=max_new_tokens,
                     do_sample=False,
                     pad_token_id=tokenizer.pad_token_id,
-                    eos_token_id=tokenizer.eos_token_id,
+                    eos_token_id=eos_token_ids(model, tokenizer),
                 )
             out += tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     finally:

@@ -26,6 +26,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from distill.data.encoding import encode_prompt
+from distill.data.prompt_format import PromptFormat, render_chat
 from distill.serving.engine import Engine, Row, RowEvent, SamplingParams
 from distill.serving.protocol import (
     ChatMessage,
@@ -49,9 +50,12 @@ class ServeOptions:
     max_tokens_limit: int = 1024
     max_body_bytes: int = 1_000_000
     max_n: int = 16
+    max_request_rows: int = 1024  # prompts x n of one request: bounds its queue memory and its share of the engine
     max_logprobs: int = 20
     return_tokens_as_token_ids: bool = False  # default for requests that do not say
     disconnect_poll_s: float = 0.1  # how often a waiting request checks that its client is still there
+    # how the student was trained to see prompts (prompt_format.json); None: its chat template, if any
+    prompt_format: PromptFormat | None = None
 
 
 def create_app(engine: Engine, options: ServeOptions | None = None) -> FastAPI:
@@ -106,20 +110,33 @@ def create_app(engine: Engine, options: ServeOptions | None = None) -> FastAPI:
     async def completions(request: Request):
         auth(request)
         req = await _parse(request, CompletionRequest, opts)
-        prompts, texts = _completion_prompts(req, engine)
+        prompts, texts = _completion_prompts(req, engine, opts)
         return await _respond(request, engine, opts, req, prompts, chat=False, prompt_texts=texts)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         auth(request)
         req = await _parse(request, ChatRequest, opts)
-        prompts = [_chat_prompt(req.messages, engine.tok)]
+        prompts = [_chat_prompt(req.messages, engine.tok, opts.prompt_format)]
         return await _respond(request, engine, opts, req, prompts, chat=True)
 
     return app
 
 
 # ---- request handling ------------------------------------------------------------------------------
+def _check_framing(request: Request) -> None:
+    """JSON only (415 otherwise: a form or text/plain POST from a web page needs no CORS preflight, so it could
+    drive a server without an API key), and one body length: Content-Length with Transfer-Encoding is how
+    requests are smuggled past a proxy that reads the other one (RFC 9112 6.3), so it is a 400."""
+    media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media != "application/json":
+        raise OpenAIError(415, f"Content-Type must be application/json (got '{media or 'none'}')",
+                          code="unsupported_media_type")
+    if "content-length" in request.headers and "transfer-encoding" in request.headers:
+        raise OpenAIError(400, "a request must not have both Content-Length and Transfer-Encoding",
+                          code="invalid_request")
+
+
 async def _read_body(request: Request, limit: int) -> bytes:
     too_big = OpenAIError(413, f"request body larger than {limit} bytes", code="request_too_large")
     declared = request.headers.get("content-length")
@@ -135,6 +152,7 @@ async def _read_body(request: Request, limit: int) -> bytes:
 
 
 async def _parse(request: Request, schema, opts: ServeOptions):
+    _check_framing(request)
     raw = await _read_body(request, opts.max_body_bytes)
     try:
         data = json.loads(raw)
@@ -198,7 +216,8 @@ def _check_model(name: str, opts: ServeOptions) -> None:
                                f"'{opts.served_model_name}'.", param="model", code="model_not_found")
 
 
-def _completion_prompts(req: CompletionRequest, engine: Engine) -> tuple[list[list[int]], list[str]]:
+def _completion_prompts(req: CompletionRequest, engine: Engine,
+                        opts: ServeOptions) -> tuple[list[list[int]], list[str]]:
     """Token ids of each prompt, and its text (what `echo` sends back: the string as sent, or the ids decoded)."""
     p = req.prompt
     if isinstance(p, str):
@@ -209,6 +228,10 @@ def _completion_prompts(req: CompletionRequest, engine: Engine) -> tuple[list[li
         items = list(p)
     if not items:
         raise OpenAIError(400, "prompt must not be empty", param="prompt", code="invalid_value")
+    if len(items) * req.n > opts.max_request_rows:  # before any prompt is tokenized
+        raise OpenAIError(400, f"{len(items)} prompts x n={req.n} is {len(items) * req.n} sequences; this server "
+                               f"takes at most {opts.max_request_rows} per request (--max-request-rows): split "
+                               "the prompts over several requests", param="prompt", code="too_many_sequences")
     out, texts = [], []
     for i, item in enumerate(items):
         if isinstance(item, str):  # the one prompt rule; an empty string stays empty (rejected below)
@@ -225,18 +248,22 @@ def _completion_prompts(req: CompletionRequest, engine: Engine) -> tuple[list[li
     return out, texts
 
 
-def _chat_prompt(messages: list[ChatMessage], tok) -> list[int]:
+def _chat_prompt(messages: list[ChatMessage], tok, fmt: PromptFormat | None) -> list[int]:
+    """The messages rendered as the student was trained (its prompt format), else with its chat template;
+    a model with neither was never taught a chat format, so a guessed one would be garbage: a 400."""
     turns = [{"role": m.role, "content": m.text(i)} for i, m in enumerate(messages)]
-    if getattr(tok, "chat_template", None):
-        try:
-            text = tok.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
-        except Exception as exc:  # noqa: BLE001  (any template error is the request's fault)
-            raise OpenAIError(400, f"chat template rejected the messages: {exc}", param="messages",
-                              code="invalid_value") from None
-        return encode_prompt(tok, text, rendered_with_template=True)
-    # no template: a plain "role: content" transcript, the same fallback the hf teacher uses
-    text = "".join(f"{t['role']}: {t['content']}\n" for t in turns) + "assistant:"
-    return encode_prompt(tok, text, rendered_with_template=False)
+    has_template = bool(getattr(tok, "chat_template", None))
+    if fmt is None and not has_template:
+        raise OpenAIError(400, "this model has no chat template and no prompt format from distill train "
+                               "(prompt_format.json), so chat messages cannot be rendered as it was trained; "
+                               "send the prompt text to /v1/completions", param="messages", code="no_chat_format")
+    fmt = fmt or PromptFormat(chat_template=True, chat_rows=True)
+    try:
+        text = render_chat(turns, tok, fmt)
+    except Exception as exc:  # noqa: BLE001  (any template error is the request's fault)
+        raise OpenAIError(400, f"chat template rejected the messages: {exc}", param="messages",
+                          code="invalid_value") from None
+    return encode_prompt(tok, text, rendered_with_template=fmt.chat_template and has_template)
 
 
 def _max_tokens(req, prompts: list[list[int]], engine: Engine, opts: ServeOptions) -> int:
@@ -288,11 +315,12 @@ class _Submission:
 
                 self.rows.append(Row(ids, rp, sink))
         self.engine = engine
+        self.group = None  # the engine's handle for this request's queued rows
 
     async def events(self, request: Request, poll_s: float) -> AsyncIterator[tuple[int, RowEvent]]:
         """Every row's events until all rows finished; raises ClientGone (rows cancelled) when the
         client disconnects first."""
-        self.engine.submit(self.rows)
+        self.group = self.engine.submit(self.rows)
         watcher = asyncio.create_task(self._watch(request, poll_s))
         pending = len(self.rows)
         try:
@@ -315,8 +343,11 @@ class _Submission:
         self.queue.put_nowait(None)
 
     def cancel(self) -> None:
+        """Rows still queued leave the queue at once; running ones leave the batch at its next step."""
         for row in self.rows:
             row.cancelled.set()
+        if self.group is not None:
+            self.engine.withdraw(self.group)
 
 
 async def _respond(request: Request, engine: Engine, opts: ServeOptions, req, prompts: list[list[int]],

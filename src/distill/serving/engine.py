@@ -1,6 +1,7 @@
 """The generation engine behind the server: one worker thread that batches rows from all requests.
 
-Requests put *rows* (one prompt, one sample) on a queue. The worker takes the first row, waits up to
+Requests put *rows* (one prompt, one sample) on a queue, one group per request, taken round-robin between
+requests (distill.serving.rowqueue) so a big request never starves a small one. The worker takes a row, waits up to
 `batch_wait_ms` for more (up to `max_batch_size`), left-pads them and decodes them together with the KV
 cache in one loop; between steps finished rows leave and queued rows join (continuous batching). A
 hand-written loop instead of `model.generate` lets every row keep its own temperature, top_p, seed, stop
@@ -16,6 +17,7 @@ the running batch at the next step and is counted in `EngineStats.cancelled`.
 
 from __future__ import annotations
 
+import inspect
 import queue
 import threading
 import time
@@ -26,6 +28,7 @@ from functools import lru_cache
 import torch
 
 from distill.modeling import eos_token_ids
+from distill.serving.rowqueue import FairQueue, Group
 
 
 @dataclass(frozen=True)
@@ -209,7 +212,8 @@ class Engine:
         self.context_length = int(getattr(model.config, "max_position_embeddings", 0) or 0) or None
         self.cache_kw = cache_kwarg(model)
         self.stats = EngineStats()
-        self._queue: queue.Queue[Row] = queue.Queue()
+        self.keep_kw = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self._queue: FairQueue[Row] = FairQueue()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -226,9 +230,15 @@ class Engine:
             self._thread.join(timeout=30)
         self._thread = None
 
-    def submit(self, rows: list[Row]) -> None:
-        for row in rows:
-            self._queue.put(row)
+    def submit(self, rows: list[Row]) -> Group[Row]:
+        """Queue one request's rows (they share the engine fairly with other requests' rows); the handle
+        is what `withdraw` takes."""
+        return self._queue.put_group(rows)
+
+    def withdraw(self, group: Group[Row]) -> None:
+        """Drop a request's still-queued rows at once (its client left), counted as cancelled; its running
+        rows leave the batch at the next step through their `cancelled` events."""
+        self.stats.cancelled += self._queue.withdraw(group)
 
     # ---- batching --------------------------------------------------------------------------------
     def _collect(self) -> list[Row]:
@@ -325,7 +335,11 @@ class Engine:
             mask[i, width - len(r.prompt_ids):] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+        # only the last position is projected onto the vocabulary, unless a row asks for prompt logprobs:
+        # (rows, prompt, vocab) logits are gigabytes for long prompts and large vocabularies
+        every = any(st.p.prompt_logprobs is not None for st in states)
+        keep = {"logits_to_keep": 1} if self.keep_kw and not every else {}
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **keep)
         for i, st in enumerate(states):
             if st.p.prompt_logprobs is None and st.p.max_tokens > 0:
                 continue
@@ -471,7 +485,7 @@ def _fail(row: Row, exc: BaseException) -> None:
 
 
 def _eos_ids(model, tokenizer) -> set[int]:
-    return set(eos_token_ids(tokenizer, getattr(model, "generation_config", None), model.config))
+    return set(eos_token_ids(model, tokenizer))
 
 
 def _joinable(cache) -> bool:
@@ -506,8 +520,6 @@ def _stack_caches(a, b) -> None:
 
 def cache_kwarg(model) -> str:
     """transformers >= 5.2x names the KV cache argument `cache`; older versions `past_key_values`."""
-    import inspect
-
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 

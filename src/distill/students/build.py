@@ -14,6 +14,7 @@ import torch
 
 from distill.config import StudentConfig
 from distill.modeling import count_parameters, load_model
+from distill.students.shapes import check_shape
 
 # Attribute paths of the decoder-layer ModuleList and the config field holding the layer count, per family.
 _LAYER_LISTS = ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers", "transformer.layers")
@@ -110,11 +111,13 @@ def prune_layers(teacher: torch.nn.Module, keep: list[int]) -> torch.nn.Module:
 
 def _params_from_config(path: str) -> int | None:
     """The teacher's parameter count without loading its weights (built on the meta device)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    from distill.modeling import load_model_config
 
     try:
         with torch.device("meta"):
-            return count_parameters(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path)))
+            return count_parameters(AutoModelForCausalLM.from_config(load_model_config(path)))
     except (OSError, ValueError):
         return None
 
@@ -128,12 +131,14 @@ def _derived_head_dim(model_cfg) -> bool:
 
 
 def _from_config(cfg: StudentConfig, teacher_path: str | None):
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    from distill.modeling import load_model_config
 
     base = cfg.model or teacher_path
     if base is None:
         raise ValueError("student.init=config needs teacher.model (a local/hub model) or student.model for the base config")
-    return AutoModelForCausalLM.from_config(config_student(cfg, AutoConfig.from_pretrained(base)))
+    return AutoModelForCausalLM.from_config(config_student(cfg, load_model_config(base)))
 
 
 def config_student(cfg: StudentConfig, model_cfg):
@@ -151,23 +156,8 @@ def config_student(cfg: StudentConfig, model_cfg):
         model_cfg.head_dim = model_cfg.hidden_size // model_cfg.num_attention_heads
     if "num_hidden_layers" in cfg.config and isinstance(getattr(model_cfg, "layer_types", None), list):
         model_cfg.layer_types = model_cfg.layer_types[: model_cfg.num_hidden_layers]
-    _check_shape(model_cfg)
+    check_shape(model_cfg)
     return model_cfg
-
-
-def _check_shape(model_cfg) -> None:
-    """Shape errors a forward pass would only raise mid-training, named by the student.config fields."""
-    hidden, heads = getattr(model_cfg, "hidden_size", None), getattr(model_cfg, "num_attention_heads", None)
-    kv = getattr(model_cfg, "num_key_value_heads", None) or heads
-    head_dim = getattr(model_cfg, "head_dim", None) or (hidden // heads if hidden and heads else None)
-    if heads and kv and heads % kv:
-        raise ValueError(f"student.config: num_attention_heads={heads} must be a multiple of num_key_value_heads={kv}")
-    if head_dim and hidden and heads and not getattr(model_cfg, "head_dim", None) and hidden % heads:
-        raise ValueError(f"student.config: hidden_size={hidden} must be a multiple of num_attention_heads={heads}")
-    rotary = any(getattr(model_cfg, k, None) for k in ("rope_parameters", "rope_theta", "rope_scaling"))
-    if rotary and head_dim and head_dim % 2:
-        raise ValueError(f"student.config: head dimension {head_dim} (hidden_size={hidden} / num_attention_heads="
-                         f"{heads}) must be even for rotary position embeddings; e.g. hidden_size={hidden + heads}")
 
 
 def _lora(cfg: StudentConfig, teacher_path: str | None, dtype: str, trust_remote_code: bool):
@@ -185,6 +175,24 @@ def _lora(cfg: StudentConfig, teacher_path: str | None, dtype: str, trust_remote
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, lcfg)
+
+
+def fp32_trainable(model: torch.nn.Module) -> torch.nn.Module:
+    """Cast the parameters that train to float32, in place.
+
+    A student cut from a bf16 teacher (prune, minitron, or `init: config` from its config.json, which says
+    bfloat16) would otherwise train in pure bf16: no fp32 master weights, so updates smaller than bf16's
+    resolution are lost. Mixed precision stays the user's choice, through the Trainer's autocast
+    (`train.args: {bf16: true}`), which keeps fp32 parameters. Frozen weights (a LoRA base) keep their dtype.
+    """
+    params = [p for p in model.parameters() if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32]
+    if params and all(p.requires_grad for p in model.parameters()):
+        model.float()
+        model.config.dtype = torch.float32  # what save_pretrained writes and from_pretrained reads back
+    else:
+        for p in params:
+            p.data = p.data.float()
+    return model
 
 
 def build_student(
@@ -227,6 +235,7 @@ def build_student(
             raise ValueError("student.init=pretrained needs student.model (a hub id or local path)")
         student = load_model(cfg.model, dtype=dtype, device="cpu", trust_remote_code=trust_remote_code)
 
+    fp32_trainable(student)
     if cfg.init == "lora":
         total = count_parameters(student.get_base_model())
     else:

@@ -15,12 +15,18 @@ prompt's real tokens, then the L2 norm over prompts: the paper's best "batch=L2,
 - layers: block importance, 1 - cos(input, output) of the layer (ShortGPT / Minitron's depth metric).
 head_dim is kept: the kept heads are the teacher's heads, unchanged.
 
+Shape (`choose_shape`): the sizes given, the others scaled down together to fit student.target_params, each a
+valid config (hidden a multiple of the heads, whole key/value groups; checked with the family's own config
+validation, at preflight too), widths no narrower than MIN_WIDTH of the teacher's while layers can go instead.
+
 Run as: `distill train cfg.yaml student.init=minitron student.target_params=100000`.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
+import math
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -35,6 +41,9 @@ if TYPE_CHECKING:
 # Shape fields a user may give in student.config (the teacher config's own names) plus student.num_layers.
 SHAPE_FIELDS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers")
 _ROUND = 8  # widths are rounded to a multiple of this (kernels like it), never below it
+# With a parameter target, widths shrink to this fraction of the teacher's before a layer is dropped: a quarter
+# keeps every MLP at hundreds of channels on real models (a 16-wide MLP at full depth learns next to nothing).
+MIN_WIDTH = 0.25
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
 
 
@@ -61,6 +70,10 @@ class Importance:
 
 
 def teacher_shape(config) -> Shape:
+    missing = [f for f in SHAPE_FIELDS if f != "num_key_value_heads" and not isinstance(getattr(config, f, None), int)]
+    if missing:
+        raise ValueError(f"student.init=minitron: {type(config).__name__} has no {', '.join(missing)}: not a "
+                         "Llama-style decoder; use student.init=prune or config")
     heads = config.num_attention_heads
     return Shape(
         config.hidden_size,
@@ -206,8 +219,15 @@ def random_importance(config, seed: int = 0) -> Importance:
 # ---------------------------------------------------------------- target shape
 
 
-def _round_width(value: float, limit: int) -> int:
-    return min(limit, max(_ROUND, _ROUND * round(value / _ROUND)))
+def _round_width(value: float, limit: int, step: int = _ROUND) -> int:
+    return min(limit, max(step, step * round(value / step)))
+
+
+def _hidden_step(heads: int, limit: int) -> int:
+    """Hidden sizes are multiples of the head count (Llama's config refuses others at save_pretrained) and of
+    _ROUND where the teacher's width leaves room for that."""
+    step = math.lcm(_ROUND, heads)
+    return step if step <= limit else heads
 
 
 def student_config(teacher_config, shape: Shape, kept_layers: list[int]):
@@ -224,35 +244,51 @@ def student_config(teacher_config, shape: Shape, kept_layers: list[int]):
     return cfg
 
 
+def check_student_shape(teacher_config, shape: Shape) -> None:
+    """ValueError (naming student.config) for a shape whose config the first forward pass or save_pretrained
+    would refuse: checked before any weight is cut, and at preflight, before generation."""
+    from distill.students.shapes import check_shape
+
+    check_shape(student_config(teacher_config, shape, list(range(shape.num_hidden_layers))))
+
+
 def shape_params(teacher_config, shape: Shape) -> int:
-    """Parameters of a model of `shape` (built on the meta device: no memory, exact for any family)."""
+    """Parameters of a model of `shape`: models of 1 and 2 layers are built on the meta device (no memory,
+    exact for the family) and the per-layer count extrapolated, as the decoder layers of a shape are alike."""
     from transformers import AutoModelForCausalLM
 
-    cfg = student_config(teacher_config, shape, list(range(shape.num_hidden_layers)))
-    with torch.device("meta"):
-        return count_parameters(AutoModelForCausalLM.from_config(cfg))
+    counts = []
+    for layers in (1, 2):
+        cfg = student_config(teacher_config, dataclasses.replace(shape, num_hidden_layers=layers), list(range(layers)))
+        with torch.device("meta"):
+            counts.append(count_parameters(AutoModelForCausalLM.from_config(cfg)))
+    return counts[0] + (shape.num_hidden_layers - 1) * (counts[1] - counts[0])
 
 
 def _scaled(t: Shape, fixed: dict[str, int], s: float, layers: int) -> Shape:
+    """The teacher's shape with every width not in `fixed` scaled by `s` (key/value groups kept whole, hidden a
+    multiple of the heads)."""
     ratio = t.num_attention_heads // t.num_key_value_heads
     kv = fixed.get("num_key_value_heads")
     if kv is None and "num_attention_heads" in fixed:
         kv = fixed["num_attention_heads"] // ratio
-    kv = kv or max(1, min(t.num_key_value_heads, round(s * t.num_key_value_heads)))
+    if kv is None:
+        kv = max(1, min(t.num_key_value_heads, round(s * t.num_key_value_heads)))
+        while "hidden_size" in fixed and kv > 1 and fixed["hidden_size"] % (kv * ratio):
+            kv -= 1  # a given hidden size: as many heads as divide it
+    heads = kv * ratio
+    step = _hidden_step(heads, t.hidden_size)
     return Shape(
-        fixed.get("hidden_size") or _round_width(s * t.hidden_size, t.hidden_size),
+        fixed.get("hidden_size") or _round_width(s * t.hidden_size, t.hidden_size // step * step, step),
         fixed.get("intermediate_size") or _round_width(s * t.intermediate_size, t.intermediate_size),
-        kv * ratio,
+        heads,
         kv,
         layers,
     )
 
 
-def choose_shape(teacher_config, cfg: StudentConfig) -> Shape:
-    """The student's shape: the sizes given in student.config / student.num_layers, and the other widths
-    scaled down together (depth kept, as Minitron prefers width over depth) to the largest model within
-    student.target_params; layers are dropped only when even the narrowest width does not fit."""
-    t = teacher_shape(teacher_config)
+def _fixed_sizes(t: Shape, cfg: StudentConfig) -> dict[str, int]:
+    """The sizes given in student.config / student.num_layers, checked against the teacher."""
     unknown = sorted(set(cfg.config) - set(SHAPE_FIELDS))
     if unknown:
         raise ValueError(f"student.config.{unknown[0]}: minitron sets only {', '.join(SHAPE_FIELDS)}")
@@ -270,23 +306,43 @@ def choose_shape(teacher_config, cfg: StudentConfig) -> Shape:
             f"student.config.num_attention_heads={fixed['num_attention_heads']}: key/value groups are kept whole, "
             f"so it must be num_key_value_heads x {ratio} (the teacher's query heads per key/value head)"
         )
+    return fixed
+
+
+def choose_shape(teacher_config, cfg: StudentConfig) -> Shape:
+    """The student's shape: the sizes given in student.config / student.num_layers, and the other widths
+    scaled down together to the largest model within student.target_params. Depth is kept while the widths
+    stay at MIN_WIDTH of the teacher's or more (Minitron prefers width pruning); past that a layer is dropped
+    rather than shrinking every MLP to a few channels (with one layer left, or a depth given, widths go lower).
+    The result is checked as a config (`check_student_shape`)."""
+    t = teacher_shape(teacher_config)
+    fixed = _fixed_sizes(t, cfg)
     if cfg.target_params is None:
         if not fixed:
             raise ValueError("student.init=minitron needs student.target_params or sizes in student.config "
                              f"({', '.join(SHAPE_FIELDS)})")
-        return _scaled(t, fixed, 1.0, fixed.get("num_hidden_layers", t.num_hidden_layers))
+        shape = _scaled(t, fixed, 1.0, fixed.get("num_hidden_layers", t.num_hidden_layers))
+        check_student_shape(teacher_config, shape)
+        return shape
+    sizes: dict[Shape, int] = {}
+
+    def fits(shape: Shape) -> bool:
+        if shape not in sizes:
+            sizes[shape] = shape_params(teacher_config, shape)
+        return sizes[shape] <= cfg.target_params
+
     depths = [fixed["num_hidden_layers"]] if "num_hidden_layers" in fixed else range(t.num_hidden_layers, 0, -1)
     for layers in depths:
-        if shape_params(teacher_config, _scaled(t, fixed, 0.0, layers)) > cfg.target_params:
-            continue  # even the narrowest model of this depth is too big
-        lo, hi = 0.0, 1.0
-        for _ in range(24):  # bisection: parameters grow with the width factor
+        lo = MIN_WIDTH if len(depths) > 1 and layers > 1 else 0.0
+        if not fits(_scaled(t, fixed, lo, layers)):
+            continue  # even the narrowest model allowed at this depth is too big
+        hi = 1.0
+        for _ in range(20):  # bisection: parameters grow with the width factor
             mid = (lo + hi) / 2
-            if shape_params(teacher_config, _scaled(t, fixed, mid, layers)) <= cfg.target_params:
-                lo = mid
-            else:
-                hi = mid
-        return _scaled(t, fixed, lo, layers)
+            lo, hi = (mid, hi) if fits(_scaled(t, fixed, mid, layers)) else (lo, mid)
+        shape = _scaled(t, fixed, lo, layers)
+        check_student_shape(teacher_config, shape)
+        return shape
     raise ValueError(
         f"student.target_params={cfg.target_params}: even the narrowest student ({_scaled(t, fixed, 0.0, 1)}) is "
         "larger; raise the target or give smaller sizes in student.config"

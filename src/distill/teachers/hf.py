@@ -16,7 +16,7 @@ from distill.config import DataConfig, GenerateConfig, TeacherConfig
 from distill.data.batching import left_pad
 from distill.data.encoding import encode_prompt, uses_template
 from distill.data.prompts import Record, render_prompt
-from distill.modeling import eos_token_ids, load_model, load_tokenizer_for
+from distill.modeling import cut_at_eos, eos_token_ids, load_model, load_tokenizer_for
 from distill.teachers.base import (
     Completion,
     Prompt,
@@ -51,8 +51,7 @@ class HFTeacher:
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.templated = uses_template(self.tokenizer, self.dcfg)
-        self.eos_ids = eos_token_ids(self.tokenizer, getattr(self.model, "generation_config", None),
-                                     self.model.config)
+        self.eos_ids = eos_token_ids(self.model, self.tokenizer)
 
     @classmethod
     def from_config(cls, config, device: str | None = None, tokenizer=None) -> HFTeacher:
@@ -118,10 +117,8 @@ class HFTeacher:
         return completions
 
     def _finish(self, prompt_ids: list[int], new: list[int], params: GenerateConfig) -> Completion:
-        eos = set(self.eos_ids)
-        cut = next((i for i, t in enumerate(new) if t in eos), None)
-        ids = new if cut is None else new[: cut + 1]
-        finish = "length" if cut is None else "stop"
+        ids = cut_at_eos(new, self.eos_ids)
+        finish = "stop" if ids and ids[-1] in self.eos_ids else "length"
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
         if params.stop:
             kept, hit = truncate_at_stop(text, params.stop)

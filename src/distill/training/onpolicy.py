@@ -21,6 +21,7 @@ Works with LoRA students: generation goes through the (peft-wrapped) model's own
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -30,6 +31,7 @@ import torch
 from distill.config import GenerateConfig
 from distill.data.batching import DistillCollator, encode_example, left_pad
 from distill.data.prompts import Record
+from distill.modeling import cut_at_eos
 from distill.teachers.base import Completion, Prompt, TeacherError
 from distill.teachers.openai import MalformedResponse, OpenAITeacher
 
@@ -37,6 +39,15 @@ SAMPLED_KEY = "teacher_token_logprobs"  # (batch, seq - 1) teacher logprob of ea
 
 
 # ------------------------------------------------------------------------------------------------ sampling
+
+
+def micro_batch_rng(seed: int, step: int, micro_batch: int) -> random.Random:
+    """The generator deciding whether a micro-batch is sampled (lmbda) and with which sampling seed.
+
+    Derived from (seed, optimizer step, micro-batch within the step) rather than carried from batch to batch:
+    its state is fully given by the step a checkpoint records, so a run resumed from checkpoint-N samples exactly
+    what the uninterrupted run sampled (a single generator seeded once restarted from the seed on resume)."""
+    return random.Random(f"distill-onpolicy/{seed}/{step}/{micro_batch}")  # str seeds hash stably (sha512)
 
 
 def prompts_from_batch(input_ids: torch.Tensor, labels: torch.Tensor) -> list[list[int]]:
@@ -53,13 +64,6 @@ def generation_kwargs(settings: Any, pad_id: int, eos_ids: list[int]) -> dict:
     return {"do_sample": True, "temperature": settings.temperature, "top_p": settings.top_p, "top_k": 0,
                 "max_new_tokens": settings.max_new_tokens, "pad_token_id": pad_id, "eos_token_id": eos_ids or None,
                 "use_cache": True}
-
-
-def cut_at_eos(new: list[int], eos_ids: list[int]) -> list[int]:
-    """Generated ids up to and including the first EOS (the rest is padding)."""
-    eos = set(eos_ids)
-    cut = next((i for i, t in enumerate(new) if t in eos), None)
-    return new if cut is None else new[: cut + 1]
 
 
 @torch.no_grad()

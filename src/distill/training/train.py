@@ -25,10 +25,11 @@ import torch
 from distill.config import STUDENT_CONFIG_FILE, Config, StudentConfig, load_config, save_config
 from distill.data.batching import DistillCollator, encode_example, tokenize_pair
 from distill.data.encoding import uses_template
+from distill.data.prompt_format import save_prompt_format, training_prompt_format
 from distill.data.prompts import DataError, iter_rows, record_from_row, render_prompt
 from distill.errors import ConfigError, UserError, disk_error_message, disk_errors
 from distill.modeling import load_model, load_tokenizer_for
-from distill.preflight import preflight
+from distill.preflight import TRACKER_PACKAGES, preflight
 from distill.students.build import build_student
 from distill.teachers.registry import backend_spec
 from distill.training.checkpoints import already_trained, finished, last_checkpoint, mark_complete
@@ -338,7 +339,7 @@ def _models(cfg: Config, scfg: StudentConfig, sides: _Sides):
     teacher = None
     if online or scfg.init in ("prune", "minitron"):
         with _user_errors("teacher.model", cfg.teacher.model):
-            teacher = load_model(cfg.teacher.model, dtype=cfg.teacher.dtype, device="cpu",
+            teacher = load_model(cfg.teacher.model, dtype=cfg.teacher.dtype, device="cpu", runs_on="auto",
                                  trust_remote_code=cfg.teacher.trust_remote_code)
     calibration = None
     if scfg.init == "minitron":  # prompts whose activations rank the teacher's heads, channels and layers
@@ -353,12 +354,30 @@ def _models(cfg: Config, scfg: StudentConfig, sides: _Sides):
     return student, info, teacher if online else None  # a pruning-only teacher is freed before training
 
 
+@contextlib.contextmanager
+def _tracker_errors(report_to: list[str], output_dir: str):
+    """A tracker of train.report_to that refuses to log (MLflow 3.13+ refuses a './mlruns' file store; a server
+    that is down; a missing API key) is one line naming it, not a traceback from inside Trainer.train."""
+    try:
+        yield
+    except Exception as exc:
+        package = type(exc).__module__.split(".")[0]
+        name = next((r for r in report_to if TRACKER_PACKAGES.get(r, r) == package), None)
+        if name is None:
+            raise
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise ConfigError(f"train.report_to: {name} refused to log: {first}. Fix its setup (for MLflow: "
+                          f"MLFLOW_TRACKING_URI=sqlite:///mlflow.db) or remove '{name}' from train.report_to; "
+                          f"checkpoints already written in {output_dir} are kept") from exc
+
+
 def _fit(trainer, cfg: Config, output_dir: str):
     """(train result or None, resumed-from checkpoint, seconds): resume from the newest complete checkpoint;
     a training already at its end is loaded, not stepped again."""
     resume = last_checkpoint(output_dir) if cfg.train.resume else None
     start = time.perf_counter()
-    with disk_errors(output_dir, f"checkpoints already written in {output_dir} are kept"):
+    with disk_errors(output_dir, f"checkpoints already written in {output_dir} are kept"), \
+            _tracker_errors(cfg.train.report_to, output_dir):
         if finished(resume, cfg.train) is not None:  # trained to the end before: load, do not step again
             trainer._load_from_checkpoint(resume)
             trainer.state = type(trainer.state).load_from_json(str(Path(resume) / "trainer_state.json"))
@@ -441,6 +460,7 @@ def _save_outputs(trainer, out: Path, tokenizer, cfg: Config, scfg: StudentConfi
     trainer.save_model(str(out))
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(out)
+        save_prompt_format(out, training_prompt_format(cfg, tokenizer, backend_spec(cfg.teacher.backend).tokenizer_access))
         (out / "train_log.json").write_text(json.dumps(trainer.state.log_history, indent=1))
         summary = {
             "student": scfg.name,

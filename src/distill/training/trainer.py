@@ -13,7 +13,6 @@ Trainer computes from the labels, so the gradient equals one big batch's regardl
 
 from __future__ import annotations
 
-import random
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -25,7 +24,7 @@ from distill.losses.fused import forward_unprojected, output_head
 from distill.modeling import eos_token_ids
 from distill.signals import SparseSignal
 from distill.training.checkpoints import check_finite_loss, finite_weights_guard
-from distill.training.onpolicy import SAMPLED_KEY, onpolicy_inputs, sampled_reverse_kl
+from distill.training.onpolicy import SAMPLED_KEY, micro_batch_rng, onpolicy_inputs, sampled_reverse_kl
 
 # Batch keys that are not model inputs: per-example loss weights (chain of thought), the teacher's own
 # tokenization (cross-tokenizer), on-policy markers. The sparse top-k keys stay in `inputs` for _teacher_signal.
@@ -91,10 +90,11 @@ class DistillationTrainer(Trainer):
         # and a hook that sees every sampled batch; cross-tokenizer (distill.data.crosstok.CrossTokenizer)
         self.onpolicy, self.scorer, self.onpolicy_hook = onpolicy, scorer, onpolicy_hook
         self.cross_tokenizer = cross_tokenizer
-        self._onpolicy_rng = random.Random(self.args.seed)
+        self._micro_batch = (-1, -1)  # (optimizer step, micro-batch within it): where the on-policy draw comes from
         if projections is not None:
             projections.to(self.args.device)
-            self.add_callback(AverageProjectionGrads(projections, self.accelerator))
+            if self.is_deepspeed_enabled:  # the engine clips the student alone; elsewhere see _joint_grad_norm
+                self.add_callback(AverageProjectionGrads(projections, self.accelerator))
             self.add_callback(SaveProjections(projections))
         self._component_sums: dict[str, list[float]] = defaultdict(list)
         self.add_callback(finite_weights_guard())  # never a checkpoint or student with NaN / inf weights
@@ -111,6 +111,38 @@ class DistillationTrainer(Trainer):
             optimizer.add_param_group({"params": list(self.projections.parameters()), "weight_decay": 0.0})
             self._projections_added = True
         return optimizer
+
+    # ----------------------------------------------------------------- clipping: learned projections too
+    def _clip_grad_norm(self, model):
+        """train.args max_grad_norm over the student and the learned projections together: the Trainer clips only
+        the model's parameters, so a huge hidden-state loss would move the projections unclipped."""
+        if self.projections is None or self.is_deepspeed_enabled:
+            return super()._clip_grad_norm(model)
+        return self._joint_grad_norm(model, self.args.max_grad_norm)
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        """The logged grad_norm; with projections and clipping off (max_grad_norm=0), theirs counted as well."""
+        if grad_norm is None and self.projections is not None and not self.is_deepspeed_enabled:
+            grad_norm = self._joint_grad_norm(model, float("inf"))
+        return super()._get_grad_norm(model, grad_norm)
+
+    def _joint_grad_norm(self, model, max_norm: float) -> torch.Tensor:
+        """The global gradient norm of student + projections, every gradient scaled by max_norm / norm when over.
+
+        The projections live outside the DDP-wrapped student, so their gradients are averaged over processes
+        here first (as DDP does for the student's): every process then computes the same norm and clips alike."""
+        from torch.nn.utils import clip_grads_with_norm_, get_total_norm
+
+        average_grads(self.projections, self.accelerator)
+        student_norm = super()._get_grad_norm(model)  # unscaled (fp16) and reduced over shards; clips nothing
+        grads = [p.grad for p in self.projections.parameters() if p.grad is not None]
+        norms = [torch.as_tensor(student_norm, dtype=torch.float32, device=self.args.device)]
+        norms += [get_total_norm(grads).float().to(self.args.device)] if grads else []
+        total = torch.linalg.vector_norm(torch.stack(norms))
+        if max_norm != float("inf"):
+            clip_grads_with_norm_([p for p in model.parameters() if p.grad is not None], max_norm, total)
+            clip_grads_with_norm_([p for p in self.projections.parameters() if p.grad is not None], max_norm, total)
+        return total
 
     def train(self, resume_from_checkpoint=None, *args, **kwargs):
         """Trainer.train, restoring the learned projections of the checkpoint it resumes from first: the
@@ -153,13 +185,15 @@ class DistillationTrainer(Trainer):
     # ----------------------------------------------------------------- on-policy batches (GKD)
     def training_step(self, model, inputs, num_items_in_batch=None):
         """With probability onpolicy.lmbda, train on the student's own samples of the batch prompts."""
-        if (self.onpolicy is not None and self.onpolicy.lmbda > 0
-                and self.state.global_step >= getattr(self.onpolicy, "start_step", 0)
-                and self._onpolicy_rng.random() < self.onpolicy.lmbda):
+        step = self.state.global_step
+        self._micro_batch = (step, self._micro_batch[1] + 1 if self._micro_batch[0] == step else 0)
+        active = self.onpolicy is not None and self.onpolicy.lmbda > 0 and step >= getattr(self.onpolicy, "start_step", 0)
+        draw = micro_batch_rng(self.args.seed, *self._micro_batch) if active else None  # nothing to checkpoint
+        if draw is not None and draw.random() < self.onpolicy.lmbda:
             tok = self.processing_class
             student = self.accelerator.unwrap_model(model)
-            eos = eos_token_ids(tok, getattr(student, "generation_config", None), student.config)
-            seed = self.args.seed * 1_000_003 + self.state.global_step * 1009 + self._onpolicy_rng.randrange(1009)
+            eos = eos_token_ids(student, tok)
+            seed = draw.randrange(2**31) + self.args.process_index  # each process samples its own prompts apart
             inputs, num_items_in_batch = onpolicy_inputs(
                 self.accelerator.unwrap_model(model), self._prepare_inputs(inputs), self.onpolicy,
                 pad_id=tok.pad_token_id, eos_ids=eos, seed=seed, scorer=self.scorer, hook=self.onpolicy_hook,
@@ -282,18 +316,23 @@ class DistillationTrainer(Trainer):
         super().log(logs, *args, **kwargs)
 
 
+def average_grads(module: torch.nn.Module, accelerator) -> None:
+    """Average `module`'s gradients over processes (the learned projections live outside the DDP/FSDP-wrapped
+    student, so nothing else syncs them)."""
+    if accelerator.num_processes > 1:
+        for param in module.parameters():
+            if param.grad is not None:
+                param.grad = accelerator.reduce(param.grad, reduction="mean")
+
+
 class AverageProjectionGrads(TrainerCallback):
-    """The learned hidden-state projections live outside the DDP/FSDP-wrapped student, so nothing syncs their
-    gradients: average them over processes before each optimizer step, as DDP does for the student's."""
+    """Under DeepSpeed (which clips inside its engine): average the projections' gradients before each step."""
 
     def __init__(self, projections: torch.nn.Module, accelerator):
         self.projections, self.accelerator = projections, accelerator
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        if self.accelerator.num_processes > 1:
-            for param in self.projections.parameters():
-                if param.grad is not None:
-                    param.grad = self.accelerator.reduce(param.grad, reduction="mean")
+        average_grads(self.projections, self.accelerator)
 
 
 PROJECTIONS_FILE = "projections.safetensors"  # beside the student's weights in every checkpoint-N
