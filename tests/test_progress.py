@@ -4,7 +4,6 @@ generate, train (the Trainer's tqdm bar off) and eval; no carriage-return redraw
 from __future__ import annotations
 
 import io
-import json
 
 import pytest
 from rich.console import Console
@@ -59,27 +58,27 @@ def test_interval_from_the_environment(monkeypatch):
 
 @pytest.fixture
 def run_cfg(tmp_path, teacher_dir, prompts_file):
-    held = tmp_path / "heldout.jsonl"
-    held.write_text("\n".join(json.dumps({"prompt": f"Q: {a} + {b}? A:", "answer": str(a + b)})
-                              for a, b in [(1, 2), (3, 4), (5, 6)]) + "\n")
-    return load_config({
-        "run_dir": str(tmp_path / "run"),
-        "teacher": {"model": str(teacher_dir)},
-        "generate": {"input": str(prompts_file), "max_new_tokens": 6, "top_k": 4, "batch_size": 2},
-        "students": [{"name": "small", "init": "config", "config": {"hidden_size": 32, "intermediate_size": 64,
-                                                                     "num_hidden_layers": 1}}],
-        "train": {"signal": "offline", "max_steps": 6, "per_device_train_batch_size": 4, "logging_steps": 3,
-                  "save_steps": 100, "losses": [{"name": "forward_kl"}], "threads": 1},
-        "eval": {"input": str(held), "max_new_tokens": 4, "latency_requests": 2, "batch_size": 2},
-    })
+    """generate 8 rows, train one small student 6 steps, eval on the same 8 prompts (their answers)."""
+    student = {"name": "small", "init": "config",
+               "config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1}}
+    return load_config({"run_dir": str(tmp_path / "run"), "teacher": {"model": str(teacher_dir)},
+                        "students": [student]}, [
+        f"generate.input={prompts_file}", "generate.max_new_tokens=6", "generate.top_k=4", "generate.batch_size=2",
+        "train.max_steps=6", "train.per_device_train_batch_size=4", "train.logging_steps=3", "train.save_steps=100",
+        "train.threads=1", f"eval.input={prompts_file}", "eval.max_new_tokens=4", "eval.latency_requests=1",
+        "eval.latency_passes=1", "eval.latency_new_tokens=2", "eval.measure_memory=false", "eval.batch_size=4"])
 
 
 def test_every_stage_prints_progress_lines_to_a_log(run_cfg, capsys, monkeypatch):
     """Output captured (not a terminal), interval 0: a line per update in generate, train and eval."""
-    from distill.pipeline import run
+    from distill.evaluation.evaluate import evaluate
+    from distill.teachers.generate import generate
+    from distill.training.train import train
 
     monkeypatch.setenv("DISTILL_PROGRESS_INTERVAL", "0")
-    run(run_cfg)
+    generate(run_cfg)
+    train(run_cfg)
+    evaluate(run_cfg)
     captured = capsys.readouterr()
     log = captured.out + captured.err
     assert "\r" not in log
@@ -87,12 +86,12 @@ def test_every_stage_prints_progress_lines_to_a_log(run_cfg, capsys, monkeypatch
     gen = [line for line in lines if line.startswith("[generate] ")]
     assert [line.split(" rows")[0] for line in gen] == [f"[generate] {i}/8" for i in range(1, 9)]
     assert all("tok/s" in line for line in gen)
-    train = [line for line in lines if line.startswith("[train small] ")]
-    assert [line.split(" | ")[0] for line in train][:2] == ["[train small] 1/6 steps (17%)",
-                                                            "[train small] 2/6 steps (33%)"]
-    assert train[-1].startswith("[train small] 6/6 steps (100%)") and "loss " in train[-1]
-    assert any(line.startswith("[eval teacher] 2/3 rows") for line in lines)
-    assert any(line.startswith("[eval small] 3/3 rows") for line in lines)
+    train_lines = [line for line in lines if line.startswith("[train small] ")]
+    assert [line.split(" | ")[0] for line in train_lines][:2] == ["[train small] 1/6 steps (17%)",
+                                                                  "[train small] 2/6 steps (33%)"]
+    assert train_lines[-1].startswith("[train small] 6/6 steps (100%)") and "loss " in train_lines[-1]
+    assert any(line.startswith("[eval teacher] 4/8 rows") for line in lines)
+    assert any(line.startswith("[eval small] 8/8 rows") for line in lines)
     assert any(line.startswith("eval small: done in") for line in lines)
 
 
