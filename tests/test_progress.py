@@ -111,3 +111,13 @@ def test_a_long_interval_keeps_the_log_to_first_and_last_lines(run_cfg, capsys, 
     train_lines = [line.split(" | ")[0] for line in log.splitlines() if line.startswith("[train small]")]
     assert train_lines == ["[train small] 1/6 steps (17%)", "[train small] 6/6 steps (100%)"]
     assert len(log) < 4000
+
+
+def test_a_terminal_gets_a_bar_not_lines():
+    out = io.StringIO()
+    console = Console(file=out, width=120, force_terminal=True)
+    with Progress("generate", total=4, console=console, interval=0.0) as p:
+        assert p.live
+        p.update(2, tokens=50, loss=0.25)
+    text = out.getvalue()
+    assert "generate" in text and "2/4" in text and "loss 0.25" in text and "[generate]" not in text
