@@ -350,7 +350,7 @@ def test_two_task_cot_student_is_asked_with_its_task_prefix(tmp_path, teacher_di
     real = ev_module.generate_batch
 
     def spy(model, tok, prompts, *args, label="", **kwargs):
-        seen.setdefault(label.split(":")[0], list(prompts))
+        seen.setdefault(label.removeprefix("eval "), list(prompts))  # label: "eval MODEL"
         return real(model, tok, prompts, *args, label=label, **kwargs)
 
     monkeypatch.setattr(ev_module, "generate_batch", spy)

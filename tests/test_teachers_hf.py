@@ -120,3 +120,46 @@ def test_generate_stage_on_a_saved_teacher(tmp_path, teacher_dir, prompts_file):
     before = {p.name: p.stat().st_mtime_ns for p in shard_files(path)}
     assert generate(cfg) == path  # a rerun finds every key done and writes nothing
     assert {p.name: p.stat().st_mtime_ns for p in shard_files(path)} == before
+
+
+def _forward_calls(teacher, **kw):
+    """Run a batch of 3 prompts; record (input width, cache class) of every model forward."""
+    calls = []
+    hook = teacher.model.register_forward_pre_hook(
+        lambda m, args, kwargs: calls.append((kwargs["input_ids"].shape[1], type(kwargs.get("cache")).__name__)),
+        with_kwargs=True)
+    try:
+        params = GenerateConfig(max_new_tokens=8, batch_size=3, **kw)
+        out = [c for _, c in teacher.generate(_prompts(teacher, PROMPTS[:3]), params)]
+    finally:
+        hook.remove()
+    return calls, out
+
+
+def test_topk_comes_from_the_generation_steps_without_a_second_forward(teacher):
+    """One forward per generated token, none over prompt + response afterwards (it was 40% of generate's time
+    on the demo teacher); the static KV cache on CPU (the dynamic one copies itself at every step)."""
+    calls, out = _forward_calls(teacher, top_k=4)
+    assert len(calls) == max(len(c.token_ids) for c in out) == 8
+    assert all(width == 1 for width, _ in calls[1:])  # decode steps only, after the prefill
+    assert {cache for _, cache in calls} == {"StaticCache"}
+    assert all(c.topk_ids.shape == (len(c.token_ids), 4) for c in out)
+
+
+def test_topk_falls_back_to_a_capture_pass_when_a_forward_returns_no_logits(teacher, monkeypatch):
+    from distill.teachers import hf
+
+    expected = _run(teacher, top_k=3)
+    monkeypatch.setattr(hf.StepCapture, "__call__", lambda self, m, a, o: setattr(self, "missing", True))
+    fallback = _run(teacher, top_k=3)
+    for a, b in zip(expected, fallback):
+        np.testing.assert_array_equal(a.topk_ids, b.topk_ids)
+        np.testing.assert_allclose(a.topk_logprobs, b.topk_logprobs, atol=1e-5)
+
+
+def test_dynamic_cache_when_the_static_one_would_not_fit(teacher, monkeypatch):
+    from distill.teachers import hf
+
+    monkeypatch.setattr(hf, "STATIC_CACHE_BYTES", 1024)
+    calls, _ = _forward_calls(teacher, top_k=2)
+    assert {cache for _, cache in calls} == {"DynamicCache"}

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import gc
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,7 @@ from distill.evaluation.metrics import (
 from distill.evaluation.peak_memory import measure_cpu
 from distill.evaluation.stats import speed_claim
 from distill.evaluation.verdict import provenance, verdict
+from distill.progress import duration, quiet_library_bars
 from distill.teachers.registry import backend_spec
 
 
@@ -134,6 +136,7 @@ def _evaluate(cfg: Config) -> dict[str, Any]:
 
     ev = cfg.eval
     console = Console(stderr=True)
+    quiet_library_bars(console)
     if not cfg.teacher.model:
         raise ConfigError("teacher.model: set the teacher to evaluate against")
     try:
@@ -155,7 +158,8 @@ def _evaluate(cfg: Config) -> dict[str, Any]:
 
     def run_model(name: str, path, trust: bool, teacher=None, cot=None):
         cuda_base = torch.cuda.memory_allocated(device) if device.startswith("cuda") else 0
-        console.print(f"[bold]eval[/] {name}: {path}")
+        began = time.perf_counter()
+        console.print(f"[bold]eval[/] {name}: {path}", highlight=False, soft_wrap=True)
         model, tok = load_for_eval(path, device, ev.dtype, trust)
         use_template = cfg.data.chat_template and bool(getattr(tok, "chat_template", None))
         prompts = [render_prompt(r, tok, cfg.data) for r in records]
@@ -168,9 +172,12 @@ def _evaluate(cfg: Config) -> dict[str, Any]:
             ev.max_new_tokens,
             ev.batch_size,
             add_special_tokens=not use_template,
-            label=f"{name}: generating",
+            label=f"eval {name}",
         )
         score, n_scored = score_outputs(metric, gen.texts, references)
+        scored = f"{ev.metric} {score:.4g} on {n_scored} prompts" if score is not None else "no references"
+        console.print(f"[bold]eval[/] {name}: {scored}; now {'fidelity, ' if teacher is not None else ''}latency, "
+                      "throughput, memory", highlight=False, soft_wrap=True)
         marks[name] = prompt_scores(metric, gen.texts, references)
         entry: dict[str, Any] = {
             "path": str(path),
@@ -208,6 +215,8 @@ def _evaluate(cfg: Config) -> dict[str, Any]:
                 "new_tokens": ev.latency_new_tokens,
                 "threads": cfg.train.threads,
             }
+        console.print(f"[bold]eval[/] {name}: done in {duration(time.perf_counter() - began)}", highlight=False,
+                      soft_wrap=True)
         return model, tok, gen, entry
 
     probes: dict[str, dict[str, Any]] = {}

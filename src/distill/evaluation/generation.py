@@ -104,20 +104,19 @@ def generate_batch(
 ) -> Generation:
     """Batched greedy generation with left padding; prompts are sorted by length so batches pad little, and
     results come back in the original order."""
-    from rich.progress import Progress
+    from distill.progress import Progress
 
     prompt_ids = encode_prompts(tokenizer, prompts, add_special_tokens)
     order = sorted(range(len(prompts)), key=lambda i: len(prompt_ids[i]))
     outputs: list[list[int]] = [[] for _ in prompts]
     eos = set(eos_token_ids(model, tokenizer))
-    with Progress(transient=True) as progress:
-        task = progress.add_task(label, total=len(prompts))
+    with Progress(label, total=len(prompts), transient=True) as progress:
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             for i, new in zip(
                 idx, generate_ids(model, tokenizer, [prompt_ids[i] for i in idx], max_new_tokens, False)
             ):
                 outputs[i] = cut_at_eos(new, eos)
-            progress.advance(task, len(idx))
+            progress.update(len(idx), tokens=sum(len(outputs[i]) for i in idx))
     texts = [tokenizer.decode(o, skip_special_tokens=True) for o in outputs]
     return Generation(texts=texts, prompt_ids=prompt_ids, output_ids=outputs)

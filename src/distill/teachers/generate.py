@@ -20,21 +20,12 @@ from collections import Counter
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    ProgressColumn,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
-from rich.text import Text
 
 from distill.config import Config, ConfigError, save_config
 from distill.data.cot import request_reasoning, split_completion
 from distill.data.prompts import Record, fit_prompt, load_records, render_prompt
 from distill.errors import disk_errors
+from distill.progress import Progress, quiet_library_bars
 from distill.store.integrity import RowError, StoreError
 from distill.store.shards import Store, row_key
 from distill.teachers import Completion, Prompt, TeacherError, build_teacher, teacher_identity
@@ -153,13 +144,6 @@ def store_row(prompt: Prompt, c: Completion, teacher: str) -> dict:
     }
 
 
-class TokensPerSecond(ProgressColumn):
-    def render(self, task) -> Text:
-        elapsed = task.elapsed or 0.0
-        rate = task.fields.get("tokens", 0) / elapsed if elapsed > 0 else 0.0
-        return Text(f"{rate:,.0f} tok/s", style="cyan")
-
-
 def _device_for(rank: int, world: int, config: Config) -> str | None:
     """One GPU per local rank when several workers share a machine and the device is 'auto'."""
     if world == 1 or config.teacher.device != "auto" or not backend_spec(config.teacher.backend).takes_device:
@@ -177,6 +161,7 @@ def generate(config: Config) -> Path:
     g = config.generate
     if not g.input:
         raise ConfigError("generate.input: not set; give a .jsonl/.json/.parquet/.csv file or hf:DATASET")
+    quiet_library_bars(console)
     rank, world = worker_shard(g.shard)
     worker = f"w{rank:03d}of{world:03d}"
     path = config.path(g.store)
@@ -206,13 +191,10 @@ def _run(config: Config, todo: list[Prompt], store: Store, identity: str, device
     """Generate `todo` into the store; returns why each row the store refused was left out."""
     teacher = _build(config, device, tokenizer)
     refused: list[str] = []
-    columns = (TextColumn("[bold]teacher"), BarColumn(), MofNCompleteColumn(), TextColumn("rows"),
-               TokensPerSecond(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
     rows = tokens = 0
     start = time.perf_counter()
     try:
-        with Progress(*columns, console=console, transient=False) as progress:
-            task = progress.add_task("generate", total=len(todo), tokens=0)
+        with Progress("generate", total=len(todo), console=console) as progress:
             for prompt, completion in teacher.generate(todo, config.generate):
                 if config.generate.reasoning:  # reasoning and answer go to separate columns
                     completion = split_completion(completion, config.generate.answer_marker)
@@ -224,7 +206,7 @@ def _run(config: Config, todo: list[Prompt], store: Store, identity: str, device
                     continue
                 rows += 1
                 tokens += completion.num_tokens()
-                progress.update(task, advance=1, tokens=tokens)
+                progress.update(tokens=completion.num_tokens())
     except KeyboardInterrupt:
         console.print(f"stopped: the {rows} rows finished in this run are kept in {store.path}; rerun to resume",
                       highlight=False, soft_wrap=True)

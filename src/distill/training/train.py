@@ -30,6 +30,7 @@ from distill.data.prompts import DataError, iter_rows, record_from_row, render_p
 from distill.errors import ConfigError, UserError, disk_error_message, disk_errors
 from distill.modeling import load_model, load_tokenizer_for
 from distill.preflight import TRACKER_PACKAGES, preflight
+from distill.progress import is_live, quiet_library_bars, trainer_callback
 from distill.students.build import build_student
 from distill.teachers.registry import backend_spec
 from distill.training.checkpoints import already_trained, finished, last_checkpoint, mark_complete
@@ -181,7 +182,7 @@ def _training_args(cfg: Config, out: Path, name: str):
         "remove_unused_columns": False,
         "use_cpu": not torch.cuda.is_available(),
         "dataloader_num_workers": 0,
-        "disable_tqdm": False,
+        "disable_tqdm": not is_live(),  # a log file gets distill.progress lines, not tqdm's redraws
     }
     if "warmup_ratio" in fields:
         kwargs["warmup_ratio"] = t.warmup_ratio
@@ -396,6 +397,7 @@ def train_student(cfg: Config, scfg: StudentConfig) -> Path:
     )
 
     cfg = cfg.for_student(scfg)  # per-student train overrides (e.g. a labels-only baseline next to a KD student)
+    quiet_library_bars()
     seed_everything(cfg.seed)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -436,6 +438,8 @@ def train_student(cfg: Config, scfg: StudentConfig) -> Path:
         cross_tokenizer=sides.cross,
     )
     trainer.add_callback(mark_complete())
+    if args.disable_tqdm:
+        trainer.add_callback(trainer_callback(f"train {scfg.name}"))
     result, resume, runtime = _fit(trainer, cfg, args.output_dir)
     with disk_errors(out, f"checkpoints already written in {args.output_dir} are kept"):
         _save_outputs(trainer, out, sides.tokenizer, cfg, scfg, info, examples, result, runtime, resume)
