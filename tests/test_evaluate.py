@@ -393,3 +393,13 @@ def test_verdict_and_provenance_in_results(evaluated):
     p = res["provenance"]
     assert p["teacher"] == cfg.teacher.model and p["eval_input"] == cfg.eval.input and p["seed"] == cfg.seed
     assert p["generation"] is None  # no store in this run
+
+
+def test_students_are_measured_as_the_teachers_speculative_draft(evaluated):
+    """`distill eval` reports each same-vocabulary student as a draft: acceptance, speedup, identical output."""
+    _, res = evaluated
+    same, small = res["students"]["same"]["speculative"], res["students"]["small"]["speculative"]
+    assert same["n_prompts"] == small["n_prompts"] == 6  # min(eval.speculative_prompts, prompts)
+    assert same["acceptance"] == 1.0 and same["identical"] == 6  # the teacher's own weights: all accepted
+    assert small["acceptance"] < 1.0 and small["identical"] == 6  # lossless whatever the draft proposes
+    assert small["speedup"] > 0 and small["draft_tokens_proposed"] > 0

@@ -84,6 +84,8 @@ def make_results(run_dir: Path) -> dict:
             latency_spread=0.05,
             latency_pass_p50_ms=[10.0, 10.2, 9.8],  # every pass pairing faster than the noisy teacher's
             groups={"1-step": {"n": 1, "score": 1.0}, "2-step": {"n": 1, "score": 0.5}},
+            speculative={"acceptance": 0.8125, "tokens_per_teacher_forward": 3.25, "speedup": 1.9, "identical": 8,
+                         "n_prompts": 8, "clock": "process CPU"},
         ),
         "baseline": _entry(
             0.3,
@@ -211,6 +213,10 @@ def test_markdown_table_and_samples(reported):
     assert "The answer is 5." in md
     assert "signal `none`, losses cross_entropy" in md  # per-student summary overrides the run config
     assert "signal `offline`, losses forward_kl" in md
+    assert ("As the teacher's speculative draft, **distilled** has 81% of its proposed tokens accepted (3.25 tokens "
+            "per teacher forward); teacher + draft: 1.90x the teacher's tokens per second") in md
+    assert "greedy output identical to the teacher's alone on 8/8 prompts" in md
+    assert "**baseline** has" not in md  # no draft figures, no line
 
 
 def test_html_is_self_contained_and_escaped(reported):

@@ -338,6 +338,10 @@ class EvalConfig(Section):
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N for every evaluated model")
     dtype: str = Field("auto", description="auto | float32 | bfloat16 | float16 for every evaluated model")
     samples: int = Field(5, ge=0, description="prompts whose outputs are kept in results.json and the report")
+    speculative_prompts: int = Field(
+        8, ge=0, description="held-out prompts on which each student (same vocabulary) drafts for the teacher "
+        "(speculative decoding: acceptance, speedup, identical greedy output); 0: off"
+    )
     group_field: str | None = Field(
         "group", description="eval-data field whose values group the error breakdown (e.g. 1-step / 2-step)"
     )

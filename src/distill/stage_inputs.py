@@ -54,7 +54,8 @@ _TAGGED = {
         train.cot.rationale_prefix train.cot.rationale_with_answer train.cot.inference""",
     "eval": """eval.input eval.limit eval.metric eval.answer_regex eval.max_new_tokens eval.batch_size
         eval.latency_requests eval.latency_passes eval.cost_per_hour eval.latency_new_tokens eval.measure_memory
-        eval.device eval.dtype eval.samples eval.group_field""",
+        eval.device eval.dtype eval.samples eval.group_field
+        eval.speculative_prompts""",
 }
 FIELD_STAGES: dict[str, frozenset[str]] = {
     name: frozenset(tags.split()) for tags, names in _TAGGED.items() for name in names.split()

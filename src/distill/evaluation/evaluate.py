@@ -44,6 +44,7 @@ from distill.evaluation.metrics import (
     score_outputs,
 )
 from distill.evaluation.peak_memory import measure_cpu
+from distill.evaluation.speculative import draft_check
 from distill.evaluation.stats import speed_claim
 from distill.evaluation.verdict import provenance, verdict
 from distill.progress import duration, quiet_library_bars
@@ -132,7 +133,7 @@ def _evaluate(cfg: Config) -> dict[str, Any]:
     import torch
     from rich.console import Console
 
-    from distill.modeling import resolve_device
+    from distill.modeling import eos_token_ids, resolve_device
 
     ev = cfg.eval
     console = Console(stderr=True)
@@ -191,6 +192,7 @@ def _evaluate(cfg: Config) -> dict[str, Any]:
             mismatch = vocabulary_mismatch(tok, t_tok)
             if mismatch is None:
                 entry.update(fidelity(model, t_model, t_gen, t_tok.pad_token_id, ev.batch_size))
+                entry["speculative"] = _as_draft(t_model, t_tok, model, t_gen.prompt_ids)
             else:
                 entry.update(
                     {
@@ -218,6 +220,15 @@ def _evaluate(cfg: Config) -> dict[str, Any]:
         console.print(f"[bold]eval[/] {name}: done in {duration(time.perf_counter() - began)}", highlight=False,
                       soft_wrap=True)
         return model, tok, gen, entry
+
+    def _as_draft(t_model, t_tok, model, prompt_ids) -> dict[str, Any] | None:
+        """The student as the teacher's speculative draft on the first eval.speculative_prompts prompts."""
+        if ev.speculative_prompts <= 0 or model.device != t_model.device:
+            return None
+        n = min(ev.speculative_prompts, len(prompt_ids))
+        console.print(f"[bold]eval[/] as the teacher's speculative draft on {n} prompts")
+        return draft_check(t_model, model, prompt_ids[:n], ev.max_new_tokens,
+                           eos_token_id=eos_token_ids(t_model, t_tok), pad_token_id=t_tok.pad_token_id)
 
     probes: dict[str, dict[str, Any]] = {}
     marks: dict[str, list[float | None]] = {}  # per-prompt metric of every model, for marks and the breakdown

@@ -251,7 +251,26 @@ def _method_lines(results: dict) -> list[str]:
         ),
         *api,
         *verdict_method_lines(results),
+        *_draft_lines(results),
     ]
+
+
+def _draft_lines(results: dict) -> list[str]:
+    """Each same-vocabulary student as the teacher's speculative-decoding draft (evaluation/speculative.py)."""
+    out = []
+    for name, entry in results["students"].items():
+        d = entry.get("speculative")
+        if not d or d.get("acceptance") is None:
+            continue
+        same = "identical" if d["identical"] == d["n_prompts"] else "**not identical**"
+        speed = f"{d['speedup']:.2f}x the teacher's tokens per second" if d.get("speedup") else "speed unknown"
+        out.append(
+            f"As the teacher's speculative draft, **{name}** has {d['acceptance']:.0%} of its proposed tokens "
+            f"accepted ({d['tokens_per_teacher_forward']:.2f} tokens per teacher forward); teacher + draft: {speed} "
+            f"({d['clock']} time, {d['n_prompts']} prompts, batch 1), greedy output {same} to the teacher's "
+            f"alone on {d['identical']}/{d['n_prompts']} prompts."
+        )
+    return out
 
 
 def _failure_sections(results: dict) -> list[tuple[str, str, list]]:
