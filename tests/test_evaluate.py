@@ -367,3 +367,29 @@ def test_math_tutor_heldout_rows_carry_their_group(tmp_path):
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     assert [r["group"] for r in rows] == [f"{len(p.steps)}-step" for p in problems]
     assert {r["group"] for r in rows} == {"1-step", "2-step"}
+
+
+def test_verdict_and_provenance_in_results(evaluated):
+    """results.json carries the verdict (teacher vs majority baseline, per student intervals, paired test,
+    collapse check, speed claim) and names teacher, data and seed."""
+    from collections import Counter
+
+    cfg, res = evaluated
+    v = res["verdict"]
+    refs = [json.loads(line)["reference"] for line in (Path(cfg.run_dir) / "eval" / "outputs.jsonl").open()]
+    baseline = Counter(r.strip() for r in refs).most_common(1)[0][1] / 6
+    assert v["teacher"]["score"] == pytest.approx(2 / 6) and v["teacher"]["majority_baseline"] == pytest.approx(baseline)
+    same = v["students"]["same"]  # the teacher's own weights: identical on every prompt
+    assert same["ci"]["n"] == 6 and same["ci"]["seed"] == cfg.seed
+    assert same["ci"]["percent_of_teacher"] == pytest.approx([100.0, 100.0])
+    assert same["test"]["p_value"] == 1.0 and same["test"]["test"] == "exact McNemar"
+    assert same["precision"] is None and not same["collapse"]["collapsed"]
+    assert same["collapse"]["total_variation"] == 0.0
+    small = v["students"]["small"]
+    assert small["speed"]["claim"] in ("faster", "slower", "none") and small["speed"]["text"]
+    assert set(small["collapse"]) >= {"most_common_share", "distinct_ratio", "total_variation", "reasons"}
+    assert res["disagreement_counts"]["same"] == 0
+    assert res["disagreement_counts"]["small"] >= len(res["disagreements"]["small"])
+    p = res["provenance"]
+    assert p["teacher"] == cfg.teacher.model and p["eval_input"] == cfg.eval.input and p["seed"] == cfg.seed
+    assert p["generation"] is None  # no store in this run

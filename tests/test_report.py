@@ -42,11 +42,32 @@ def _entry(score, params, p50, **kw):
     return base
 
 
+def make_verdict() -> dict:
+    """results['verdict'] as `distill eval` stores it, over 20 prompts: the teacher right on 18; 'distilled'
+    right on 16 with the teacher's spread of answers; 'baseline' answers '3' on 16 prompts (collapsed)."""
+    from distill.evaluation.stats import teacher_check
+    from distill.evaluation.verdict import student_verdict
+
+    teacher = [1.0] * 18 + [0.0] * 2
+    texts = [f"The answer is {i % 7}." for i in range(20)]
+    distilled = [1.0] * 15 + [0.0] * 3 + [1.0, 0.0]
+    baseline = [1.0] * 6 + [0.0] * 14
+    return {
+        "level": 0.95, "seed": 7, "precision_points": 5.0,
+        "teacher": teacher_check(0.9, 0.15, 20),
+        "students": {
+            "distilled": student_verdict(distilled, teacher, texts, texts, r"answer is (\d+)", 7),
+            "baseline": student_verdict(baseline, teacher, ["The answer is 3."] * 16 + texts[:4], texts,
+                                        r"answer is (\d+)", 7),
+        },
+    }
+
+
 def make_results(run_dir: Path) -> dict:
     """A results.json as `distill eval` writes it (teacher + two students), and the students' logs."""
     groups = {"1-step": {"n": 1, "score": 1.0}, "2-step": {"n": 1, "score": 0.0}}
     teacher = _entry(0.9, 12_000_000, 50.0, path="org/teacher-model", latency_noisy=True, latency_spread=0.4,
-                     groups=groups)
+                     groups=groups, latency_pass_p50_ms=[50.0, 30.0, 70.0])
     students = {
         "distilled": _entry(
             0.81,
@@ -61,6 +82,7 @@ def make_results(run_dir: Path) -> dict:
             answer_agreement=0.64,
             speedup_noisy=True,
             latency_spread=0.05,
+            latency_pass_p50_ms=[10.0, 10.2, 9.8],  # every pass pairing faster than the noisy teacher's
             groups={"1-step": {"n": 1, "score": 1.0}, "2-step": {"n": 1, "score": 0.5}},
         ),
         "baseline": _entry(
@@ -73,12 +95,13 @@ def make_results(run_dir: Path) -> dict:
             speedup=5.0,
             size_ratio=10.0,
             fidelity_note="a note <b>escaped</b>",
+            latency_pass_p50_ms=[10.0, 60.0, 9.0],  # one slow pass: the ratio straddles 1, no claim
         ),
     }
     results = {
         "metric": "exact_match",
-        "n_prompts": 4,
-        "n_with_reference": 4,
+        "n_prompts": 20,
+        "n_with_reference": 20,
         "eval_input": "eval.jsonl",
         "device": "cpu",
         "dtype": "auto",
@@ -106,6 +129,12 @@ def make_results(run_dir: Path) -> dict:
         ],
     }
     results["disagreements"] = {"distilled": [results["samples"][1]], "baseline": results["samples"]}
+    results["disagreement_counts"] = {"distilled": 1, "baseline": 9}  # all of them; the lists hold those shown
+    results["verdict"] = make_verdict()
+    results["provenance"] = {"teacher": "org/teacher-model", "teacher_backend": "hf", "eval_input": "eval.jsonl",
+                             "train_input": "prompts.jsonl", "seed": 7, "generate_seed": 0,
+                             "generation": {"store": "teacher", "rows": 1000, "tokens": 45_000, "seconds": 87.5,
+                                            "api": False}}
     (run_dir / "eval").mkdir(parents=True)
     (run_dir / "eval" / "results.json").write_text(json.dumps(results))
     for name in students:
@@ -276,7 +305,11 @@ def test_noisy_latency_is_flagged(reported):
     p50 = 1 + [key for _, key, _ in COLUMNS].index("latency_ms_p50")
     assert rows["teacher"][p50] == "50.0 (noisy)" and rows["distilled"][p50] == "10.0"
     md = (out / "report.md").read_text()
-    assert "5.00x faster at batch 1 (p50) (noisy: the latency passes disagree" in md
+    assert "5.00x faster at batch 1 (p50; passes 2.94-7.14x)" in md  # the noisy teacher is still slower every time
+    baseline = next(line for line in md.splitlines() if line.startswith("- **baseline**: keeps"))
+    assert "no measurable latency difference" in baseline and "faster" not in baseline
+    speedup = 1 + [key for _, key, _ in COLUMNS].index("speedup")
+    assert rows["distilled"][speedup] == "5.00x" and rows["baseline"][speedup] == "5.00x (n.s.)"
     assert "gives the teacher's answer on 64.0% of prompts (token agreement 0.875)" in md
 
 
@@ -304,7 +337,8 @@ def test_disagreement_section_lists_each_students_prompts(reported):
     _, out, _ = reported
     md = (out / "report.md").read_text()
     section = md.split("## Where the students and the teacher disagree")[1].split("\n## ")[0]
-    assert section.count("### distilled, 1 of 1 shown") == 1 and "### baseline, 2 of 2 shown" in section
+    assert section.count("### distilled: example 1 of 1 shown (1 of 20 prompts disagree)") == 1
+    assert "### baseline: example 2 of 2 shown (9 of 20 prompts disagree)" in section  # the total, not those shown
     assert "9 - 4 = 5. 5 + 2 = 7. The answer is 7." in section
     assert "**distilled ✓ correct**" in section and "**teacher ✗ wrong**" in section
 
@@ -368,3 +402,69 @@ def test_held_out_loss_and_tokens_seen_from_training(tmp_path, teacher_dir):
     assert summary["global_steps"] == 4 and summary["examples"] == 12
     assert summary["epochs"] == pytest.approx(4 * 4 / 12, abs=0.01)
     assert summary["tokens_seen"] > 4 * 4 * 5  # at least five real tokens per example
+
+
+def test_verdict_section_comes_first_with_warnings_intervals_and_provenance(reported):
+    """The verdict opens the report: teacher, data, seed and generation cost named; the collapsed student
+    flagged; intervals, the paired test and the precision warning per student; break-even."""
+    _, out, _ = reported
+    md = (out / "report.md").read_text()
+    verdict = md.split("## Verdict")[1].split("\n## ")[0]
+    assert md.index("## Verdict") < md.index("## Teacher vs students")
+    assert ("Teacher `org/teacher-model` (hf backend); held-out data `eval.jsonl` (20 prompts); training prompts "
+            "`prompts.jsonl`; seed 7; generation: 1,000 rows, 45,000 teacher tokens in 88 s.") in verdict
+    assert "scores 0.900 vs 0.150 for always giving the most common reference answer" in verdict
+    assert "⚠ **baseline collapsed**: gives '3' on 85% of prompts" in verdict  # 16 + texts[3]
+    assert "distilled collapsed" not in verdict
+    line = next(x for x in verdict.splitlines() if x.startswith("- **distilled**: exact_match"))
+    assert "90.0% of the teacher (95% CI " in line and "exact McNemar vs the teacher" in line
+    assert "p = 0.625: no significant difference" in line  # b = 1, c = 3: 2 * 5/16
+    assert "Too few prompts for this precision" in line
+    assert "**baseline**: exact_match 0.300" in verdict and "student worse" in verdict
+    # $1/hour x (12.5 s training + 87.5 s generation) / ($13.8889 - $2.7778 per M tokens) = 2.5k tokens
+    assert "**distilled** pays for itself after 2.5k served tokens" in verdict
+    html = (out / "report.html").read_text()
+    assert "<h2>Verdict</h2>" in html and "⚠ <b>baseline collapsed</b>" in html
+
+
+def test_a_teacher_that_cannot_do_the_task_is_flagged_in_report_and_card(tmp_path):
+    from distill.evaluation.stats import teacher_check
+
+    run_dir = tmp_path / "run"
+    results = make_results(run_dir)
+    results["verdict"]["teacher"] = teacher_check(0.0, 0.15, 20)
+    (run_dir / "eval" / "results.json").write_text(json.dumps(results))
+    report(load_config({"run_dir": str(run_dir), "students": [{"name": "distilled"}, {"name": "baseline"}]}))
+    md = (run_dir / "report" / "report.md").read_text()
+    assert "⚠ **The teacher cannot do this task on your data**: the teacher scores 0.000 on 20 prompts" in md
+    card = (run_dir / "students" / "distilled" / "README.md").read_text()
+    assert "The teacher cannot do this task on your data" in card.split("## Training")[0]
+
+
+def test_model_card_names_teacher_data_seed_and_claims_no_noisy_speedup(reported):
+    run_dir, _, _ = reported
+    card = (run_dir / "students" / "baseline" / "README.md").read_text()
+    assert "Teacher `org/teacher-model`" in card and "held-out data `eval.jsonl`" in card and "seed 7" in card
+    assert "| Speedup | — | no measurable difference |" in card  # a 5.00x from passes that straddle 1
+    assert "5.00x" not in card
+    assert "⚠ **baseline collapsed**" in card.split("## Training")[0]  # prominent: before the details
+    assert "(95% CI " in card
+    distilled = (run_dir / "students" / "distilled" / "README.md").read_text()
+    assert "| Speedup | — | 5.00x faster |" in distilled
+
+
+def test_results_from_an_older_eval_still_render(tmp_path):
+    """results.json without verdict, provenance, pass timings or disagreement totals: the report is written,
+    the speed is not claimed and the lines that need the missing figures are left out."""
+    run_dir = tmp_path / "run"
+    results = make_results(run_dir)
+    for key in ("verdict", "provenance", "disagreement_counts"):
+        del results[key]
+    for entry in (results["teacher"], *results["students"].values()):
+        entry.pop("latency_pass_p50_ms", None)
+    (run_dir / "eval" / "results.json").write_text(json.dumps(results))
+    out = report(load_config({"run_dir": str(run_dir), "students": [{"name": "distilled"}, {"name": "baseline"}]}))
+    md = (out / "report.md").read_text()
+    assert "Teacher `org/teacher-model`; held-out data `eval.jsonl` (20 prompts); seed not recorded." in md
+    assert "5.00x faster" not in md and "latency not measured" in md
+    assert "### baseline: example 1 of 2 shown" in md

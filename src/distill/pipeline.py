@@ -175,6 +175,18 @@ def _run_stage(log: StageLog, name: str, fp: str, work: Callable[[], Any], force
     return True
 
 
+def warn_if_teacher_fails(cfg: Config) -> dict | None:
+    """Before any student trains: the teacher's outputs in the store scored against the rows' references
+    (eval.metric); a teacher no better than the majority answer is flagged here, not after hours of training."""
+    from distill.evaluation.verdict import check_teacher_store
+
+    check = check_teacher_store(cfg)
+    if check is not None and check["flagged"]:
+        console.print(f"[bold red]warning:[/] {check['reason']} (its store outputs against the references of "
+                      f"{check['n']} rows); a student can only copy it", highlight=False, soft_wrap=True)
+    return check
+
+
 def _train(cfg: Config, s, train_student) -> None:
     """Train one student because the pipeline decided it must run: its old summary goes, so training's own
     "already trained" shortcut does not skip it (a finished checkpoint is reloaded, not stepped again)."""
@@ -206,6 +218,7 @@ def run(config: Config | str | Path | dict, overrides: list[str] | None = None, 
     if "generate" in fps:
         ran = _run_stage(log, "generate", fps["generate"], lambda: generate(cfg), force, outs("generate"))
         outcome["generate"] = "ran" if ran else "skipped"
+        warn_if_teacher_fails(cfg)
 
     for s in cfg.all_students():
         name = f"train:{s.name}"

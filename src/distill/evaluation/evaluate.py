@@ -43,6 +43,8 @@ from distill.evaluation.metrics import (
     score_outputs,
 )
 from distill.evaluation.peak_memory import measure_cpu
+from distill.evaluation.stats import speed_claim
+from distill.evaluation.verdict import provenance, verdict
 from distill.teachers.registry import backend_spec
 
 
@@ -85,6 +87,29 @@ def _release_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def _add_verdict(cfg: Config, results: dict[str, Any], marks: dict[str, list[float | None]], teacher_texts: list[str],
+                 outputs: dict[str, list[str]], references: list[str | None], metric) -> None:
+    """results['verdict'] (intervals, paired test, precision, collapse, teacher check, speed claim per student)
+    and results['provenance'] (teacher, data, seeds, generation cost)."""
+    results["verdict"] = verdict(cfg, marks, teacher_texts, outputs, references, metric)
+    t = results["teacher"]
+    for name, entry in results["students"].items():
+        results["verdict"]["students"][name]["speed"] = speed_claim(
+            t.get("latency_pass_p50_ms"), entry.get("latency_pass_p50_ms"), entry.get("speedup")
+        )
+    results["provenance"] = provenance(cfg)
+
+
+def _warn_verdict(console, results: dict[str, Any]) -> None:
+    """The verdict's alarms on the console too: a teacher that cannot do the task, a collapsed student."""
+    v = results["verdict"]
+    if v["teacher"]["flagged"]:
+        console.print(f"[bold red]warning:[/] {v['teacher']['reason']}", highlight=False, soft_wrap=True)
+    for name, s in v["students"].items():
+        for reason in s["collapse"]["reasons"]:
+            console.print(f"[bold red]warning:[/] student {name} collapsed: {reason}", highlight=False, soft_wrap=True)
 
 
 def evaluate(config: Config | str | Path, overrides: list[str] | None = None) -> dict[str, Any]:
@@ -247,10 +272,11 @@ def _evaluate(cfg: Config) -> dict[str, Any]:
 
     results["group_field"] = ev.group_field if any(g is not None for g in groups) else None
     results["samples"] = [row(i) for i in range(min(ev.samples, len(records)))]
-    results["disagreements"] = {
-        name: [row(i) for i in disagreements(texts, teacher_texts, answer_regex)[: ev.samples]]
-        for name, texts in outputs.items()
-    }
+    found = {name: disagreements(texts, teacher_texts, answer_regex) for name, texts in outputs.items()}
+    results["disagreements"] = {name: [row(i) for i in idx[: ev.samples]] for name, idx in found.items()}
+    results["disagreement_counts"] = {name: len(idx) for name, idx in found.items()}  # all, not only those shown
+    _add_verdict(cfg, results, marks, teacher_texts, outputs, references, metric)
+    _warn_verdict(console, results)
     out_dir = Path(cfg.run_dir) / "eval"
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))

@@ -61,3 +61,10 @@ def disagreement_answers(row: dict, student: str) -> list[tuple[str, str]]:
     """(label, text) of the reference, the teacher and this one student for one disagreement."""
     one = {**row, "students": {student: row["students"][student]}}
     return labelled_answers(one)
+
+
+def disagreement_heading(name: str, k: int, shown: int, total: int | None, n_prompts: int) -> str:
+    """'distilled: example 1 of 5 shown (37 of 50 prompts disagree)': the shown count and the true total
+    apart, so '1 of 5' is never read as 'one disagreement in five prompts'."""
+    where = f" ({total} of {n_prompts} prompts disagree)" if total is not None else ""
+    return f"{name}: example {k} of {shown} shown{where}"

@@ -6,6 +6,7 @@ Each function returns the PNG path it wrote, or None when there is no data for i
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 
@@ -33,6 +34,41 @@ def _figure(width: float = 6.0, height: float = 4.0):
     return Figure(figsize=(width, height), dpi=100, layout="constrained")
 
 
+def compact_number(value: float) -> str:
+    """2000000 -> '2M', 20000 -> '20k', 0.3 -> '0.3': short tick labels."""
+    for unit, div in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= div:
+            return f"{value / div:g}{unit}"
+    return f"{value:.3g}"
+
+
+MAX_LOG_LABELS = 8
+
+
+def log_ticks(ax, which: str) -> None:
+    """Labels on a log axis that cannot collide: powers of 10 over a wide range, 1-2-5 over one or two
+    decades, every digit only within a fraction of a decade (at least 3 labels when the range allows); minor
+    ticks are marked but never labelled (matplotlib labels them on short ranges: '0.9' ran into '1').
+    Call after the data and margins are set: the ticks are fixed for the axis limits then."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullFormatter
+
+    axis = ax.yaxis if which == "y" else ax.xaxis
+    lo, hi = sorted(ax.get_ylim() if which == "y" else ax.get_xlim())
+    if lo <= 0:
+        return
+    decades = range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)
+    ticks: list[float] = []
+    for subs in ((1,), (1, 2, 5), tuple(range(1, 10))):
+        ticks = [m * 10.0**e for e in decades for m in subs if lo <= m * 10.0**e * (1 + 1e-9) and m * 10.0**e <= hi]
+        if len(ticks) >= 3:
+            break
+    ticks = ticks[:: math.ceil(len(ticks) / MAX_LOG_LABELS)] if ticks else ticks
+    axis.set_major_locator(FixedLocator(ticks))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: compact_number(v)))
+    axis.set_minor_locator(LogLocator(subs="auto"))
+    axis.set_minor_formatter(NullFormatter())
+
+
 def _log_values(log: list[dict], key: str) -> tuple[list[float], list[float]]:
     pairs = [(e["step"], float(e[key])) for e in log if "step" in e and isinstance(e.get(key), (int, float))]
     return [p[0] for p in pairs], [p[1] for p in pairs]
@@ -58,11 +94,8 @@ def loss_figure(logs: dict[str, list[dict]]):
             else:
                 ax.plot(steps, values, "--", linewidth=1, label=key + final)
         if all(v > 0 for _, vs in series.values() for v in vs):
-            from matplotlib.ticker import FormatStrFormatter
-
             ax.set_yscale("log")
-            ax.yaxis.set_major_formatter(FormatStrFormatter("%.2g"))
-            ax.yaxis.set_minor_formatter(FormatStrFormatter("%.2g"))
+            log_ticks(ax, "y")
         ax.set_title(f"{name}: losses")
         ax.set_xlabel("step")
         ax.set_ylabel("loss (log)")
@@ -140,6 +173,7 @@ def plot_scatter(results: dict, x_key: str, x_label: str, path: Path) -> Path | 
         )
     ax.set_xscale("log")
     ax.margins(0.15)
+    log_ticks(ax, "x")
     ax.set_xlabel(x_label)
     ax.set_ylabel(results["metric"])
     ax.set_title(f"score vs {x_label.split(' (')[0]}")

@@ -17,8 +17,24 @@ from typing import Any
 import yaml
 
 from distill.config import STUDENT_CONFIG_FILE, Config, load_config
-from distill.reporting.failures import breakdown_table, disagreement_answers, disagreements, labelled_answers
+from distill.reporting.failures import (
+    breakdown_table,
+    disagreement_answers,
+    disagreement_heading,
+    disagreements,
+    labelled_answers,
+)
 from distill.reporting.plots import loss_series, make_plots
+from distill.reporting.verdict import (
+    collapse_lines,
+    confidence_line,
+    provenance_line,
+    speed_cell,
+    speed_text,
+    teacher_line,
+    verdict_lines,
+    verdict_method_lines,
+)
 
 __all__ = ["COLUMNS", "loss_series", "make_plots", "report", "table_rows"]  # loss_series: moved to plots
 
@@ -75,6 +91,8 @@ def table_rows(results: dict) -> list[list[str]]:
             cell = _fmt(entry.get(key), kind)
             if key == "latency_ms_p50" and entry.get("latency_noisy"):
                 cell += " (noisy)"  # the passes disagreed or the tail is long: a busy machine, not the model
+            if key == "speedup" and entry.get(key) and speed_cell(results, name) == "no measurable difference":
+                cell += " (n.s.)"  # the passes straddle 1: a measurement, not a claim
             row.append(cell)
         rows.append(row)
     return rows
@@ -192,9 +210,8 @@ def _summary_lines(results: dict) -> list[str]:
         if s.get("answer_agreement") is not None:
             token = f" (token agreement {s['agreement']:.3f})" if s.get("agreement") is not None else ""
             bits.append(f"gives the teacher's answer on {100 * s['answer_agreement']:.1f}% of prompts{token}")
-        if s.get("speedup"):
-            noisy = " (noisy: the latency passes disagree, rerun on an idle machine)" if s.get("speedup_noisy") else ""
-            bits.append(f"{s['speedup']:.2f}x faster at batch 1 (p50){noisy}")
+        if s.get("speedup"):  # a ratio only when the timed passes agree on its side of 1 (never a noisy 0.82x)
+            bits.append(speed_text(results, name))
         if s.get("cost_per_million_tokens") is not None and t.get("cost_per_million_tokens"):
             bits.append(
                 f"${s['cost_per_million_tokens']:.4f} vs ${t['cost_per_million_tokens']:.4f} per M tokens"
@@ -226,11 +243,13 @@ def _method_lines(results: dict) -> list[str]:
         (
             f"Latency: batch 1, {local['latency_new_tokens']} new tokens per request, "
             f"{len(local.get('latency_pass_p50_ms') or [0])} timed passes; p50 spread: (max - min) / median of "
-            "the passes' p50s, '(noisy)' above 15% or when p95 > 3x p50; tokens/s at batch "
+            "the passes' p50s, '(noisy)' above 15% or when p95 > 3x p50; a speedup marked '(n.s.)' is not "
+            "significant (the passes straddle 1); tokens/s at batch "
             f"{local['throughput_batch_size']}; $/M tokens at ${results['cost_per_hour']}/hour. "
             f"Memory: {local['memory_method']}."
         ),
         *api,
+        *verdict_method_lines(results),
     ]
 
 
@@ -244,12 +263,13 @@ def _failure_sections(results: dict) -> list[tuple[str, str, list]]:
     found = disagreements(results)
     if found:
         items = []
+        totals = results.get("disagreement_counts") or {}
         for name, rows in found.items():
             if not rows:
                 items.append((f"{name}: gives the teacher's answer on every prompt", []))
             for k, row in enumerate(rows, 1):
-                items.append((f"{name}, {k} of {len(rows)} shown", [("prompt", row["prompt"]),
-                                                                     *disagreement_answers(row, name)]))
+                items.append((disagreement_heading(name, k, len(rows), totals.get(name), results["n_prompts"]),
+                              [("prompt", row["prompt"]), *disagreement_answers(row, name)]))
         blocks.append(("answers", "Where the students and the teacher disagree", items))
     samples = [
         (f"Sample {i}", [("prompt", s["prompt"]), *labelled_answers(s)])
@@ -263,6 +283,12 @@ def render_markdown(results: dict, plots: dict[str, Path], details: dict[str, di
     header = ["Model", *(c[0] for c in COLUMNS)]
     out = [
         "# Distillation report",
+        "",
+        "## Verdict",
+        "",
+        *(f"- {line}" for line in verdict_lines(results, details)),
+        "",
+        "## Summary",
         "",
         *(f"- {line}" for line in _summary_lines(results)),
         "",
@@ -323,7 +349,9 @@ def render_html(results: dict, plots: dict[str, Path], details: dict[str, dict])
     e = html.escape
     head = f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>Distillation report</title><style>{CSS}"
     head += "</style>"
-    parts = [head + "</head><body><h1>Distillation report</h1>"]
+    parts = [head + "</head><body><h1>Distillation report</h1><h2>Verdict</h2><ul>"]
+    parts += [f"<li>{_inline(line)}</li>" for line in verdict_lines(results, details)]
+    parts.append("</ul><h2>Summary</h2>")
     parts += [f"<p>{_inline(line)}</p>" for line in _summary_lines(results)]
     header = ["Model", *(c[0] for c in COLUMNS)]
     parts += [f"<h2>Teacher vs students</h2>{_html_table(header, table_rows(results))}<ul>"]
@@ -362,7 +390,8 @@ def model_card(name: str, student_dir: Path, results: dict, details: dict, log: 
     from distill.reporting.card import dataset_ids, student_card
 
     s, t = results["students"][name], results["teacher"]
-    rows = [[label, _fmt(t.get(key), kind), _fmt(s.get(key), kind)] for label, key, kind in COLUMNS]
+    rows = [[label, _fmt(t.get(key), kind), speed_cell(results, name) if key == "speedup" else _fmt(s.get(key), kind)]
+            for label, key, kind in COLUMNS]  # a speedup only where the timed passes support it
     method = [
         f"- Student init: `{details['init'] or 'unknown'}`; teacher signal: `{details['signal'] or 'unknown'}`",
         f"- Losses: {_losses_text(details['losses'])}",
@@ -381,10 +410,13 @@ def model_card(name: str, student_dir: Path, results: dict, details: dict, log: 
         f"{_fmt(s.get('params'), 'count')} parameters ({_fmt(s.get('size_ratio'), 'x')} fewer than the teacher's "
         f"{_fmt(t.get('params'), 'count')})."
     )
-    setup = (
-        f"{results['n_prompts']} held-out prompts from `{results['eval_input']}`, metric `{results['metric']}`, "
-        f"device {results['device']}."
-    )
+    teacher = teacher_line(results)
+    warnings = [*([teacher] if teacher and teacher.startswith("⚠") else []), *collapse_lines(results, name)]
+    intro = "\n\n".join([intro, *warnings])
+    setup = "\n\n".join(x for x in (
+        f"Metric `{results['metric']}`, device {results['device']}. {provenance_line(results)}",
+        confidence_line(results, name),
+    ) if x)
     inputs = [cfg.generate.input, cfg.train.input, cfg.eval.input] if cfg is not None else []
     return student_card(name, student_dir, results, intro=intro, method=method, setup=setup,
                         eval_table=_md_table(["", "teacher", name], rows),
