@@ -344,9 +344,18 @@ def choose_shape(teacher_config, cfg: StudentConfig) -> Shape:
         check_student_shape(teacher_config, shape)
         return shape
     raise ValueError(
-        f"student.target_params={cfg.target_params}: even the narrowest student ({_scaled(t, fixed, 0.0, 1)}) is "
-        "larger; raise the target or give smaller sizes in student.config"
+        f"student.target_params={cfg.target_params}: even the narrowest student ({narrowest_shape(teacher_config, cfg)}) "
+        "is larger; raise the target or give smaller sizes in student.config"
     )
+
+
+def narrowest_shape(teacher_config, cfg: StudentConfig) -> Shape:
+    """The smallest shape `choose_shape` can reach with the sizes given in student.config: every other width at
+    its floor (one key/value group, 8 channels) and one layer unless a depth is given. Its parameters bound the
+    largest compression a target can ask for (the embeddings alone are often most of it)."""
+    t = teacher_shape(teacher_config)
+    fixed = _fixed_sizes(t, cfg)
+    return _scaled(t, fixed, 0.0, fixed.get("num_hidden_layers", 1))
 
 
 # ---------------------------------------------------------------- cutting the weights
