@@ -27,10 +27,10 @@ DEFAULT_SIZES = (3.0, 10.0, 30.0, 100.0)
 DEFAULT_THRESHOLD = 0.9
 SWEEP_DIR = "sweep"
 INITS = ("config", "minitron")
-AXES = {  # x axis of the frontier / plot: results key -> label
-    "params": "parameters",
-    "latency_ms_p50": "p50 latency, ms",
-    "cost_per_million_tokens": "$ per M tokens",
+AXES = {  # x axis of a frontier (results key) -> its short name in sweep.md
+    "params": "size",
+    "latency_ms_p50": "latency",
+    "cost_per_million_tokens": "cost",
 }
 
 
@@ -263,19 +263,19 @@ def sweep_markdown(summary: dict[str, Any]) -> str:
     """sweep.md: the recommendation, warnings, the table (frontier models marked) and the plot."""
     rows, rec = summary["rows"], summary["recommendation"]
     lines = [f"# Which student to ship: {len(rows) - 1} sizes, init `{summary['init']}`", "",
-             f"**Recommendation** (threshold {100 * rec['threshold']:.0f}% of the teacher's {summary['metric']}, "
+             f"**Recommendation** (threshold {100 * rec['threshold']:.0f}% of the teacher's "
+             f"{summary['metric'].rpartition(':')[2]}, "
              f"95% lower bound): {rec['text']}.", ""]
     lines += [f"⚠ {w}." for w in summary["warnings"]] + ([""] if summary["warnings"] else [])
     on_front = {n for names in summary["frontier"].values() for n in names}
     lines += ["| model | size | shape (layers × hidden, heads/kv, mlp) | params | score [95% CI] | % of teacher "
-              "[95% CI] | p50 latency ms | $/M tokens | frontier |", "|" + "---|" * 9]
+              "[95% CI] | p50 latency ms | $/M tokens | on the frontier of |", "|" + "---|" * 9]
     for r in rows:
         sh = r.get("shape")
         shape = "teacher" if not sh else (f"{sh['num_hidden_layers']} × {sh['hidden_size']}, "
                                           f"{sh['num_attention_heads']}/{sh['num_key_value_heads']}, "
                                           f"{sh['intermediate_size']}")
-        marks = ", ".join(AXES[k].split(",")[0].split(" per")[0] for k, names in summary["frontier"].items()
-                          if r["name"] in names)
+        marks = ", ".join(AXES[k] for k, names in summary["frontier"].items() if r["name"] in names)
         name = f"**{r['name']}**" if r["name"] == rec["recommended"] else r["name"]
         size = "1x" if r["teacher"] else f"{r['size']:g}x"
         lines.append(
