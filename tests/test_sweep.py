@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -15,6 +16,7 @@ from distill.config import StudentConfig, load_config
 from distill.errors import ConfigError
 from distill.modeling import count_parameters
 from distill.students.build import config_student
+from distill.students.minitron import choose_shape
 from distill.sweep import ladder_students, pareto_frontier, parse_sizes, plan_ladder, recommend
 
 
@@ -44,10 +46,12 @@ def test_each_size_gets_a_valid_shape_near_its_target(tiny_config, init):
         assert r.shape["hidden_size"] % r.shape["num_attention_heads"] == 0
     students = ladder_students(StudentConfig(train={"max_steps": 3}), rungs, init, tiny_config)
     assert all(s.init == init and s.train == {"max_steps": 3} for s in students)
-    if init == "config":  # the fresh student really is that size, with the teacher's head_dim (16, even)
-        for s, r in zip(students, rungs):
+    for s, r in zip(students, rungs):
+        if init == "config":  # the fresh student really is that size, with the teacher's head_dim (16, even)
             built = config_student(s, copy.deepcopy(tiny_config))
             assert built.head_dim == 16 and _built_params(tiny_config, s) == r.params
+        else:  # minitron cuts exactly the planned shape
+            assert dataclasses.asdict(choose_shape(tiny_config, s)) == r.shape
 
 
 def test_real_model_shapes_keep_heads_and_the_impossible_size_says_what_is_reachable():

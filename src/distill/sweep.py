@@ -249,6 +249,11 @@ def precision_warning(rows: list[dict[str, Any]]) -> str | None:
             f"±{worst['limit']:.0f} (eval.input)")
 
 
+def metric_name(spec: str) -> str:
+    """'exact_match' -> itself; a user metric 'path/to/metrics.py:variety' -> 'variety' (for titles and labels)."""
+    return spec.rpartition(":")[2]
+
+
 def _cell(value: float | None, spec: str) -> str:
     return "—" if value is None else format(value, spec)
 
@@ -264,7 +269,7 @@ def sweep_markdown(summary: dict[str, Any]) -> str:
     rows, rec = summary["rows"], summary["recommendation"]
     lines = [f"# Which student to ship: {len(rows) - 1} sizes, init `{summary['init']}`", "",
              f"**Recommendation** (threshold {100 * rec['threshold']:.0f}% of the teacher's "
-             f"{summary['metric'].rpartition(':')[2]}, "
+             f"{metric_name(summary['metric'])}, "
              f"95% lower bound): {rec['text']}.", ""]
     lines += [f"⚠ {w}." for w in summary["warnings"]] + ([""] if summary["warnings"] else [])
     on_front = {n for names in summary["frontier"].values() for n in names}
@@ -302,7 +307,7 @@ def write_sweep(run_dir: Path, results: dict[str, Any], plan: dict[str, Any], th
     warnings = [w for w in [precision_warning(rows)] if w]
     warnings += [f"{r['name']} collapsed: {'; '.join(r['collapse_reasons'])}" for r in rows if r.get("collapsed")]
     frontier = {k: pareto_frontier(rows, k) for k in AXES}
-    plot = plot_sweep(rows, frontier, rec["recommended"], results["metric"], out / "sweep.png")
+    plot = plot_sweep(rows, frontier, rec["recommended"], metric_name(results["metric"]), out / "sweep.png")
     summary = {**plan, "metric": results["metric"], "n_prompts": results["n_prompts"], "rows": rows,
                "frontier": frontier, "recommendation": rec, "warnings": warnings,
                "plot": None if plot is None else str(plot), "markdown": str(out / "sweep.md")}
