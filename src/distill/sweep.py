@@ -100,7 +100,13 @@ def plan_ladder(model_config, sizes: list[float], base: StudentConfig, init: str
     """(teacher params, one Rung per size): the shape `choose_shape` picks for teacher params / size, keeping
     the shape fields fixed in student.config (e.g. a depth). A size no student can reach is a ConfigError naming
     the largest size that can be reached."""
-    from distill.students.minitron import SHAPE_FIELDS, choose_shape, narrowest_shape, shape_params, teacher_shape
+    from distill.students.minitron import (
+        SHAPE_FIELDS,
+        choose_shape,
+        narrowest_shape,
+        shape_params,
+        teacher_shape,
+    )
 
     try:
         teacher = shape_params(model_config, teacher_shape(model_config))
@@ -268,13 +274,11 @@ def sweep_markdown(summary: dict[str, Any]) -> str:
     """sweep.md: the recommendation, warnings, the table (frontier models marked) and the plot."""
     rows, rec = summary["rows"], summary["recommendation"]
     lines = [f"# Which student to ship: {len(rows) - 1} sizes, init `{summary['init']}`", "",
-             f"**Recommendation** (threshold {100 * rec['threshold']:.0f}% of the teacher's "
-             f"{metric_name(summary['metric'])}, "
-             f"95% lower bound): {rec['text']}.", ""]
+             (f"**Recommendation** (threshold {100 * rec['threshold']:.0f}% of the teacher's "
+              f"{metric_name(summary['metric'])}, 95% lower bound): {rec['text']}."), ""]
     lines += [f"⚠ {w}." for w in summary["warnings"]] + ([""] if summary["warnings"] else [])
-    on_front = {n for names in summary["frontier"].values() for n in names}
-    lines += ["| model | size | shape (layers × hidden, heads/kv, mlp) | params | score [95% CI] | % of teacher "
-              "[95% CI] | p50 latency ms | $/M tokens | on the frontier of |", "|" + "---|" * 9]
+    lines += [("| model | size | shape (layers × hidden, heads/kv, mlp) | params | score [95% CI] | % of teacher "
+              "[95% CI] | p50 latency ms | $/M tokens | on the frontier of |"), "|" + "---|" * 9]
     for r in rows:
         sh = r.get("shape")
         shape = "teacher" if not sh else (f"{sh['num_hidden_layers']} × {sh['hidden_size']}, "
@@ -287,12 +291,12 @@ def sweep_markdown(summary: dict[str, Any]) -> str:
             f"| {name}{' (collapsed)' if r.get('collapsed') else ''} | {size} "
             f"| {shape} | {_cell(r['params'], ',')} | {_ci_cell(r['score'], r.get('score_ci'), '.3f')} "
             f"| {_ci_cell(r['percent_of_teacher'], r.get('retention_ci'), '.1f')} | {_cell(r['latency_ms_p50'], '.1f')} "
-            f"| {_cell(r['cost_per_million_tokens'], '.4f')} | {marks if r['name'] in on_front else ''} |")
+            f"| {_cell(r['cost_per_million_tokens'], '.4f')} | {marks} |")
     if summary.get("plot"):
         lines += ["", f"![score vs parameters, latency and $/M tokens]({Path(summary['plot']).name})"]
-    lines += ["", f"Every student trained on the same store and was evaluated on the same {summary['n_prompts']} "
+    lines += ["", (f"Every student trained on the same store and was evaluated on the same {summary['n_prompts']} "
               "held-out prompts. Frontier: no other model is both smaller (or faster, or cheaper) and better. "
-              "Intervals: paired bootstrap over prompts (`distill eval`'s verdict)."]
+              "Intervals: paired bootstrap over prompts (`distill eval`'s verdict).")]
     return "\n".join(lines) + "\n"
 
 
