@@ -223,3 +223,23 @@ def test_sentencepiece_tokenizer_is_written_as_llama_vocab(tmp_path):
     for text in [*TEXTS, "  two spaces \u00e9\u20ac \u4e2d"]:  # the last one needs byte fallback
         assert back(text).input_ids == tok(text).input_ids
     assert _rel_diff(student, loaded, _ids(tok)) < F16_RTOL
+
+
+def test_a_gguf_teacher_gives_config_students_and_preflight_checks_them(tmp_path, bpe):
+    """`init: config` from a .gguf teacher read the file as config.json ('not a valid JSON file'); preflight
+    skipped the shape checks of its students."""
+    from distill.config import ConfigError, StudentConfig
+    from distill.preflight import check_model
+    from distill.students.build import build_student
+
+    path = export_gguf(_llama(len(bpe)), bpe, tmp_path / "t.gguf")["path"]
+    cfg = StudentConfig(init="config", config={"num_hidden_layers": 1, "hidden_size": 32, "intermediate_size": 64})
+    student, info = build_student(cfg, teacher_path=str(path))
+    assert student.config.num_hidden_layers == 1 and student.config.hidden_size == 32
+    assert student.config.num_attention_heads == 4 and student.config.vocab_size == len(bpe)
+    assert info.teacher_params and info.teacher_params > info.student_params
+    model_config = check_model(str(path), "teacher.model")
+    assert model_config is not None and model_config.num_hidden_layers == 2
+    (tmp_path / "fake.gguf").write_bytes(b"GGUF" + b"\0" * 16)
+    with pytest.raises(ConfigError, match="teacher.model: .*fake.gguf: transformers cannot read"):
+        check_model(str(tmp_path / "fake.gguf"), "teacher.model")

@@ -126,3 +126,72 @@ def test_worker_from_flag_or_launcher_environment():
     for bad in ("4/4", "1-2", "a/b"):
         with pytest.raises(ConfigError, match="generate.shard"):
             worker_shard(bad, env={})
+
+
+# ---------------------------------------------------------------- store integrity (issue 21)
+
+
+def _small_generate(tmp_path, teacher_dir, prompts_file, *extra: str):
+    from distill.config import load_config
+
+    return load_config(None, [f"run_dir={tmp_path}", f"teacher.model={teacher_dir}", f"generate.input={prompts_file}",
+                              "generate.max_new_tokens=3", "generate.top_k=2", "generate.shard_rows=2", *extra])
+
+
+def test_damaged_shard_advice_is_true(tmp_path, teacher_dir, prompts_file):
+    """'remove it and rerun: only its rows are generated again' -- then the store is whole, nothing twice."""
+    import pytest
+
+    from distill import generate
+    from distill.store import StoreError
+
+    cfg = _small_generate(tmp_path, teacher_dir, prompts_file)
+    store = generate(cfg)
+    bad = shard_files(store)[1]
+    lost = set(pq.read_table(bad, columns=["key"]).column("key").to_pylist())
+    bad.write_bytes(bad.read_bytes()[:100])  # truncated
+    with pytest.raises(StoreError, match="remove it and rerun") as err:
+        generate(cfg)
+    assert str(bad) in str(err.value)
+    kept = {p.name for p in shard_files(store) if p != bad}
+    bad.unlink()
+    generate(cfg)
+    (new,) = [p for p in shard_files(store) if p.name not in kept]
+    assert set(pq.read_table(new, columns=["key"]).column("key").to_pylist()) == lost  # only its rows
+    assert sorted(iter_keys(store)) == sorted({r["key"] for r in read_store(store)}) and len(read_store(store)) == 8
+
+
+def test_generate_refuses_a_store_another_process_writes(tmp_path, teacher_dir, prompts_file):
+    import pytest
+
+    from distill import generate
+    from distill.store import Store, StoreError
+
+    cfg = _small_generate(tmp_path, teacher_dir, prompts_file)
+    with Store(tmp_path / "teacher"), pytest.raises(StoreError, match=f"process {os.getpid()} is writing"):
+        generate(cfg)
+    assert shard_files(tmp_path / "teacher") == []
+
+
+def test_a_teacher_output_that_cannot_be_stored_costs_no_other_row(tmp_path, teacher_dir, prompts_file, monkeypatch):
+    """A lone surrogate in one output (an API can send '\\ud800' in valid JSON): that row is named by its
+    file:line and left out, the 7 others are stored, and a rerun only retries it."""
+    import pytest
+
+    import distill.teachers.generate as gen
+    from distill.store import StoreError
+
+    real = gen.store_row
+
+    def store_row(prompt, c, teacher):
+        row = real(prompt, c, teacher)
+        return {**row, "response": row["response"] + "\ud800"} if prompt.index == 4 else row
+
+    monkeypatch.setattr(gen, "store_row", store_row)
+    cfg = _small_generate(tmp_path, teacher_dir, prompts_file)
+    with pytest.raises(StoreError, match=r"1 of 8 prompts could not be stored.*prompts.jsonl:5: field 'response'"):
+        gen.generate(cfg)
+    assert sorted(r["index"] for r in read_store(tmp_path / "teacher")) == [0, 1, 2, 3, 5, 6, 7]
+    monkeypatch.undo()
+    gen.generate(cfg)
+    assert len(read_store(tmp_path / "teacher")) == 8

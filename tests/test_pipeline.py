@@ -2,11 +2,13 @@
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 
 from distill.config import load_config
 from distill.pipeline import StageLog, file_digest, run, stage_fingerprints
+from distill.stage_inputs import FIELD_STAGES, OPERATIONAL, schema_fields
 
 
 @pytest.fixture
@@ -80,3 +82,123 @@ def test_fingerprints_follow_inputs(run_cfg, prompts_file):
     assert all(after[k] != fps[k] for k in fps)  # the store feeds everything downstream
     seed_changed = stage_fingerprints(load_config(run_cfg.model_dump(mode="json"), ["seed=1"]))
     assert seed_changed["generate"] == after["generate"] and seed_changed["train:small"] != after["train:small"]
+
+
+# ---------------------------------------------------------------- what reruns a stage (issue 18)
+
+# a changed value for every operational field: a new operational field needs one here
+OPERATIONAL_CHANGES = {
+    "run_dir": None,  # set per test (another directory)
+    "teacher.device": "cpu", "teacher.trust_remote_code": True, "teacher.base_url": "http://127.0.0.1:9/v1",
+    "teacher.api_key_env": "OTHER_KEY", "teacher.max_concurrency": 3, "teacher.timeout": 5.0,
+    "teacher.max_retries": 1, "teacher.retry_base_delay": 2.0, "teacher.retry_max_delay": 9.0,
+    "teacher.tensor_parallel_size": 2, "teacher.gpu_memory_utilization": 0.5,
+    "generate.batch_size": 3, "generate.shard_rows": 5, "generate.shard": "0/1",
+    "train.logging_steps": 3, "train.save_steps": 7, "train.save_total_limit": 5, "train.eval_steps": 4,
+    "train.resume": False, "train.report_to": ["tensorboard"], "train.threads": 2,
+}
+
+
+def test_every_config_field_is_classified():
+    """A new config field must say which stages it reruns (distill.stage_inputs), or none."""
+    assert sorted(set(schema_fields()) - set(FIELD_STAGES)) == []
+    assert sorted(set(FIELD_STAGES) - set(schema_fields())) == []
+    assert set(OPERATIONAL_CHANGES) == OPERATIONAL
+
+
+@pytest.mark.parametrize("field", sorted(OPERATIONAL))
+def test_operational_field_changes_no_fingerprint(run_cfg, tmp_path, field):
+    value = str(tmp_path / "elsewhere") if field == "run_dir" else OPERATIONAL_CHANGES[field]
+    tree = run_cfg.model_dump(mode="json")
+    section, _, key = field.rpartition(".")
+    (tree[section] if section else tree)[key] = value
+    assert stage_fingerprints(load_config(tree)) == stage_fingerprints(run_cfg)
+
+
+def test_operational_training_args_and_student_overrides_change_no_fingerprint(run_cfg):
+    changed = load_config(run_cfg.model_dump(mode="json"), [
+        "train.args={log_level: info, dataloader_num_workers: 2}", "students.0.train={logging_steps: 7}"])
+    assert stage_fingerprints(changed) == stage_fingerprints(run_cfg)
+
+
+@pytest.mark.parametrize("override, stages", [
+    ("generate.top_k=8", {"generate", "train:pruned", "train:small", "eval", "report"}),
+    ("generate.temperature=0.7", {"generate", "train:pruned", "train:small", "eval", "report"}),
+    ("data.system_prompt=Be brief.", {"generate", "train:pruned", "train:small", "eval", "report"}),
+    ("teacher.dtype=float32", {"train:pruned", "train:small", "eval", "report"}),
+    ("train.learning_rate=0.01", {"train:pruned", "train:small", "eval", "report"}),
+    ("train.args={adam_beta1: 0.8}", {"train:pruned", "train:small", "eval", "report"}),
+    ("students.0.train={learning_rate: 0.01}", {"train:pruned", "eval", "report"}),
+    ("seed=3", {"train:pruned", "train:small", "eval", "report"}),
+    ("eval.max_new_tokens=3", {"eval", "report"}),
+    ("generate.seed=5", set()),  # greedy decoding: the seed is not in the store key, nothing changes
+])
+def test_real_fields_rerun_their_stages(run_cfg, override, stages):
+    before = stage_fingerprints(run_cfg)
+    after = stage_fingerprints(load_config(run_cfg.model_dump(mode="json"), [override]))
+    assert {k for k in before if before[k] != after[k]} == stages
+
+
+def _fake_stages(monkeypatch) -> dict[str, list[str]]:
+    """train/eval/report stand-ins that write the files those stages write and count their calls (these tests
+    are about which stages run, not what they compute); generation stays real."""
+    import distill.evaluation.evaluate as evaluate_mod
+    import distill.reporting.report as report_mod
+    import distill.training.train as train_mod
+
+    calls: dict[str, list[str]] = {"train": [], "eval": [], "report": []}
+
+    def write(path: Path, text: str = "x") -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+
+    def train_student(cfg, s):
+        out = Path(cfg.run_dir) / "students" / s.name
+        for name in ("config.json", "train_summary.json", "model.safetensors"):
+            write(out / name, f"{name} {len(calls['train'])}")
+        write(Path(cfg.run_dir) / "checkpoints" / s.name / "checkpoint-1" / "state.json")
+        calls["train"].append(f"{Path(cfg.run_dir).name}:{s.name}")
+        return out
+
+    def evaluate(cfg):
+        write(Path(cfg.run_dir) / "eval" / "results.json", "{}")
+        calls["eval"].append(Path(cfg.run_dir).name)
+
+    def report(cfg):
+        write(Path(cfg.run_dir) / "report" / "report.md")
+        calls["report"].append(Path(cfg.run_dir).name)
+
+    monkeypatch.setattr(train_mod, "train_student", train_student)
+    monkeypatch.setattr(evaluate_mod, "evaluate", evaluate)
+    monkeypatch.setattr(report_mod, "report", report)
+    return calls
+
+
+def test_operational_changes_rerun_nothing_and_keep_checkpoints(run_cfg, tmp_path, monkeypatch):
+    calls = _fake_stages(monkeypatch)
+    assert set(run(run_cfg).values()) == {"ran"}
+    ckpt = tmp_path / "run" / "checkpoints" / "pruned" / "checkpoint-1"
+    changed = load_config(run_cfg.model_dump(mode="json"), [
+        "generate.batch_size=2", "generate.shard_rows=3", "teacher.timeout=7", "teacher.max_concurrency=2",
+        "train.threads=1", "train.logging_steps=5", "train.save_steps=9", "train.report_to=[tensorboard]"])
+    assert set(run(changed).values()) == {"skipped"}
+    assert ckpt.is_dir() and calls["train"] == ["run:pruned", "run:small"]
+
+
+def test_two_runs_share_one_store_and_neither_retrains(run_cfg, tmp_path, monkeypatch):
+    """Run B generates into run A's store (nothing left to do, so nothing written): A's rerun skips all."""
+    from distill.pipeline import outputs_signature
+
+    calls = _fake_stages(monkeypatch)
+    store = tmp_path / "shared_store"
+    a = load_config(run_cfg.model_dump(mode="json"), [f"generate.store={store}"])
+    b = load_config(a.model_dump(mode="json"), [f"run_dir={tmp_path / 'run_b'}"])
+    assert set(run(a).values()) == {"ran"}
+    before = outputs_signature([store])  # every file but hidden ones (the writer's lock)
+    assert len(before) > 3 and any("config.w000of001.yaml" in f for f in before)
+    outcome_b = run(b)
+    assert outcome_b["train:pruned"] == "ran"  # run B's own students, once
+    assert outputs_signature([store]) == before  # nothing left to generate: nothing written
+    assert set(run(a).values()) == {"skipped"}
+    assert set(run(b).values()) == {"skipped"}
+    assert calls["train"] == ["run:pruned", "run:small", "run_b:pruned", "run_b:small"]

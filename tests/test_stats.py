@@ -179,7 +179,7 @@ def test_speed_claim_only_when_every_pass_agrees():
     noisy = speed_claim([8.2, 12.0, 9.0], [10.0, 9.5, 11.0])  # a "0.82x faster" from noisy passes
     assert noisy["claim"] == "none" and noisy["text"].startswith("no measurable latency difference")
     single = speed_claim([8.2], [10.0])
-    assert single["claim"] == "none" and "one timed pass" in single["text"]
+    assert single["claim"] == "none" and "single timed pass" in single["text"]
     assert speed_claim(None, [1.0])["claim"] == "unknown"
 
 

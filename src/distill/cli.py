@@ -115,7 +115,7 @@ def generate(
     try:
         path = run_generate(cfg)
     except (TeacherError, StoreError) as exc:
-        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)  # one line, even when long
         raise typer.Exit(1) from None
     s = store_stats(path)
     per = f"{s['bytes_per_entry']:.2f} bytes per (token, k) entry (k={s['k']})" if s["bytes_per_entry"] else "no top-k"

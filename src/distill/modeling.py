@@ -115,6 +115,17 @@ def load_model(
     return model.to(dev)
 
 
+def load_model_config(name_or_path: str | Path, trust_remote_code: bool = False):
+    """The transformers config of a hub id, a model directory or a single .gguf file (read from its metadata:
+    a .gguf has no config.json beside it, so `AutoConfig.from_pretrained(path)` alone fails on it)."""
+    from transformers import AutoConfig
+
+    path = Path(str(name_or_path))
+    if path.suffix == ".gguf":
+        return AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+    return AutoConfig.from_pretrained(str(name_or_path), trust_remote_code=trust_remote_code)
+
+
 def load_tokenizer_for(name_or_path: str | Path, trust_remote_code: bool = False):
     """Tokenizer beside a model directory or a .gguf file."""
     path = Path(str(name_or_path))

@@ -2,8 +2,9 @@
 
 Run as: `distill run cfg.yaml [overrides]` or `distill.run(config)`.
 
-Every stage has a fingerprint: a hash of the config sections it reads, the bytes of the files it reads, and
-the fingerprints of the stages it depends on. `RUN_DIR/stages.json` records the fingerprint of each finished
+Every stage has a fingerprint: a hash of the config fields that change its artifact (`distill.stage_inputs`;
+batch sizes, timeouts, threads and logging change none), the bytes of the files it reads, and the
+fingerprints of the stages it depends on. `RUN_DIR/stages.json` records the fingerprint of each finished
 stage, so a rerun does no work, a changed input reruns exactly the stages downstream of it, and a crashed
 run resumes (generation skips finished rows; training resumes from its last checkpoint when its
 fingerprint is unchanged, and starts over when it changed).
@@ -24,6 +25,7 @@ from rich.console import Console
 
 from distill.config import Config, load_config, save_config
 from distill.preflight import preflight
+from distill.stage_inputs import stage_values
 
 console = Console(stderr=True)
 STAGES_FILE = "stages.json"
@@ -67,10 +69,6 @@ def fingerprint(*parts: Any) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def _dump(section) -> Any:
-    return section.model_dump(mode="json") if hasattr(section, "model_dump") else section
-
-
 class StageLog:
     """RUN_DIR/stages.json: which stage finished with which fingerprint (written atomically)."""
 
@@ -97,12 +95,18 @@ class StageLog:
 
 
 def stage_fingerprints(cfg: Config) -> dict[str, str]:
-    """The fingerprint of every stage of this config, in pipeline order."""
+    """The fingerprint of every stage of this config, in pipeline order.
+
+    Only the fields that change a stage's artifact are hashed (`distill.stage_inputs`): generation hashes its
+    store's identity (the row key's teacher and parameters), so operational settings (batch sizes, timeouts,
+    threads, logging) rerun nothing."""
+    from distill.teachers.generate import store_meta
+
     fps: dict[str, str] = {}
     uses_store = cfg.generate.input is not None
     if uses_store:
         fps["generate"] = fingerprint(
-            "generate", _dump(cfg.teacher), _dump(cfg.data), _dump(cfg.generate), _input(cfg, cfg.generate.input)
+            "generate", store_meta(cfg), stage_values(cfg, "generate"), _input(cfg, cfg.generate.input)
         )
     teacher = cfg.teacher.model
     teacher_fp = _input(cfg, teacher) if teacher and Path(teacher).exists() else teacher
@@ -110,13 +114,11 @@ def stage_fingerprints(cfg: Config) -> dict[str, str]:
         t = cfg.train_for(s)
         reads_store = uses_store and (t.signal == "offline" or t.input is None)
         fps[f"train:{s.name}"] = fingerprint(
-            "train", cfg.seed, _dump(s), _dump(cfg.train_for(s)), _dump(cfg.teacher), _dump(cfg.data),
-            _input(cfg, t.input), fps.get("generate") if reads_store else None,
-            teacher_fp,
+            "train", stage_values(cfg, "train", s), _input(cfg, t.input),
+            fps.get("generate") if reads_store else None, teacher_fp,
         )
     trains = [fps[k] for k in fps if k.startswith("train:")]
-    fps["eval"] = fingerprint("eval", _dump(cfg.eval), _dump(cfg.data), _dump(cfg.teacher), trains,
-                              _input(cfg, cfg.eval.input))
+    fps["eval"] = fingerprint("eval", stage_values(cfg, "eval"), trains, _input(cfg, cfg.eval.input))
     fps["report"] = fingerprint("report", fps["eval"])
     return fps
 
@@ -140,8 +142,9 @@ def stage_outputs(cfg: Config, name: str) -> list[Path]:
     """The files a stage writes (a train stage: its weights, config and summary, not the model card that the
     report stage adds to the same directory)."""
     run_dir = Path(cfg.run_dir)
-    if name == "generate":
-        return [cfg.path(cfg.generate.store)]
+    if name == "generate":  # the rows and their settings; not the per-worker config copies and manifests
+        store = cfg.path(cfg.generate.store)
+        return [store / "store.json", store / "shards"]
     if name.startswith("train:"):
         d = run_dir / "students" / name.split(":", 1)[1]
         return [d / "config.json", d / "train_summary.json", *sorted(d.glob("*.safetensors"))]
@@ -215,17 +218,21 @@ def run(config: Config | str | Path | dict, overrides: list[str] | None = None, 
     def outs(name: str) -> Callable[[], list[Path]]:
         return lambda: stage_outputs(cfg, name)
 
+    store_changed = False
     if "generate" in fps:
+        before = log.data.get("generate", {}).get("outputs")
         ran = _run_stage(log, "generate", fps["generate"], lambda: generate(cfg), force, outs("generate"))
         outcome["generate"] = "ran" if ran else "skipped"
         warn_if_teacher_fails(cfg)
+        # a generate that found nothing to do (a store shared with another run) wrote nothing: no retraining
+        store_changed = ran and log.data["generate"].get("outputs") != before
 
     for s in cfg.all_students():
         name = f"train:{s.name}"
         fp = fps[name]
         t = cfg.train_for(s)
-        # a rerun of generation (its store was changed) reruns the students that read the store
-        upstream = outcome.get("generate") == "ran" and (t.signal == "offline" or t.input is None)
+        # a rerun of generation that changed the store reruns the students that read the store
+        upstream = store_changed and (t.signal == "offline" or t.input is None)
         if force or upstream or log.started_with(name) not in (None, fp):
             # The inputs changed since the last (finished or crashed) attempt, or --force: checkpoints are stale.
             shutil.rmtree(run_dir / "checkpoints" / s.name, ignore_errors=True)

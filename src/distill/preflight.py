@@ -39,7 +39,13 @@ def check_model(name: str, key: str) -> Any | None:
             with p.open("rb") as fh:
                 if fh.read(4) != b"GGUF":
                     raise ConfigError(f"{key}: {name} is not a GGUF file (no GGUF header)")
-            return None
+            from distill.modeling import load_model_config
+
+            try:  # its architecture, from the metadata: student shapes are checked against it like a directory's
+                return load_model_config(p)
+            except Exception as exc:  # one line: the file's fault (an architecture transformers cannot read)
+                raise ConfigError(f"{key}: {name}: transformers cannot read this GGUF's model config "
+                                  f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from exc
         raise ConfigError(f"{key}: {name} is a file, not a model directory; give the directory that holds "
                           "config.json and *.safetensors (or a .gguf file)")
     config_file = p / "config.json"

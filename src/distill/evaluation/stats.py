@@ -253,7 +253,8 @@ def speed_claim(teacher_passes_ms: Sequence[float] | None, student_passes_ms: Se
     low, high = min(t) / max(s), max(t) / min(s)
     if len(t) < 2 or len(s) < 2:
         return {"claim": "none", "ratio": ratio, "range": None,
-                "text": f"no speed claim: one timed pass (measured {ratio:.2f}x; set eval.latency_passes >= 2)"}
+                "text": f"no speed claim from a single timed pass (measured {ratio:.2f}x; local models: "
+                        "eval.latency_passes >= 2; an API teacher is timed once)"}
     if low > 1:
         claim, text = "faster", f"{ratio:.2f}x faster at batch 1 (p50; passes {low:.2f}-{high:.2f}x)"
     elif high < 1:

@@ -25,7 +25,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from distill.store.shards import SCHEMA, shard_files
+from distill.store.integrity import check_settings, damaged, open_shard, read_settings, read_shard
+from distill.store.rows import SCHEMA
+from distill.store.shards import shard_files
 
 LIST_DTYPES = {"prompt_ids": np.int64, "response_ids": np.int64, "topk_ids": np.int32,
                "topk_logprobs": np.float32, "tail": np.float32}
@@ -59,7 +61,7 @@ class StoreReader:
         self._cached = 0
         self._handles: OrderedDict[int, pq.ParquetFile] = OrderedDict()
         if _index is None:
-            _index = _build_index(shard_files(self.path))
+            _index = _build_index(shard_files(self.path), read_settings(self.path))
         self._files, self._file_starts, self._group_starts, self._pos = _index
 
     def with_columns(self, columns: Sequence[str] | None) -> StoreReader:
@@ -92,7 +94,7 @@ class StoreReader:
         """A scalar column (index, n_tokens, k) for every row, in reader order, read shard by shard."""
         if column not in ("index", "n_tokens", "k"):
             raise ValueError(f"'{column}' is not a numeric scalar column")
-        parts = [pq.read_table(f, columns=[column]).column(column).to_numpy().astype(np.int64) for f in self._files]
+        parts = [read_shard(f, [column]).column(column).to_numpy().astype(np.int64) for f in self._files]
         return (np.concatenate(parts) if parts else np.zeros(0, np.int64))[self._pos]
 
     def list_lengths(self, column: str) -> np.ndarray:
@@ -101,7 +103,7 @@ class StoreReader:
             raise ValueError(f"'{column}' is not a list column")
         parts = []
         for f in self._files:  # one shard's column at a time (ids columns: small next to the top-k ones)
-            col = pq.read_table(f, columns=[column]).column(column)
+            col = read_shard(f, [column]).column(column)
             parts.append(pc.list_value_length(col).fill_null(-1).to_numpy().astype(np.int64))
         flat = np.concatenate(parts) if parts else np.zeros(0, np.int64)
         return flat[self._pos]
@@ -110,7 +112,7 @@ class StoreReader:
     def _handle(self, f: int) -> pq.ParquetFile:
         h = self._handles.get(f)
         if h is None:
-            h = pq.ParquetFile(self._files[f])
+            h = open_shard(self._files[f])
             self._handles[f] = h
             if len(self._handles) > 32:  # bounded number of open files
                 self._handles.popitem(last=False)
@@ -123,7 +125,10 @@ class StoreReader:
         if hit is not None:
             self._cache.move_to_end((f, g))
             return hit[0]
-        table = self._handle(f).read_row_group(g, columns=list(self.columns))
+        try:
+            table = self._handle(f).read_row_group(g, columns=list(self.columns))
+        except (pa.ArrowException, OSError, ValueError) as exc:  # a page whose checksum fails: name the file
+            raise damaged(self._files[f], exc) from None
         group = _decode_group(table)
         size = table.nbytes
         self._cache[(f, g)] = (group, size)
@@ -139,17 +144,21 @@ class StoreReader:
         return state
 
 
-def _build_index(files: list[Path]) -> tuple[list[Path], np.ndarray, list[np.ndarray], np.ndarray]:
+def _build_index(files: list[Path], settings: dict | None = None
+                 ) -> tuple[list[Path], np.ndarray, list[np.ndarray], np.ndarray]:
     """(files, first global position of each file, row-group starts per file, global position of each row).
+
+    Every shard must record `settings` (store.json's; None: the shards must agree with each other).
 
     Duplicates: the first occurrence in file order wins (as `read_store`); rows sorted by (index, key)."""
     keys, idx, file_starts, group_starts = [], [], [0], []
     for f in files:
-        t = pq.read_table(f, columns=["key", "index"])
+        t = read_shard(f, ["key", "index"])
+        settings = check_settings(f, t.schema, settings)
         keys.append(t.column("key").to_numpy(zero_copy_only=False))
         idx.append(t.column("index").to_numpy().astype(np.int64))
         file_starts.append(file_starts[-1] + t.num_rows)
-        md = pq.ParquetFile(f).metadata
+        md = open_shard(f).metadata
         sizes = [md.row_group(g).num_rows for g in range(md.num_row_groups)]
         group_starts.append(np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64))
     if not keys:

@@ -2,13 +2,19 @@
 
 Layout of a store directory:
     store.json                      teacher identity + generation parameters (a store holds one setting)
-    shards/{worker}-{seq}-{rand}.parquet   finished shards; written to a hidden temp file, then renamed
+    shards/{worker}-{seq}-{rand}.parquet   finished shards; written to a hidden temp file, then renamed; each
+                                    records the settings it was made with in its schema metadata
     manifest.{worker}.json          per-worker index of its shards (rows, tokens), replaced atomically
+    .{worker}.lock                  held by the process writing as that worker (`distill.store.lock`)
 
 The shard files are the source of truth: readers list `shards/*.parquet`, so a kill between a shard's
 rename and its manifest update loses nothing, and N workers (`--shard i/n`, torchrun ranks) never write
 the same file. Rows are keyed by a hash of (prompt, teacher, generation parameters); a rerun skips keys
 already in a shard, and a key present twice (two workers, an overlapping rerun) is read once.
+
+A shard made with other settings, or damaged (0 bytes, truncated, a flipped bit: pages carry checksums), is a
+one-line `StoreError` naming the file (`distill.store.integrity`). A row that cannot be stored (text that is
+not valid Unicode) is refused by `add()` before it joins a shard, so it never costs the other rows.
 
 Sparse columns are compact: top-k ids int32 and logprobs float16, flattened per row with the row's `k`;
 `read_store` reshapes them to (n_tokens, k) arrays.
@@ -29,36 +35,21 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from distill.store.integrity import (
+    RowError,
+    StoreError,
+    check_settings,
+    open_shard,
+    read_settings,
+    read_shard,
+    shard_metadata,
+)
+from distill.store.lock import StoreLock
+from distill.store.rows import table_without_bad_rows, to_record, where
+
 SCHEMA_VERSION = 1
 ROW_GROUP_ROWS = 8  # small row groups: a random-access reader (store.reader) decodes 8 rows to get one
 SPARSE_COLUMNS = ("topk_ids", "topk_logprobs", "topk_tokens")
-
-SCHEMA = pa.schema(
-    [
-        ("key", pa.string()),
-        ("index", pa.int64()),
-        ("prompt", pa.string()),
-        ("messages", pa.string()),  # JSON text of the chat messages, or null
-        ("reference", pa.string()),
-        ("response", pa.string()),
-        ("reasoning", pa.string()),
-        ("prompt_ids", pa.list_(pa.int32())),
-        ("response_ids", pa.list_(pa.int32())),
-        ("response_tokens", pa.list_(pa.string())),  # API backends: the sampled tokens as strings
-        ("n_tokens", pa.int32()),
-        ("k", pa.int16()),
-        ("topk_ids", pa.list_(pa.int32())),  # flattened (n_tokens * k); empty slot: id 0, logprob -inf
-        ("topk_logprobs", pa.list_(pa.float16())),  # flattened (n_tokens * k); -inf where a slot is empty
-        ("topk_tokens", pa.list_(pa.string())),  # API backends without token ids: flattened token strings
-        ("tail", pa.list_(pa.float32())),  # (n_tokens,) = 1 - sum p_topk, clipped at 0
-        ("finish_reason", pa.string()),
-        ("teacher", pa.string()),
-    ]
-)
-
-class StoreError(RuntimeError):
-    """A store that cannot be used as asked (other generation settings, a bad row); says what to do."""
-
 
 def row_key(prompt: str, messages: Any, teacher: str, params: dict, occurrence: int = 0) -> str:
     """Content hash of one teacher output: same prompt + teacher + parameters -> same key.
@@ -91,85 +82,6 @@ def shard_files(path: str | Path) -> list[Path]:
 # ---------------------------------------------------------------- writing
 
 
-def _as_2d(value: Any, dtype, n: int | None, name: str) -> np.ndarray | None:
-    if value is None:
-        return None
-    arr = np.asarray(value, dtype=dtype)
-    if arr.ndim != 2:
-        raise StoreError(f"row field '{name}' must be a (n_tokens, k) array, got shape {arr.shape}")
-    if n is not None and arr.shape[0] != n:
-        raise StoreError(f"row field '{name}' has {arr.shape[0]} rows but the response has {n} tokens")
-    return arr
-
-
-def _to_record(row: dict) -> dict:
-    """Normalise one row dict into the flat Parquet record (validating shapes)."""
-    missing = [k for k in ("key", "index", "prompt", "response", "finish_reason", "teacher") if row.get(k) is None]
-    if missing:
-        raise StoreError(f"store row is missing {missing}")
-    ids = row.get("response_ids")
-    tokens = row.get("response_tokens")
-    n = len(ids) if ids is not None else (len(tokens) if tokens is not None else None)
-    topk_ids = _as_2d(row.get("topk_ids"), np.int32, n, "topk_ids")
-    topk_lp = _as_2d(row.get("topk_logprobs"), np.float32, n, "topk_logprobs")
-    topk_tok = row.get("topk_tokens")
-    k = 0
-    for arr in (topk_ids, topk_lp):
-        if arr is not None:
-            k = arr.shape[1]
-            n = arr.shape[0] if n is None else n
-    if topk_tok is not None:
-        topk_tok = [list(map(str, r)) for r in topk_tok]
-        k = len(topk_tok[0]) if topk_tok else k
-        if any(len(r) != k for r in topk_tok):
-            raise StoreError("row field 'topk_tokens' must have k entries per token")
-    tail = row.get("tail")
-    messages = row.get("messages")
-    return {
-        "key": str(row["key"]),
-        "index": int(row["index"]),
-        "prompt": str(row["prompt"]),
-        "messages": None if messages is None else json.dumps(messages, ensure_ascii=False),
-        "reference": row.get("reference"),
-        "response": str(row["response"]),
-        "reasoning": row.get("reasoning"),
-        "prompt_ids": None if row.get("prompt_ids") is None else [int(i) for i in row["prompt_ids"]],
-        "response_ids": None if ids is None else [int(i) for i in ids],
-        "response_tokens": None if tokens is None else [str(t) for t in tokens],
-        "n_tokens": int(n if n is not None else (row.get("n_tokens") or 0)),  # API usage when no tokens
-        "k": k,
-        "topk_ids": None if topk_ids is None else topk_ids.reshape(-1),
-        "topk_logprobs": None if topk_lp is None else topk_lp.astype(np.float16).reshape(-1),
-        "topk_tokens": None if topk_tok is None else [t for r in topk_tok for t in r],
-        "tail": None if tail is None else np.clip(np.asarray(tail, dtype=np.float32), 0.0, None).reshape(-1),
-        "finish_reason": str(row["finish_reason"]),
-        "teacher": str(row["teacher"]),
-    }
-
-
-def _records_table(records: list[dict]) -> pa.Table:
-    columns = {}
-    for field in SCHEMA:
-        values = [r[field.name] for r in records]
-        if pa.types.is_list(field.type) and field.type.value_type in (pa.int32(), pa.float16(), pa.float32()):
-            np_dtype = {pa.int32(): np.int32, pa.float16(): np.float16, pa.float32(): np.float32}[field.type.value_type]
-            columns[field.name] = _numpy_list_array(values, np_dtype, field.type)
-        else:
-            columns[field.name] = pa.array(values, type=field.type)
-    return pa.table(columns, schema=SCHEMA)
-
-
-def _numpy_list_array(values: list, np_dtype, pa_type: pa.DataType) -> pa.Array:
-    """A list<number> array built from numpy buffers (fast, and float16 without a Python detour)."""
-    lengths = [0 if v is None else len(v) for v in values]
-    offsets = np.zeros(len(values) + 1, dtype=np.int32)
-    np.cumsum(lengths, out=offsets[1:])
-    parts = [np.asarray(v, dtype=np_dtype) for v in values if v is not None]
-    flat = np.concatenate(parts) if parts else np.zeros(0, dtype=np_dtype)
-    mask = pa.array([v is None for v in values], type=pa.bool_())
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, type=pa_type.value_type), mask=mask)
-
-
 class Store:
     """Writer side of a store: `add()` rows as they finish; every `shard_rows` rows become one shard file.
 
@@ -177,8 +89,12 @@ class Store:
         todo = [p for p in prompts if p.key not in store.done_keys()]
         for row in ...: store.add(row)      # flushed in shards; close() flushes the rest
 
-    `meta` (teacher identity + generation parameters) is written to store.json on first use; opening a store
-    written with different settings is an error, so one store never mixes two teachers or settings.
+    `meta` (teacher identity + generation parameters) is written to store.json on first use and into every
+    shard's metadata; opening a store written with different settings is an error, so one store never mixes
+    two teachers or settings (a shard copied in from another store is named). The writer holds a lock on its
+    worker id until `close()`: a second process writing as the same worker is refused.
+
+    A row that cannot be stored raises `RowError` from `add()` and is not buffered; the other rows are kept.
     """
 
     def __init__(self, path: str | Path, shard_rows: int = 256, worker: str = "w000of001",
@@ -196,30 +112,36 @@ class Store:
         self._done: set[str] | None = None
         self.rows_written = 0
         self.tokens_written = 0
-        self._clean_own_temp_files()
-        self._seq = self._next_seq()
-        if meta is not None:
-            self._check_meta(meta)
+        # as JSON reads it back (lists, not tuples), so it compares equal to what shards and store.json record
+        self.settings = None if meta is None else json.loads(json.dumps({"schema_version": SCHEMA_VERSION, **meta}))
+        self._lock = StoreLock(self.path, worker)
+        self._lock.acquire()
+        try:
+            self._clean_own_temp_files()  # safe under the lock: no live process writes as this worker
+            self._seq = self._next_seq()
+            if meta is not None:
+                self._check_meta()
+        except BaseException:
+            self._lock.release()
+            raise
 
     # -- identity
-    def _check_meta(self, meta: dict) -> None:
-        meta_path = self.path / "store.json"
-        wanted = {"schema_version": SCHEMA_VERSION, **meta}
-        if meta_path.exists():
-            try:
-                have = json.loads(meta_path.read_text())
-            except json.JSONDecodeError:
-                have = None  # a torn write cannot happen (atomic), but a hand edit can: rewrite it
-            if have is not None and {k: have.get(k) for k in wanted} != wanted:
-                diff = sorted(k for k in wanted if have.get(k) != wanted[k])
-                raise StoreError(
-                    f"{self.path}: this store was written with other settings ({', '.join(diff)} differ: "
-                    f"{ {k: have.get(k) for k in diff} } vs { {k: wanted[k] for k in diff} }); "
-                    "set generate.store to a new directory, or delete the old store to regenerate"
-                )
-            if have is not None:
-                return
-        _atomic_write_text(meta_path, json.dumps(wanted, indent=2, sort_keys=True))
+    def _check_meta(self) -> None:
+        wanted = self.settings
+        have = read_settings(self.path)
+        if have is not None and {k: have.get(k) for k in wanted} != wanted:
+            diff = sorted(k for k in wanted if have.get(k) != wanted[k])
+            raise StoreError(
+                f"{self.path}: this store was written with other settings ({', '.join(diff)} differ: "
+                f"{ {k: have.get(k) for k in diff} } vs { {k: wanted[k] for k in diff} }); "
+                "set generate.store to a new directory, or delete the old store to regenerate"
+            )
+        if have is not None:
+            return
+        # store.json missing or unreadable (deleted, hand-edited): the shards' own settings must agree
+        for f in shard_files(self.path):
+            check_settings(f, open_shard(f).schema_arrow, wanted)
+        _atomic_write_text(self.path / "store.json", json.dumps(wanted, indent=2, sort_keys=True))
 
     def _clean_own_temp_files(self) -> None:
         # Only this worker's: another worker may be writing its own temp file right now.
@@ -236,13 +158,21 @@ class Store:
         if self._done is None:
             self._done = set()
             for f in shard_files(self.path):
-                self._done.update(pq.read_table(f, columns=["key"]).column("key").to_pylist())
+                table = read_shard(f, ["key"])
+                check_settings(f, table.schema, self.settings)
+                self._done.update(table.column("key").to_pylist())
         return self._done | {r["key"] for r in self._buffer}
 
     # -- writing
     def add(self, row: dict) -> None:
-        """Buffer one finished row; a full buffer is written as a shard at once."""
-        self._buffer.append(_to_record(row))
+        """Buffer one finished row; a full buffer is written as a shard at once. A row that cannot be stored
+        raises `RowError` naming it (its `source`, else its index) and is left out; buffered rows stay."""
+        try:
+            record = to_record(row)
+        except RowError as exc:
+            raise RowError(f"{where(row)}: {exc}") from None
+        record["source"] = where(row)  # not a column: names the row if Arrow still refuses it in flush()
+        self._buffer.append(record)
         if len(self._buffer) >= self.shard_rows:
             self.flush()
 
@@ -250,10 +180,19 @@ class Store:
         """Write buffered rows as one shard: temp file, fsync, atomic rename, then the manifest."""
         if not self._buffer:
             return None
-        table = _records_table(self._buffer)
+        table, self._buffer, refused = table_without_bad_rows(self._buffer)
+        final = self._write(table) if self._buffer else None
+        if refused:
+            raise RowError(f"{len(refused)} row(s) could not be stored and were left out (the others are kept): "
+                           + "; ".join(f"{k}: {v}" for k, v in list(refused.items())[:3]))
+        return final
+
+    def _write(self, table: pa.Table) -> Path:
         name = f"{self.worker}-{self._seq:06d}-{secrets.token_hex(3)}.parquet"
-        tmp = self.shards_dir / f".{self.worker}-{self._seq:06d}.tmp"
-        pq.write_table(table, tmp, compression="zstd", row_group_size=ROW_GROUP_ROWS)
+        # unique per process and attempt: two writers can never share a temp file
+        tmp = self.shards_dir / f".{self.worker}-{self._seq:06d}-{os.getpid()}-{secrets.token_hex(3)}.tmp"
+        table = table.replace_schema_metadata(shard_metadata(self.settings))
+        pq.write_table(table, tmp, compression="zstd", row_group_size=ROW_GROUP_ROWS, write_page_checksum=True)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         final = self.shards_dir / name
@@ -282,7 +221,10 @@ class Store:
         _atomic_write_text(mpath, json.dumps({"worker": self.worker, "shards": entries}, indent=1))
 
     def close(self) -> None:
-        self.flush()
+        try:
+            self.flush()
+        finally:
+            self._lock.release()
 
     def __enter__(self) -> Store:  # noqa: PYI034 - typing.Self needs Python 3.11
         return self
@@ -314,7 +256,7 @@ def manifest(path: str | Path) -> list[dict]:
     between a shard's rename and its manifest update loses nothing."""
     out = []
     for f in shard_files(path):
-        meta = pq.ParquetFile(f).metadata
+        meta = open_shard(f).metadata
         out.append({"file": f"shards/{f.name}", "rows": meta.num_rows, "bytes": f.stat().st_size})
     return out
 
@@ -382,8 +324,11 @@ def read_store(path: str | Path) -> list[dict]:
         raise FileNotFoundError(f"{path}: not a teacher store (no shards/ directory); run `distill generate`")
     seen: set[str] = set()
     rows: list[dict] = []
+    want = read_settings(path)
     for f in shard_files(path):
-        for row in _rows_of(pq.read_table(f)):
+        table = read_shard(f)
+        want = check_settings(f, table.schema, want)
+        for row in _rows_of(table):
             if row["key"] in seen:
                 continue
             seen.add(row["key"])
@@ -400,7 +345,7 @@ def store_stats(path: str | Path) -> dict:
     k_seen: set[int] = set()
     for f in files:
         total_bytes += f.stat().st_size
-        t = pq.read_table(f, columns=["key", "n_tokens", "k"])
+        t = read_shard(f, ["key", "n_tokens", "k"])
         for key, n, k in zip(*(t.column(c).to_pylist() for c in ("key", "n_tokens", "k"))):
             if key in keys:
                 continue
@@ -409,7 +354,7 @@ def store_stats(path: str | Path) -> dict:
             entries += n * k
             if k:
                 k_seen.add(k)
-        md = pq.ParquetFile(f).metadata
+        md = open_shard(f).metadata
         for g in range(md.num_row_groups):
             rg = md.row_group(g)
             for c in range(rg.num_columns):
@@ -430,4 +375,4 @@ def store_stats(path: str | Path) -> dict:
 def iter_keys(path: str | Path) -> Iterable[str]:
     """Every key in every shard, duplicates included (for checks and tests of crash safety)."""
     for f in shard_files(path):
-        yield from pq.read_table(f, columns=["key"]).column("key").to_pylist()
+        yield from read_shard(f, ["key"]).column("key").to_pylist()

@@ -14,6 +14,7 @@ import torch
 
 from distill.config import StudentConfig
 from distill.modeling import count_parameters, load_model
+from distill.students.shapes import check_shape
 
 # Attribute paths of the decoder-layer ModuleList and the config field holding the layer count, per family.
 _LAYER_LISTS = ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers", "transformer.layers")
@@ -110,11 +111,13 @@ def prune_layers(teacher: torch.nn.Module, keep: list[int]) -> torch.nn.Module:
 
 def _params_from_config(path: str) -> int | None:
     """The teacher's parameter count without loading its weights (built on the meta device)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    from distill.modeling import load_model_config
 
     try:
         with torch.device("meta"):
-            return count_parameters(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path)))
+            return count_parameters(AutoModelForCausalLM.from_config(load_model_config(path)))
     except (OSError, ValueError):
         return None
 
@@ -128,12 +131,14 @@ def _derived_head_dim(model_cfg) -> bool:
 
 
 def _from_config(cfg: StudentConfig, teacher_path: str | None):
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    from distill.modeling import load_model_config
 
     base = cfg.model or teacher_path
     if base is None:
         raise ValueError("student.init=config needs teacher.model (a local/hub model) or student.model for the base config")
-    return AutoModelForCausalLM.from_config(config_student(cfg, AutoConfig.from_pretrained(base)))
+    return AutoModelForCausalLM.from_config(config_student(cfg, load_model_config(base)))
 
 
 def config_student(cfg: StudentConfig, model_cfg):
@@ -153,34 +158,6 @@ def config_student(cfg: StudentConfig, model_cfg):
         model_cfg.layer_types = model_cfg.layer_types[: model_cfg.num_hidden_layers]
     check_shape(model_cfg)
     return model_cfg
-
-
-def check_shape(model_cfg, where: str = "student.config") -> None:
-    """Shapes a forward pass or save_pretrained would only reject mid-training (the first checkpoint), refused
-    now in one line naming the `where` fields: key/value groups, hidden size per head, an even rotary head
-    dimension, and the config class's own validation (what save_pretrained runs)."""
-    hidden, heads = getattr(model_cfg, "hidden_size", None), getattr(model_cfg, "num_attention_heads", None)
-    kv = getattr(model_cfg, "num_key_value_heads", None) or heads
-    head_dim = getattr(model_cfg, "head_dim", None) or (hidden // heads if hidden and heads else None)
-    if heads and kv and heads % kv:
-        raise ValueError(f"{where}: num_attention_heads={heads} must be a multiple of num_key_value_heads={kv}")
-    if head_dim and hidden and heads and not getattr(model_cfg, "head_dim", None) and hidden % heads:
-        raise ValueError(f"{where}: hidden_size={hidden} must be a multiple of num_attention_heads={heads}")
-    rotary = any(getattr(model_cfg, k, None) for k in ("rope_parameters", "rope_theta", "rope_scaling"))
-    if rotary and head_dim and head_dim % 2:
-        raise ValueError(f"{where}: head dimension {head_dim} (hidden_size={hidden} / num_attention_heads="
-                         f"{heads}) must be even for rotary position embeddings; e.g. hidden_size={hidden + heads}")
-    validate = getattr(model_cfg, "validate", None)  # transformers' strict configs: what save_pretrained runs
-    if callable(validate):
-        from huggingface_hub.errors import StrictDataclassError
-
-        try:
-            validate()
-        except (StrictDataclassError, ValueError, TypeError) as exc:
-            cause = exc.__cause__ or exc
-            raise ValueError(f"{where}: hidden_size={hidden}, num_attention_heads={heads}, num_key_value_heads={kv}: "
-                             f"{type(model_cfg).__name__} refuses it ({str(cause).splitlines()[0]}); saving the "
-                             "first checkpoint would fail") from None
 
 
 def _lora(cfg: StudentConfig, teacher_path: str | None, dtype: str, trust_remote_code: bool):

@@ -247,7 +247,7 @@ def student_config(teacher_config, shape: Shape, kept_layers: list[int]):
 def check_student_shape(teacher_config, shape: Shape) -> None:
     """ValueError (naming student.config) for a shape whose config the first forward pass or save_pretrained
     would refuse: checked before any weight is cut, and at preflight, before generation."""
-    from distill.students.build import check_shape
+    from distill.students.shapes import check_shape
 
     check_shape(student_config(teacher_config, shape, list(range(shape.num_hidden_layers))))
 

@@ -6,6 +6,10 @@ Every prompt gets a key from (rendered prompt, teacher, generation parameters); 
 skipped, so a rerun after a crash, a kill or an API outage only does the missing work. Worker i of n (from
 `generate.shard` / `--shard i/n`, else RANK/WORLD_SIZE as set by torchrun and accelerate, else SLURM) takes
 every n-th prompt from i and writes its own shard files into the one store.
+
+A generate with nothing left to do writes nothing, so one store can be shared by several runs without
+making the others think it changed. A row the store cannot take (text that is not valid Unicode) is left
+out and named by its file:line at the end; the other rows are kept.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from distill.config import Config, ConfigError, save_config
 from distill.data.cot import request_reasoning, split_completion
 from distill.data.prompts import Record, fit_prompt, load_records, render_prompt
 from distill.errors import disk_errors
+from distill.store.integrity import RowError, StoreError
 from distill.store.shards import Store, row_key
 from distill.teachers import Completion, Prompt, TeacherError, build_teacher, teacher_identity
 from distill.teachers.registry import backend_spec
@@ -69,6 +74,11 @@ def generation_params(config: Config) -> dict:
     if backend_spec(config.teacher.backend).remote and config.teacher.tokenizer:  # rows then carry prompt ids
         params["tokenizer"] = config.teacher.tokenizer
     return params
+
+
+def store_meta(config: Config) -> dict:
+    """The store's identity (store.json, and every shard's metadata): one store holds one teacher + setting."""
+    return {"teacher": teacher_identity(config.teacher), "params": generation_params(config)}
 
 
 def _prompt_tokenizer(config: Config):
@@ -139,6 +149,7 @@ def store_row(prompt: Prompt, c: Completion, teacher: str) -> dict:
         "prompt_ids": c.prompt_ids, "response_ids": c.token_ids, "response_tokens": c.tokens,
         "topk_ids": c.topk_ids, "topk_logprobs": c.topk_logprobs, "topk_tokens": c.topk_tokens, "tail": c.tail,
         "finish_reason": c.finish_reason, "teacher": teacher, "n_tokens": c.num_tokens(),
+        "source": prompt.record.source or f"prompt {prompt.index}",  # names the row if the store refuses it
     }
 
 
@@ -173,22 +184,28 @@ def generate(config: Config) -> Path:
     records = load_records(g.input, config.data, limit=g.limit)
     tokenizer = _prompt_tokenizer(config)
     prompts = make_prompts(records, config, tokenizer, teacher_context(config))[rank::world]
-    meta = {"teacher": identity, "params": generation_params(config)}
     with disk_errors(path, f"rows finished before are kept in {path}"), \
-            Store(path, g.shard_rows, worker=worker, meta=meta) as store:
-        save_config(config, path / f"config.{worker}.yaml")
+            Store(path, g.shard_rows, worker=worker, meta=store_meta(config)) as store:
         done = store.done_keys()
         todo = [p for p in prompts if p.key not in done]
         where = f" (worker {rank}/{world})" if world > 1 else ""
         console.print(f"[bold]generate[/]{where}: {len(prompts)} prompts, {len(prompts) - len(todo)} already "
                       f"in {path}, {len(todo)} to do", highlight=False, soft_wrap=True)
-        if todo:
-            _run(config, todo, store, identity, _device_for(rank, world, config), tokenizer)
+        if todo:  # nothing to do writes nothing: the store stays byte for byte as other runs saw it
+            save_config(config, path / f"config.{worker}.yaml")
+            refused = _run(config, todo, store, identity, _device_for(rank, world, config), tokenizer)
+            if refused:
+                raise StoreError(f"{len(refused)} of {len(todo)} prompts could not be stored and were left out "
+                                 f"(the other rows are kept in {path}): {'; '.join(refused[:3])}"
+                                 f"{' ...' if len(refused) > 3 else ''}; fix them in {g.input} and rerun: "
+                                 "only the missing rows are generated")
     return path
 
 
-def _run(config: Config, todo: list[Prompt], store: Store, identity: str, device, tokenizer) -> None:
+def _run(config: Config, todo: list[Prompt], store: Store, identity: str, device, tokenizer) -> list[str]:
+    """Generate `todo` into the store; returns why each row the store refused was left out."""
     teacher = _build(config, device, tokenizer)
+    refused: list[str] = []
     columns = (TextColumn("[bold]teacher"), BarColumn(), MofNCompleteColumn(), TextColumn("rows"),
                TokensPerSecond(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
     rows = tokens = 0
@@ -199,7 +216,12 @@ def _run(config: Config, todo: list[Prompt], store: Store, identity: str, device
             for prompt, completion in teacher.generate(todo, config.generate):
                 if config.generate.reasoning:  # reasoning and answer go to separate columns
                     completion = split_completion(completion, config.generate.answer_marker)
-                store.add(store_row(prompt, completion, identity))
+                try:
+                    store.add(store_row(prompt, completion, identity))
+                except RowError as exc:  # this row only; the ones before and after it are stored
+                    refused.append(str(exc))
+                    console.print(f"[yellow]left out:[/] {exc}", highlight=False, soft_wrap=True)
+                    continue
                 rows += 1
                 tokens += completion.num_tokens()
                 progress.update(task, advance=1, tokens=tokens)
@@ -212,6 +234,7 @@ def _run(config: Config, todo: list[Prompt], store: Store, identity: str, device
     elapsed = time.perf_counter() - start
     console.print(f"generated {rows} rows, {tokens} tokens in {elapsed:.1f}s "
                   f"({tokens / max(elapsed, 1e-9):,.0f} tokens/s)", highlight=False, soft_wrap=True)
+    return refused
 
 
 def _build(config: Config, device, tokenizer):
