@@ -17,7 +17,7 @@ from distill.errors import ConfigError
 from distill.modeling import count_parameters
 from distill.students.build import config_student
 from distill.students.minitron import choose_shape
-from distill.sweep import ladder_students, pareto_frontier, parse_sizes, plan_ladder, recommend
+from distill.size_sweep import ladder_students, pareto_frontier, parse_sizes, plan_ladder, recommend
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from distill.recipes.demo import demo
 from distill.reporting.report import report
 from distill.serving.serve import serve
 from distill.signals import SparseSignal
-from distill.sweep import sweep
+from distill.size_sweep import sweep
 from distill.teachers.generate import generate
 from distill.training.train import train
 

@@ -183,7 +183,7 @@ def sweep(
 ) -> None:
     """Which student to ship: one student per size on one store, all evaluated on the same held-out prompts,
     score vs parameters / latency / $ per M tokens in RUN_DIR/sweep/, and the smallest that keeps enough."""
-    from distill.sweep import sweep as run_sweep
+    from distill.size_sweep import sweep as run_sweep
 
     summary = run_sweep(_config(config, overrides), sizes=sizes, init=init, threshold=threshold, force=force)
     console.print("  ".join(f"{k}: {v}" for k, v in summary["outcome"].items()), highlight=False)

@@ -1,6 +1,6 @@
 """The sweep's plot: task score against parameters, p50 latency and $ per million tokens, one panel each, the
 teacher marked, every student with its 95% score interval, the Pareto frontier drawn and the recommended
-student ringed. Written by `distill sweep` (distill.sweep.write_sweep) as RUN_DIR/sweep/sweep.png.
+student ringed. Written by `distill sweep` (distill.size_sweep.write_sweep) as RUN_DIR/sweep/sweep.png.
 """
 
 from __future__ import annotations

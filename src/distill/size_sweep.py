@@ -10,6 +10,8 @@ the same store, all are evaluated on the same held-out prompts, and a rerun skip
 The recommendation is the smallest student whose % of the teacher's score has a 95% lower bound (the paired
 bootstrap of distill.evaluation.stats, stored by `distill eval`) at or above the threshold.
 
+(The module is `size_sweep`, not `sweep`, so that `distill.sweep` stays the public function after any import.)
+
 Run as: `distill sweep cfg.yaml --sizes 3,10,30 --init config --threshold 0.9` (writes RUN_DIR/sweep/).
 """
 
