@@ -1,9 +1,10 @@
 """`distill sweep`: which student to ship. A ladder of student sizes trained on one store, evaluated on one
 held-out set, plotted against the teacher, and the smallest student that keeps enough of the teacher named.
 
-Each size N is a student of teacher params / N parameters: the teacher's architecture with its head_dim, whole
-key/value groups and a valid config, shaped by the minitron chooser (`students.minitron.choose_shape`) for
-`init: config` (fresh weights) and `init: minitron` (cut from the teacher) alike. The students are written into
+Each size N is a student of at most teacher params / N parameters in the teacher's architecture, a valid config
+shaped by the minitron chooser (`students.minitron.choose_shape`): `init: minitron` (cut from the teacher) keeps
+head_dim and drops whole key/value groups; `init: config` (fresh weights) keeps the teacher's query and key/value
+heads and shrinks head_dim (even, for rotary embeddings) with the width. The students are written into
 one ordinary `distill run` config (`students: [x3, x10, ...]`), so generation runs once, every student trains on
 the same store, all are evaluated on the same held-out prompts, and a rerun skips whatever already finished.
 
@@ -114,7 +115,7 @@ def plan_ladder(model_config, sizes: list[float], base: StudentConfig, init: str
         teacher = shape_params(model_config, teacher_shape(model_config))
         fixed = {k: v for k, v in base.config.items() if k in SHAPE_FIELDS}
         probe = StudentConfig(init="minitron", config=fixed, num_layers=base.num_layers if init == "minitron" else None)
-        narrow = narrowest_shape(model_config, probe)
+        narrow = narrowest_shape(model_config, probe, keep_heads=init == "config")
     except ValueError as exc:
         raise ConfigError(f"distill sweep: {str(exc).replace('student.init=minitron', f'--init {init}')}") from None
     floor = shape_params(model_config, narrow)
@@ -125,28 +126,34 @@ def plan_ladder(model_config, sizes: list[float], base: StudentConfig, init: str
             outside = shape_params(model_config, dataclasses.replace(narrow, num_hidden_layers=0))
             raise ConfigError(
                 f"--sizes: {size:g}x asks for {target:,} parameters (teacher {teacher:,} / {size:g}), but the smallest "
-                f"student of this architecture has {floor:,} ({narrow.num_hidden_layers} layer(s), hidden "
-                f"{narrow.hidden_size}; embeddings and head alone: {outside:,}); the largest reachable size is "
+                f"student of this architecture has {floor:,} ({narrow.num_hidden_layers} layer{'s' if narrow.num_hidden_layers > 1 else ''}, hidden "
+                f"{narrow.hidden_size}, {narrow.num_attention_heads} heads; embeddings and head alone: {outside:,}); "
+                "the largest reachable size is "
                 f"{teacher / floor:.1f}x: drop {size:g} from --sizes"
             )
         try:
-            shape = choose_shape(model_config, probe.model_copy(update={"target_params": target}))
+            shape = choose_shape(model_config, probe.model_copy(update={"target_params": target}),
+                                 keep_heads=init == "config")
         except ValueError as exc:
             raise ConfigError(f"--sizes: {size:g}x: {exc}") from None
-        rungs.append(Rung(size, student_name(size), target, dataclasses.asdict(shape), shape_params(model_config, shape)))
+        sizes_of = {k: v for k, v in dataclasses.asdict(shape).items() if v is not None}  # head_dim: None = kept
+        same = next((r for r in rungs if r.shape == sizes_of), None)
+        if same is not None:  # near the floor, neighbouring sizes round to one shape: the same student twice
+            raise ConfigError(f"--sizes: {same.size:g}x and {size:g}x give the same student ({sizes_of}); drop one")
+        rungs.append(Rung(size, student_name(size), target, sizes_of, shape_params(model_config, shape)))
     return teacher, rungs
 
 
 def ladder_students(base: StudentConfig, rungs: list[Rung], init: str, model_config) -> list[StudentConfig]:
     """The base student (its train overrides, calibration, ...) once per rung, with the rung's shape in
-    student.config. `init: config` also pins head_dim to the teacher's (the chooser keeps it while heads drop)."""
+    student.config (for `init: config` over the base's own overrides, head_dim where the family has the field)."""
     students = []
     for rung in rungs:
         config = dict(rung.shape)
         if init == "config":
             config = {**base.config, **config}
-            if getattr(model_config, "head_dim", None):
-                config["head_dim"] = model_config.head_dim
+            if not hasattr(model_config, "head_dim"):  # the family derives it: hidden / heads, as chosen
+                config.pop("head_dim", None)
         students.append(base.model_copy(update={
             "name": rung.name, "init": init, "config": config, "target_params": None, "num_layers": None,
             "layers": None}))
