@@ -15,9 +15,9 @@ from typer.testing import CliRunner
 from distill.config import StudentConfig, load_config
 from distill.errors import ConfigError
 from distill.modeling import count_parameters
+from distill.size_sweep import ladder_students, pareto_frontier, parse_sizes, plan_ladder, recommend
 from distill.students.build import config_student
 from distill.students.minitron import choose_shape
-from distill.size_sweep import ladder_students, pareto_frontier, parse_sizes, plan_ladder, recommend
 
 
 @pytest.fixture(scope="module")
