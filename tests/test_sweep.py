@@ -83,6 +83,21 @@ def test_real_model_shapes_keep_heads_and_the_impossible_size_says_what_is_reach
     assert cut[0].shape["num_attention_heads"] == 3 * cut[0].shape["num_key_value_heads"]
 
 
+def test_refusals_are_one_line_config_errors(tmp_path):
+    from transformers import GPT2Config
+
+    from distill.size_sweep import sweep
+
+    with pytest.raises(ConfigError, match="GPT2Config is not a Llama-style decoder"):
+        plan_ladder(GPT2Config(), [3], StudentConfig(), "config")
+    with pytest.raises(ConfigError, match="--threshold 90: give the fraction"):
+        sweep({"run_dir": str(tmp_path)}, threshold=90)
+    with pytest.raises(ConfigError, match="makes its own students"):
+        sweep({"run_dir": str(tmp_path), "students": [{"name": "a"}]})
+    with pytest.raises(ConfigError, match="--init prune: the sweep shapes students as config or minitron"):
+        sweep({"run_dir": str(tmp_path)}, init="prune")
+
+
 def test_sizes_are_checked():
     assert parse_sizes("10,3,3") == [3.0, 10.0]
     for bad, match in (("3,ten", "not a number"), ("1", "above 1"), ("", "not a number")):

@@ -112,24 +112,30 @@ def plan_ladder(model_config, sizes: list[float], base: StudentConfig, init: str
     )
 
     try:
-        teacher = shape_params(model_config, teacher_shape(model_config))
-        fixed = {k: v for k, v in base.config.items() if k in SHAPE_FIELDS}
-        probe = StudentConfig(init="minitron", config=fixed, num_layers=base.num_layers if init == "minitron" else None)
+        t = teacher_shape(model_config)
+    except ValueError:
+        raise ConfigError(f"teacher.model: {type(model_config).__name__} is not a Llama-style decoder (hidden_size, "
+                          "intermediate_size, num_attention_heads, num_hidden_layers): `distill sweep` cannot shape "
+                          "its students; give each one's student.config and use `distill run`") from None
+    teacher = shape_params(model_config, t)
+    fixed = {k: v for k, v in base.config.items() if k in SHAPE_FIELDS}
+    probe = StudentConfig(init="minitron", config=fixed, num_layers=base.num_layers if init == "minitron" else None)
+    try:
         narrow = narrowest_shape(model_config, probe, keep_heads=init == "config")
-    except ValueError as exc:
-        raise ConfigError(f"distill sweep: {str(exc).replace('student.init=minitron', f'--init {init}')}") from None
+    except ValueError as exc:  # a size fixed in student.config that the teacher does not allow
+        raise ConfigError(str(exc)) from None
     floor = shape_params(model_config, narrow)
     rungs = []
     for size in sizes:
         target = int(teacher // size)
         if target < floor:
             outside = shape_params(model_config, dataclasses.replace(narrow, num_hidden_layers=0))
+            layers = f"{narrow.num_hidden_layers} layer" + ("s" if narrow.num_hidden_layers > 1 else "")
             raise ConfigError(
                 f"--sizes: {size:g}x asks for {target:,} parameters (teacher {teacher:,} / {size:g}), but the smallest "
-                f"student of this architecture has {floor:,} ({narrow.num_hidden_layers} layer{'s' if narrow.num_hidden_layers > 1 else ''}, hidden "
-                f"{narrow.hidden_size}, {narrow.num_attention_heads} heads; embeddings and head alone: {outside:,}); "
-                "the largest reachable size is "
-                f"{teacher / floor:.1f}x: drop {size:g} from --sizes"
+                f"student of this architecture has {floor:,} ({layers}, hidden {narrow.hidden_size}, "
+                f"{narrow.num_attention_heads} heads; embeddings and head alone: {outside:,}); the largest reachable "
+                f"size is {teacher / floor:.1f}x: drop {size:g} from --sizes"
             )
         try:
             shape = choose_shape(model_config, probe.model_copy(update={"target_params": target}),
