@@ -199,6 +199,18 @@ def test_sweep_trains_each_size_on_one_store_and_a_rerun_trains_nothing(tmp_path
     assert weights.stat().st_mtime_ns == mtime
 
 
+def test_default_sizes_leave_out_what_the_teacher_cannot_reach(tmp_path, teacher_dir):
+    from distill.size_sweep import sweep_config
+
+    cfg = load_config({"run_dir": str(tmp_path), "teacher": {"model": str(teacher_dir)},
+                       "student": {"train": {"max_steps": 7}}})
+    run_cfg, plan = sweep_config(cfg, None)
+    assert [s.name for s in run_cfg.students] == ["x3", "x10", "x30"]
+    assert all(s.init == "config" and s.train == {"max_steps": 7} for s in run_cfg.students)
+    assert plan["dropped"] == [plan["dropped"][0]] and "100x asks for 2,028" in plan["dropped"][0]
+    assert plan["dropped"][0].endswith("the largest reachable size is 38.5x")
+
+
 def test_cli_impossible_size_is_one_line(tmp_path, teacher_dir):
     from distill.cli import app
 

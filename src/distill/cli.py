@@ -174,7 +174,8 @@ def run(
 def sweep(
     config: Path = CONFIG_ARG,
     overrides: Optional[List[str]] = OVERRIDES_ARG,
-    sizes: str = typer.Option("3,10,30,100", "--sizes", help="how many times smaller than the teacher, comma-separated"),
+    sizes: Optional[str] = typer.Option(None, "--sizes", help="how many times smaller than the teacher, comma-"
+                                        "separated (default: 3,10,30,100, those the teacher's shape can reach)"),
     init: Optional[str] = typer.Option(None, "--init", help="config (fresh) | minitron (cut from the teacher); "
                                        "default: student.init when it is one of them, else config"),
     threshold: float = typer.Option(0.9, "--threshold", help="fraction of the teacher's score the shipped student "

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -99,13 +100,14 @@ class Rung:
         return dataclasses.asdict(self)
 
 
-def plan_ladder(model_config, sizes: list[float], base: StudentConfig, init: str) -> tuple[int, list[Rung]]:
+def plan_ladder(model_config, sizes: list[float], base: StudentConfig, init: str,
+                dropped: list[str] | None = None) -> tuple[int, list[Rung]]:
     """(teacher params, one Rung per size): the shape `choose_shape` picks for teacher params / size, keeping
-    the shape fields fixed in student.config (e.g. a depth). A size no student can reach is a ConfigError naming
-    the largest size that can be reached."""
+    the shape fields fixed in student.config (e.g. a depth). A size no student can reach (or one giving the same
+    student as a larger size) is a ConfigError naming the largest size that can be reached; with `dropped` (the
+    default ladder, which the user did not choose) it is left out and the reason appended there instead."""
     from distill.students.minitron import (
         SHAPE_FIELDS,
-        choose_shape,
         narrowest_shape,
         shape_params,
         teacher_shape,
@@ -127,27 +129,40 @@ def plan_ladder(model_config, sizes: list[float], base: StudentConfig, init: str
     floor = shape_params(model_config, narrow)
     rungs = []
     for size in sizes:
-        target = int(teacher // size)
-        if target < floor:
-            outside = shape_params(model_config, dataclasses.replace(narrow, num_hidden_layers=0))
-            layers = f"{narrow.num_hidden_layers} layer" + ("s" if narrow.num_hidden_layers > 1 else "")
-            raise ConfigError(
-                f"--sizes: {size:g}x asks for {target:,} parameters (teacher {teacher:,} / {size:g}), but the smallest "
-                f"student of this architecture has {floor:,} ({layers}, hidden {narrow.hidden_size}, "
-                f"{narrow.num_attention_heads} heads; embeddings and head alone: {outside:,}); the largest reachable "
-                f"size is {teacher / floor:.1f}x: drop {size:g} from --sizes"
-            )
         try:
-            shape = choose_shape(model_config, probe.model_copy(update={"target_params": target}),
-                                 keep_heads=init == "config")
-        except ValueError as exc:
-            raise ConfigError(f"--sizes: {size:g}x: {exc}") from None
-        sizes_of = {k: v for k, v in dataclasses.asdict(shape).items() if v is not None}  # head_dim: None = kept
-        same = next((r for r in rungs if r.shape == sizes_of), None)
-        if same is not None:  # near the floor, neighbouring sizes round to one shape: the same student twice
-            raise ConfigError(f"--sizes: {same.size:g}x and {size:g}x give the same student ({sizes_of}); drop one")
-        rungs.append(Rung(size, student_name(size), target, sizes_of, shape_params(model_config, shape)))
+            rungs.append(_rung(model_config, size, teacher, floor, narrow, probe, init, rungs))
+        except ConfigError as exc:
+            if dropped is None:
+                raise
+            dropped.append(re.sub(r"[:;] drop .*$", "", str(exc).removeprefix("--sizes: ")))
     return teacher, rungs
+
+
+def _rung(model_config, size: float, teacher: int, floor: int, narrow, probe: StudentConfig, init: str,
+          rungs: list[Rung]) -> Rung:
+    """One size's rung: a ConfigError when no student reaches it or it gives the same student as `rungs` do."""
+    from distill.students.minitron import choose_shape, shape_params
+
+    target = int(teacher // size)
+    if target < floor:
+        outside = shape_params(model_config, dataclasses.replace(narrow, num_hidden_layers=0))
+        layers = f"{narrow.num_hidden_layers} layer" + ("s" if narrow.num_hidden_layers > 1 else "")
+        raise ConfigError(
+            f"--sizes: {size:g}x asks for {target:,} parameters (teacher {teacher:,} / {size:g}), but the smallest "
+            f"student of this architecture has {floor:,} ({layers}, hidden {narrow.hidden_size}, "
+            f"{narrow.num_attention_heads} heads; embeddings and head alone: {outside:,}); the largest reachable "
+            f"size is {teacher / floor:.1f}x: drop {size:g} from --sizes"
+        )
+    try:
+        shape = choose_shape(model_config, probe.model_copy(update={"target_params": target}),
+                             keep_heads=init == "config")
+    except ValueError as exc:
+        raise ConfigError(f"--sizes: {size:g}x: {exc}") from None
+    sizes_of = {k: v for k, v in dataclasses.asdict(shape).items() if v is not None}  # head_dim: None = kept
+    same = next((r for r in rungs if r.shape == sizes_of), None)
+    if same is not None:  # near the floor, neighbouring sizes round to one shape: the same student twice
+        raise ConfigError(f"--sizes: {same.size:g}x and {size:g}x give the same student ({sizes_of}); drop one")
+    return Rung(size, student_name(size), target, sizes_of, shape_params(model_config, shape))
 
 
 def ladder_students(base: StudentConfig, rungs: list[Rung], init: str, model_config) -> list[StudentConfig]:
@@ -166,8 +181,10 @@ def ladder_students(base: StudentConfig, rungs: list[Rung], init: str, model_con
     return students
 
 
-def sweep_config(cfg: Config, sizes: list[float], init: str | None = None) -> tuple[Config, dict[str, Any]]:
-    """The `distill run` config of the sweep (students: one per size) and its plan (teacher params, rungs)."""
+def sweep_config(cfg: Config, sizes: str | list[float] | None = None, init: str | None = None
+                 ) -> tuple[Config, dict[str, Any]]:
+    """The `distill run` config of the sweep (students: one per size) and its plan (teacher params, rungs, and the
+    default sizes left out as unreachable: `sizes` None means 3,10,30,100 as far as the teacher allows)."""
     if cfg.students:
         raise ConfigError("students: `distill sweep` makes its own students from `student` (one per size); "
                           "remove the students list or use `distill run`")
@@ -175,10 +192,16 @@ def sweep_config(cfg: Config, sizes: list[float], init: str | None = None) -> tu
     if init not in INITS:
         raise ConfigError(f"--init {init}: the sweep shapes students as {' or '.join(INITS)}")
     model_config = _model_config(_base_model(cfg, init), cfg.teacher.trust_remote_code)
-    teacher_params, rungs = plan_ladder(model_config, parse_sizes(sizes), cfg.student, init)
+    dropped: list[str] | None = [] if sizes is None else None
+    teacher_params, rungs = plan_ladder(model_config, parse_sizes(DEFAULT_SIZES if sizes is None else sizes),
+                                        cfg.student, init, dropped)
+    if not rungs:
+        raise ConfigError(f"--sizes: none of the default sizes can be reached ({'; '.join(dropped or [])}); "
+                          "give smaller ones")
     students = ladder_students(cfg.student, rungs, init, model_config)
     run_cfg = load_config({**cfg.model_dump(mode="json"), "students": [s.model_dump(mode="json") for s in students]})
-    return run_cfg, {"init": init, "teacher_params": teacher_params, "rungs": [r.as_dict() for r in rungs]}
+    return run_cfg, {"init": init, "teacher_params": teacher_params, "rungs": [r.as_dict() for r in rungs],
+                     "dropped": dropped or []}
 
 
 # ---------------------------------------------------------------- the verdict of the sweep
@@ -323,7 +346,8 @@ def write_sweep(run_dir: Path, results: dict[str, Any], plan: dict[str, Any], th
     out.mkdir(parents=True, exist_ok=True)
     rows = sweep_rows(results, plan)
     rec = recommend(rows, threshold)
-    warnings = [w for w in [precision_warning(rows)] if w]
+    warnings = [f"left out of the default sizes: {d}" for d in plan.get("dropped", [])]
+    warnings += [w for w in [precision_warning(rows)] if w]
     warnings += [f"{r['name']} collapsed: {'; '.join(r['collapse_reasons'])}" for r in rows if r.get("collapsed")]
     frontier = {k: pareto_frontier(rows, k) for k in AXES}
     plot = plot_sweep(rows, frontier, rec["recommended"], metric_name(results["metric"]), out / "sweep.png")
@@ -335,7 +359,7 @@ def write_sweep(run_dir: Path, results: dict[str, Any], plan: dict[str, Any], th
     return summary
 
 
-def sweep(config: Config | str | Path | dict, sizes: str | list[float] = DEFAULT_SIZES, init: str | None = None,
+def sweep(config: Config | str | Path | dict, sizes: str | list[float] | None = None, init: str | None = None,
           threshold: float = DEFAULT_THRESHOLD, overrides: list[str] | None = None, force: bool = False) -> dict:
     """Train, evaluate and compare one student per size; returns the summary written to RUN_DIR/sweep/sweep.json
     (with 'outcome': which pipeline stages ran). `init`: config | minitron (default: student.init when it is one
