@@ -362,8 +362,9 @@ def write_sweep(run_dir: Path, results: dict[str, Any], plan: dict[str, Any], th
 def sweep(config: Config | str | Path | dict, sizes: str | list[float] | None = None, init: str | None = None,
           threshold: float = DEFAULT_THRESHOLD, overrides: list[str] | None = None, force: bool = False) -> dict:
     """Train, evaluate and compare one student per size; returns the summary written to RUN_DIR/sweep/sweep.json
-    (with 'outcome': which pipeline stages ran). `init`: config | minitron (default: student.init when it is one
-    of them, else config)."""
+    (with 'outcome': which pipeline stages ran). `sizes`: '3,10,30' or a list (default: 3, 10, 30, 100, leaving
+    out those the teacher's shape cannot reach); `init`: config | minitron (default: student.init when it is one
+    of them, else config); `threshold`: the fraction of the teacher's score to keep at the 95% lower bound."""
     from distill.pipeline import run
 
     if not 0 < threshold <= 2:
