@@ -153,6 +153,14 @@ def test_damaged_shard_advice_is_true(tmp_path, teacher_dir, prompts_file):
     with pytest.raises(StoreError, match="remove it and rerun") as err:
         generate(cfg)
     assert str(bad) in str(err.value)
+    from typer.testing import CliRunner
+
+    from distill.cli import app
+    from distill.config import save_config
+
+    save_config(cfg, tmp_path / "cfg.yaml")
+    res = CliRunner().invoke(app, ["generate", str(tmp_path / "cfg.yaml")])
+    assert res.exit_code == 2 and "remove it and rerun" in res.output and "Traceback" not in res.output  # user's to fix
     kept = {p.name for p in shard_files(store) if p != bad}
     bad.unlink()
     generate(cfg)

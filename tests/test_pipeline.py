@@ -180,7 +180,7 @@ def test_operational_changes_rerun_nothing_and_keep_checkpoints(run_cfg, tmp_pat
     ckpt = tmp_path / "run" / "checkpoints" / "pruned" / "checkpoint-1"
     changed = load_config(run_cfg.model_dump(mode="json"), [
         "generate.batch_size=2", "generate.shard_rows=3", "teacher.timeout=7", "teacher.max_concurrency=2",
-        "train.threads=1", "train.logging_steps=5", "train.save_steps=9", "train.report_to=[tensorboard]"])
+        "train.threads=1", "train.logging_steps=5", "train.save_steps=9", "train.report_to=[all]"])
     assert set(run(changed).values()) == {"skipped"}
     assert ckpt.is_dir() and calls["train"] == ["run:pruned", "run:small"]
 

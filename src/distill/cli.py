@@ -116,7 +116,8 @@ def generate(
         path = run_generate(cfg)
     except (TeacherError, StoreError) as exc:
         console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)  # one line, even when long
-        raise typer.Exit(1) from None
+        # an unreachable teacher may come back (1: retry later); a damaged or locked store is the user's to fix (2)
+        raise typer.Exit(1 if isinstance(exc, TeacherError) else 2) from None
     s = store_stats(path)
     per = f"{s['bytes_per_entry']:.2f} bytes per (token, k) entry (k={s['k']})" if s["bytes_per_entry"] else "no top-k"
     console.print(f"store: {s['rows']} rows, {s['tokens']} tokens, {s['bytes'] / 1e6:.2f} MB in {s['shards']} "
