@@ -96,6 +96,10 @@ def test_refusals_are_one_line_config_errors(tmp_path):
         sweep({"run_dir": str(tmp_path), "students": [{"name": "a"}]})
     with pytest.raises(ConfigError, match="--init prune: the sweep shapes students as config or minitron"):
         sweep({"run_dir": str(tmp_path)}, init="prune")
+    with pytest.raises(ConfigError, match="teacher.model: `distill sweep` shapes students from the teacher.s config"):
+        sweep({"run_dir": str(tmp_path)})
+    with pytest.raises(ConfigError, match="student.model: cannot read the config of /nowhere"):
+        sweep({"run_dir": str(tmp_path), "teacher": {"model": "m"}, "student": {"model": "/nowhere"}})
 
 
 def test_sizes_are_checked():

@@ -63,17 +63,18 @@ def student_name(size: float) -> str:
     return f"x{size:g}"
 
 
-def _base_model(cfg: Config, init: str) -> str:
-    """The model whose architecture the students take: student.model for `init: config` when given, else the
-    teacher (minitron always cuts the teacher)."""
-    base = (cfg.student.model if init == "config" else None) or cfg.teacher.model
-    if not base:
+def _base_model(cfg: Config, init: str) -> tuple[str, str]:
+    """(the model whose architecture the students take, its config key): student.model for `init: config` when
+    given (an API teacher's stand-in; sizes are then relative to it), else the teacher (minitron cuts it)."""
+    if init == "config" and cfg.student.model:
+        return cfg.student.model, "student.model"
+    if not cfg.teacher.model:
         raise ConfigError("teacher.model: `distill sweep` shapes students from the teacher's config; set "
                           "teacher.model (or student.model for init=config with an API teacher)")
-    return base
+    return cfg.teacher.model, "teacher.model"
 
 
-def _model_config(path: str, trust_remote_code: bool):
+def _model_config(path: str, key: str, trust_remote_code: bool):
     from transformers import AutoConfig
 
     p = Path(path)
@@ -82,7 +83,7 @@ def _model_config(path: str, trust_remote_code: bool):
             return AutoConfig.from_pretrained(str(p.parent), gguf_file=p.name)
         return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"teacher.model: cannot read the config of {path} to shape the sweep's students "
+        raise ConfigError(f"{key}: cannot read the config of {path} to shape the sweep's students "
                           f"({str(exc).splitlines()[0][:200]})") from None
 
 
@@ -191,7 +192,7 @@ def sweep_config(cfg: Config, sizes: str | list[float] | None = None, init: str 
     init = init or (cfg.student.init if cfg.student.init in INITS else "config")
     if init not in INITS:
         raise ConfigError(f"--init {init}: the sweep shapes students as {' or '.join(INITS)}")
-    model_config = _model_config(_base_model(cfg, init), cfg.teacher.trust_remote_code)
+    model_config = _model_config(*_base_model(cfg, init), cfg.teacher.trust_remote_code)
     dropped: list[str] | None = [] if sizes is None else None
     teacher_params, rungs = plan_ladder(model_config, parse_sizes(DEFAULT_SIZES if sizes is None else sizes),
                                         cfg.student, init, dropped)
