@@ -7,7 +7,8 @@ def test_public_api_are_functions_even_after_submodule_imports():
 
     stage_modules = {"train": "training.train", "run": "pipeline", "demo": "recipes.demo",
                      "generate": "teachers.generate", "evaluate": "evaluation.evaluate",
-                     "report": "reporting.report", "export": "exporting.export", "serve": "serving.serve"}
+                     "report": "reporting.report", "export": "exporting.export", "serve": "serving.serve",
+                     "sweep": "size_sweep"}
     for name, module in stage_modules.items():
         importlib.import_module(f"distill.{module}")
         assert inspect.isfunction(getattr(distill, name)), name

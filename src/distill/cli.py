@@ -176,6 +176,31 @@ def run(
 
 @app.command()
 @main_guard
+def sweep(
+    config: Path = CONFIG_ARG,
+    overrides: Optional[List[str]] = OVERRIDES_ARG,
+    sizes: Optional[str] = typer.Option(None, "--sizes", help="how many times smaller than the teacher, comma-"
+                                        "separated (default: 3,10,30,100, those the teacher's shape can reach)"),
+    init: Optional[str] = typer.Option(None, "--init", help="config (fresh) | minitron (cut from the teacher); "
+                                       "default: student.init when it is one of them, else config"),
+    threshold: float = typer.Option(0.9, "--threshold", help="fraction of the teacher's score the shipped student "
+                                    "must keep at the 95% lower bound"),
+    force: bool = typer.Option(False, "--force", help="rerun every stage even when its inputs are unchanged"),
+) -> None:
+    """Which student to ship: one student per size on one store, all evaluated on the same held-out prompts,
+    score vs parameters / latency / $ per M tokens in RUN_DIR/sweep/, and the smallest that keeps enough."""
+    from distill.size_sweep import sweep as run_sweep
+
+    summary = run_sweep(_config(config, overrides), sizes=sizes, init=init, threshold=threshold, force=force)
+    console.print("  ".join(f"{k}: {v}" for k, v in summary["outcome"].items()), highlight=False)
+    for warning in summary["warnings"]:
+        console.print(f"[bold yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
+    print(summary["recommendation"]["text"])
+    print(summary["markdown"])
+
+
+@app.command()
+@main_guard
 def demo(
     quick: bool = typer.Option(False, "--quick", help="a fast smoke run (tiny data, a few steps)"),
     run_dir: Path = typer.Option(Path("runs/demo"), help="where every artifact goes"),

@@ -18,6 +18,8 @@ head_dim is kept: the kept heads are the teacher's heads, unchanged.
 Shape (`choose_shape`): the sizes given, the others scaled down together to fit student.target_params, each a
 valid config (hidden a multiple of the heads, whole key/value groups; checked with the family's own config
 validation, at preflight too), widths no narrower than MIN_WIDTH of the teacher's while layers can go instead.
+`distill sweep` shapes its fresh (`init: config`) students with the same search, keeping the teacher's heads
+and shrinking head_dim instead (`keep_heads`).
 
 Run as: `distill train cfg.yaml student.init=minitron student.target_params=100000`.
 """
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import math
 import re
 from dataclasses import dataclass
@@ -56,6 +59,7 @@ class Shape:
     num_attention_heads: int
     num_key_value_heads: int
     num_hidden_layers: int
+    head_dim: int | None = None  # None: the teacher's (minitron keeps it; a fresh student may shrink it)
 
 
 @dataclass
@@ -237,7 +241,7 @@ def student_config(teacher_config, shape: Shape, kept_layers: list[int]):
     head_dim = _head_dim(teacher_config)
     for name in SHAPE_FIELDS:
         setattr(cfg, name, getattr(shape, name))
-    cfg.head_dim = head_dim
+    cfg.head_dim = shape.head_dim or head_dim
     for name, value in list(vars(cfg).items()):  # per-layer lists, e.g. layer_types for sliding windows
         if isinstance(value, list) and len(value) == n_teacher and name != "architectures":
             setattr(cfg, name, [value[i] for i in kept_layers])
@@ -287,6 +291,18 @@ def _scaled(t: Shape, fixed: dict[str, int], s: float, layers: int) -> Shape:
     )
 
 
+def _scaled_keeping_heads(t: Shape, fixed: dict[str, int], s: float, layers: int) -> Shape:
+    """The teacher's shape with hidden and MLP widths not in `fixed` scaled by `s`, its query and key/value heads
+    kept and head_dim = hidden / heads shrinking with the width (even, for rotary embeddings): for a fresh
+    student, which copies no head and so need not keep their size."""
+    heads = fixed.get("num_attention_heads", t.num_attention_heads)
+    kv = fixed.get("num_key_value_heads", heads // (t.num_attention_heads // t.num_key_value_heads))
+    step = _hidden_step(2 * heads, t.hidden_size)
+    hidden = fixed.get("hidden_size") or _round_width(s * t.hidden_size, t.hidden_size // step * step, step)
+    intermediate = fixed.get("intermediate_size") or _round_width(s * t.intermediate_size, t.intermediate_size)
+    return Shape(hidden, intermediate, heads, kv, layers, head_dim=hidden // heads)
+
+
 def _fixed_sizes(t: Shape, cfg: StudentConfig) -> dict[str, int]:
     """The sizes given in student.config / student.num_layers, checked against the teacher."""
     unknown = sorted(set(cfg.config) - set(SHAPE_FIELDS))
@@ -309,19 +325,21 @@ def _fixed_sizes(t: Shape, cfg: StudentConfig) -> dict[str, int]:
     return fixed
 
 
-def choose_shape(teacher_config, cfg: StudentConfig) -> Shape:
+def choose_shape(teacher_config, cfg: StudentConfig, keep_heads: bool = False) -> Shape:
     """The student's shape: the sizes given in student.config / student.num_layers, and the other widths
     scaled down together to the largest model within student.target_params. Depth is kept while the widths
     stay at MIN_WIDTH of the teacher's or more (Minitron prefers width pruning); past that a layer is dropped
     rather than shrinking every MLP to a few channels (with one layer left, or a depth given, widths go lower).
-    The result is checked as a config (`check_student_shape`)."""
+    The result is checked as a config (`check_student_shape`). `keep_heads` (fresh students of `distill sweep`):
+    the teacher's heads are kept and head_dim shrinks instead of whole key/value groups being dropped."""
     t = teacher_shape(teacher_config)
     fixed = _fixed_sizes(t, cfg)
+    scaled = functools.partial(_scaled_keeping_heads if keep_heads else _scaled, t, fixed)
     if cfg.target_params is None:
         if not fixed:
             raise ValueError("student.init=minitron needs student.target_params or sizes in student.config "
                              f"({', '.join(SHAPE_FIELDS)})")
-        shape = _scaled(t, fixed, 1.0, fixed.get("num_hidden_layers", t.num_hidden_layers))
+        shape = scaled(1.0, fixed.get("num_hidden_layers", t.num_hidden_layers))
         check_student_shape(teacher_config, shape)
         return shape
     sizes: dict[Shape, int] = {}
@@ -334,19 +352,31 @@ def choose_shape(teacher_config, cfg: StudentConfig) -> Shape:
     depths = [fixed["num_hidden_layers"]] if "num_hidden_layers" in fixed else range(t.num_hidden_layers, 0, -1)
     for layers in depths:
         lo = MIN_WIDTH if len(depths) > 1 and layers > 1 else 0.0
-        if not fits(_scaled(t, fixed, lo, layers)):
+        if not fits(scaled(lo, layers)):
             continue  # even the narrowest model allowed at this depth is too big
         hi = 1.0
         for _ in range(20):  # bisection: parameters grow with the width factor
             mid = (lo + hi) / 2
-            lo, hi = (mid, hi) if fits(_scaled(t, fixed, mid, layers)) else (lo, mid)
-        shape = _scaled(t, fixed, lo, layers)
+            lo, hi = (mid, hi) if fits(scaled(mid, layers)) else (lo, mid)
+        shape = scaled(lo, layers)
         check_student_shape(teacher_config, shape)
         return shape
     raise ValueError(
-        f"student.target_params={cfg.target_params}: even the narrowest student ({_scaled(t, fixed, 0.0, 1)}) is "
-        "larger; raise the target or give smaller sizes in student.config"
+        f"student.target_params={cfg.target_params}: even the narrowest student "
+        f"({narrowest_shape(teacher_config, cfg, keep_heads)}) "
+        "is larger; raise the target or give smaller sizes in student.config"
     )
+
+
+def narrowest_shape(teacher_config, cfg: StudentConfig, keep_heads: bool = False) -> Shape:
+    """The smallest shape `choose_shape` can reach with the sizes given in student.config: every other width at
+    its floor (one key/value group, or with `keep_heads` a head_dim of 2; 8 MLP channels) and one layer unless a
+    depth is given. Its parameters bound the largest compression a target can ask for (the embeddings alone are
+    often most of it)."""
+    t = teacher_shape(teacher_config)
+    fixed = _fixed_sizes(t, cfg)
+    scaled = _scaled_keeping_heads if keep_heads else _scaled
+    return scaled(t, fixed, 0.0, fixed.get("num_hidden_layers", 1))
 
 
 # ---------------------------------------------------------------- cutting the weights
