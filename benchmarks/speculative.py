@@ -49,7 +49,7 @@ def main() -> None:
     records = load_records(args.prompts, data, limit=args.n)
     with_template = uses_template(tok, data)
     ids = [encode_prompt(tok, render_prompt(r, tok, data), with_template) for r in records]
-    eos = eos_token_ids(tok, teacher.generation_config, teacher.config)
+    eos = eos_token_ids(teacher, tok)
     t_params = sum(p.numel() for p in teacher.parameters())
     d_params = sum(p.numel() for p in draft.parameters())
     print(f"teacher {t_params:,} params, draft {d_params:,} ({t_params / d_params:.1f}x smaller), "
