@@ -26,7 +26,16 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from distill.losses.fused import LinearLogits, chunk_loss, cut_vocab, fused_token_sum, gather_rows, take_grads
+from distill.losses.fused import (
+    LinearLogits,
+    Term,
+    chunk_loss,
+    cut_vocab,
+    fused_terms,
+    fused_token_sum,
+    gather_rows,
+    take_grads,
+)
 from distill.losses.registry import LogitSettings, LossParams, NoParams, logit_loss
 from distill.losses.vocab import check_sparse_ids, common_vocab, student_vocab
 from distill.signals import SparseSignal
@@ -248,21 +257,32 @@ class _ChunkedTokenSum(torch.autograd.Function):
         return (grad, None, None, None, None, None, None)
 
 
-def token_sum(
+def finish(total: torch.Tensor, count: int, settings: LogitSettings) -> torch.Tensor:
+    """Normalise a token sum (global or local count) and scale by T^2 unless turned off."""
+    loss = normalise(total, count, settings.num_items_in_batch)
+    return loss * settings.temperature**2 if settings.scale_temperature else loss
+
+
+def token_loss(
     token_fn: TokenFn,
     student_logits: torch.Tensor | LinearLogits,
     payload: tuple[torch.Tensor | LinearLogits, ...],
     mask: torch.Tensor | None,
     vocab: int,
-    chunk_size: int | None,
-) -> tuple[torch.Tensor, int]:
-    """Sum token_fn over counted tokens -> (scalar fp32 sum, number of counted tokens).
+    settings: LogitSettings,
+) -> torch.Tensor:
+    """The end of every logit loss: token_fn summed over the counted tokens, normalised, T^2.
 
     student_logits: (batch, seq, vocab_full) logits, or a `LinearLogits` (hidden states + lm_head, projected per
     chunk inside the loss: the fused path); payload: teacher tensors shaped (batch, seq, ...) or LinearLogits,
     indexed with the same tokens; only the first `vocab` student rows are used. Masked tokens are dropped
-    before anything is computed on them.
+    before anything is computed on them. Inside `shared_projection()`, a LinearLogits student's loss is deferred
+    to the shared pass (which projects each chunk once for all the losses) and a zero placeholder is returned.
     """
+    shared = _SHARED.get()
+    if shared is not None and isinstance(student_logits, LinearLogits):
+        return shared.add(token_fn, student_logits, payload, mask, vocab, settings)
+    chunk_size = settings.chunk_size
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}")
     b_idx, s_idx = select_tokens(mask, student_logits.shape)
@@ -275,13 +295,109 @@ def token_sum(
         total = token_fn(rows, *[gather_rows(p, b_idx, s_idx) for p in payload]).sum()
     else:
         total = _ChunkedTokenSum.apply(student_logits, b_idx, s_idx, vocab, chunk_size, token_fn, payload)
-    return total, int(b_idx.numel())
+    return finish(total, int(b_idx.numel()), settings)
 
 
-def finish(total: torch.Tensor, count: int, settings: LogitSettings) -> torch.Tensor:
-    """Normalise a token sum (global or local count) and scale by T^2 unless turned off."""
-    loss = normalise(total, count, settings.num_items_in_batch)
-    return loss * settings.temperature**2 if settings.scale_temperature else loss
+class SharedProjection:
+    """The fused logit losses of one training step, run in one pass that projects each chunk through lm_head once.
+
+    forward_kl + cross_entropy (the default recipe) would otherwise project the student's counted tokens twice
+    (and an online teacher's twice). Losses called inside `with shared_projection() as shared:` register their
+    per-token function (`add`) under the current `component(key, weight)` and return 0; `run()` then returns the
+    weighted total (with gradient) and each component's value (detached, for logging).
+    """
+
+    def __init__(self) -> None:
+        # (student, term, counted (batch, seq) mask, component key, component weight, chunk_size)
+        self._terms: list[tuple[LinearLogits, Term, torch.Tensor, object, float, int | None]] = []
+        self._key: object = None
+        self._weight = 1.0
+        self._scale = 1.0
+
+    @contextlib.contextmanager
+    def _using(self, **state: object) -> Iterator[None]:
+        saved = {name: getattr(self, name) for name in state}
+        self.__dict__.update(state)
+        try:
+            yield
+        finally:
+            self.__dict__.update(saved)
+
+    def component(self, key: object, weight: float = 1.0) -> contextlib.AbstractContextManager[None]:
+        """Losses called in here count towards component `key`, weighted by `weight` in the total."""
+        return self._using(_key=key, _weight=weight)
+
+    def scaled(self, factor: float) -> contextlib.AbstractContextManager[None]:
+        """Losses called in here are multiplied by `factor`, in the component's value too (per-example weights)."""
+        return self._using(_scale=self._scale * factor)
+
+    def add(self, token_fn: TokenFn, student: LinearLogits, payload: tuple, mask: torch.Tensor | None, vocab: int,
+            settings: LogitSettings) -> torch.Tensor:  # fmt: skip
+        if settings.chunk_size is not None and settings.chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1 or None, got {settings.chunk_size}")
+        b_idx, _ = select_tokens(mask, student.shape)
+        counted = torch.zeros(student.shape[:2], dtype=torch.bool, device=student.device)
+        if mask is None:
+            counted[:] = True
+        else:
+            counted |= mask.bool().to(student.device)
+        scale = finish(torch.ones((), device=student.device), int(b_idx.numel()), settings) * self._scale
+        payload = tuple(p.detach() for p in payload)
+        term = Term(token_fn, payload, None, vocab, scale)
+        self._terms.append((student, term, counted, self._key, self._weight, settings.chunk_size))
+        return torch.zeros((), device=student.device)
+
+    def run(self) -> tuple[torch.Tensor | None, dict]:
+        """(weighted total of the deferred losses, with gradient, or None when there were none;
+        {component key: its deferred value, detached})."""
+        total, values = None, {}
+        groups: dict[tuple, list] = {}
+        for entry in self._terms:
+            student = entry[0]
+            groups.setdefault((id(student.hidden), id(student.weight), id(student.bias), entry[5]), []).append(entry)
+        for entries in groups.values():
+            student, chunk_size = entries[0][0], entries[0][5]
+            union = torch.zeros_like(entries[0][2])
+            for _, _, counted, *_ in entries:
+                union |= counted
+            b_idx, s_idx = union.nonzero(as_tuple=True)
+            terms = []
+            for _, term, counted, _, weight, _ in entries:
+                member = counted[b_idx, s_idx]
+                terms.append(Term(term.token_fn, term.payload, None if bool(member.all()) else member, term.vocab,
+                                  term.coef * weight))  # fmt: skip
+            part, sums = fused_terms(student, b_idx, s_idx, terms, chunk_size)
+            total = part if total is None else total + part
+            for (_, term, _, key, _, _), value in zip(entries, sums):
+                values[key] = values.get(key, 0.0) + (term.coef * value).detach()
+        self._terms.clear()
+        return total, values
+
+
+_SHARED: contextvars.ContextVar[SharedProjection | None] = contextvars.ContextVar("distill_shared", default=None)
+
+
+@contextlib.contextmanager
+def shared_scale(factor: float) -> Iterator[None]:
+    """Inside shared_projection(): the deferred losses called in here count `factor` times (a caller that
+    multiplies a loss's returned value by `factor` gets 0 x factor from the placeholder); outside: nothing."""
+    shared = _SHARED.get()
+    if shared is None:
+        yield
+        return
+    with shared.scaled(factor):
+        yield
+
+
+@contextlib.contextmanager
+def shared_projection() -> Iterator[SharedProjection]:
+    """Defer the fused logit losses called inside to one shared pass (see SharedProjection)."""
+    shared = SharedProjection()
+    token = _SHARED.set(shared)
+    try:
+        yield shared
+    finally:
+        _SHARED.reset(token)
 
 
 def divergence_loss(
@@ -344,8 +460,7 @@ def divergence_loss(
             f"teacher must be dense float logits or a SparseSignal, got {type(teacher).__name__}"
             + (f" of dtype {teacher.dtype}" if isinstance(teacher, torch.Tensor) else "")
         )
-    total, count = token_sum(token_fn, student_logits, payload, mask, vocab, chunk_size=settings.chunk_size)
-    return finish(total, count, settings)
+    return token_loss(token_fn, student_logits, payload, mask, vocab, settings)
 
 
 def divergence(name: str, params: type[LossParams | NoParams] = NoParams) -> Callable[[Divergence], Callable]:
