@@ -23,8 +23,12 @@ import torch.nn.functional as F
 
 # Largest chunk of logits the fused path holds, in elements (32 MB in fp32): chunk_size tokens at most, fewer at
 # large vocabularies (170 tokens at 49k, 55 at 152k), as Liger sizes its chunks by vocab / hidden. Smaller chunks
-# cost no speed on CPU (measured: 128 vs 1024 tokens at 49k, benchmarks/fused_loss.py) and bound the peak.
+# cost no speed on CPU (measured at 152k: 55 vs 384 tokens, benchmarks/fused_loss.py; the matmuls stay
+# compute-bound at 55 rows) and bound the peak.
 CHUNK_ELEMENTS = 2**23
+# Tokens per loss chunk unless configured: the one default of `distill train` (train.chunk_size) and of
+# DistillationTrainer(chunk_size=...); CHUNK_ELEMENTS lowers it at large vocabularies.
+DEFAULT_CHUNK_SIZE = 1024
 
 
 @dataclass
@@ -173,8 +177,7 @@ class _FusedLinearTerms(torch.autograd.Function):
         # bf16 / fp16 weights: their gradients are summed over chunks in fp32 (one rounding at the end, as one
         # big matmul would give), at the price of a weight-sized fp32 buffer
         acc = torch.float32 if weight.dtype in (torch.bfloat16, torch.float16) else weight.dtype
-        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
-        grad_b = torch.zeros(bias.shape, dtype=acc, device=bias.device) if need_b else None
+        grad_w = grad_b = None  # the first chunk's product, then summed into (no weight-sized zero fill)
         total = torch.zeros(
             (), dtype=torch.float64 if weight.dtype == torch.float64 else torch.float32, device=hidden.device
         )
@@ -185,14 +188,20 @@ class _FusedLinearTerms(torch.autograd.Function):
                                  [], need_h or need_w or need_b)  # fmt: skip
             if grad_h is not None:
                 grad_h[b, s] = (g @ weight).to(grad_h.dtype)
-            if grad_w is not None and acc == weight.dtype:
+            if need_w and grad_w is None:
+                grad_w = (g.t() @ h).to(acc)
+            elif need_w and acc == weight.dtype:
                 grad_w.addmm_(g.t(), h)
-            elif grad_w is not None:
+            elif need_w:
                 grad_w.add_(g.t() @ h)
-            if grad_b is not None:
-                grad_b.add_(g.sum(0))
+            if need_b:
+                grad_b = g.sum(0).to(acc) if grad_b is None else grad_b.add_(g.sum(0))
             total += loss
             del h, loss, g
+        if need_w and grad_w is None:  # no token counted
+            grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device)
+        if need_b and grad_b is None:
+            grad_b = torch.zeros(bias.shape, dtype=acc, device=bias.device)
         ctx.grads = (grad_h, grad_w, grad_b)
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         return total
