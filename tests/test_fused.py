@@ -201,16 +201,19 @@ def test_trainer_fused_equals_plain_and_never_holds_tokens_x_vocab(tmp_path, sig
     assert fused[2] < tokens_x_vocab / 2  # ... the fused one at most a chunk's, and weight-sized gradients
 
 
-def test_fused_is_the_default_and_chunked_at_large_vocabularies(tmp_path):
+def test_fused_and_one_chunk_size_are_the_default_of_distill_train_and_the_trainer(tmp_path):
+    """One chunk-size default everywhere (issue 20: the Trainer's default, unchunked, differed from distill train's)."""
     from test_compute_loss import make_trainer
 
     from distill.config import load_config
+    from distill.losses.fused import DEFAULT_CHUNK_SIZE
     from distill.training.train import loss_chunk_size
 
     model = make_llama(64, hidden=16, seed=0)
-    assert load_config(None).train.fused and not load_config(None, ["train.fused=false"]).train.fused
-    trainer = make_trainer(tmp_path, model, [LossSpec("forward_kl")], chunk_size=loss_chunk_size(None, 49_152))
-    assert trainer.fused and trainer.chunk_size == 1024
+    cfg = load_config(None)
+    assert cfg.train.fused and not load_config(None, ["train.fused=false"]).train.fused
+    trainer = make_trainer(tmp_path, model, [LossSpec("forward_kl")])
+    assert trainer.fused and trainer.chunk_size == loss_chunk_size(cfg.train.chunk_size) == DEFAULT_CHUNK_SIZE
     assert not make_trainer(tmp_path, model, [LossSpec("forward_kl")], chunk_size=16, fused=False).fused
 
 

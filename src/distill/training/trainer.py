@@ -22,7 +22,7 @@ from transformers import Trainer, TrainerCallback
 
 from distill.losses import LOSSES, LinearLogits, align_responses, place_counted
 from distill.losses.common import shared_projection, shared_scale
-from distill.losses.fused import forward_unprojected, output_head
+from distill.losses.fused import DEFAULT_CHUNK_SIZE, forward_unprojected, output_head
 from distill.modeling import eos_token_ids
 from distill.signals import SparseSignal
 from distill.training.onpolicy import SAMPLED_KEY, onpolicy_inputs, sampled_reverse_kl
@@ -60,7 +60,7 @@ class DistillationTrainer(Trainer):
         losses: list[LossSpec] | None = None,
         sparse_mode: str = "tail",
         scale_temperature: bool = True,
-        chunk_size: int | None = None,
+        chunk_size: int | None = DEFAULT_CHUNK_SIZE,
         fused: bool = True,
         vocab_size: int | None = None,
         projections: torch.nn.Module | None = None,
