@@ -602,3 +602,27 @@ def test_tail_buckets_equal_masked_logsumexp_with_duplicate_and_padding_ids():
         (torch.where(finite, got, 0.0) * w).sum().backward()
         (torch.where(finite, want, 0.0) * w).sum().backward()
         torch.testing.assert_close(got_x.grad, want_x.grad)
+
+
+@pytest.mark.parametrize("spread", [1.0, 80.0])  # 80: log q below LOG_Q_FLOOR at some ids (the floor's branch)
+@pytest.mark.parametrize("temperature", [1.0, 1.7])
+def test_dense_forward_kl_equals_autograd_through_the_formula(spread, temperature):
+    """forward_kl's hand-written dense gradient (common._DenseForwardKL, issue 20) equals autograd through
+    kl(lt, ls) on log_softmax'd rows, with and without log q under the floor."""
+    from distill.losses.common import assume_finite, dense_buckets, dense_forward_kl, kl
+
+    g = torch.Generator().manual_seed(0)
+    s = (torch.randn(5, 40, generator=g, dtype=torch.float64) * spread).requires_grad_(True)
+    t = torch.randn(5, 40, generator=g, dtype=torch.float64) * 3
+    w = torch.randn(5, generator=g, dtype=torch.float64)
+    got = dense_forward_kl(s, t, temperature)
+    (got * w).sum().backward()
+    got_grad, s.grad = s.grad, None
+    with assume_finite(True):
+        ls, lt = dense_buckets(s, t, temperature)
+        want = kl(lt, ls)
+    (want * w).sum().backward()
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got_grad, s.grad)
+    if spread > 1:
+        assert bool((ls < -100).any())
