@@ -270,13 +270,14 @@ def _count_projected_rows(monkeypatch, weight: torch.Tensor) -> list[int]:
 @pytest.mark.parametrize("chunk_size", [4, None])
 def test_default_recipe_projects_each_counted_token_once(tmp_path, monkeypatch, signal, chunk_size):
     """forward_kl + cross_entropy (the default recipe) share one lm_head projection per chunk (issue 18: main
-    projected the student's counted tokens once per loss), and an online teacher's rows are projected once too."""
+    projected the student's counted tokens once per loss), and an online teacher's rows are projected once too
+    (with a second teacher divergence, jsd)."""
     from test_compute_loss import make_trainer
 
     student = make_llama(256, hidden=32, seed=0).train()
     teacher = make_llama(256, hidden=32, seed=1) if signal == "online" else None
     batch = _batch(signal == "offline")
-    losses = [LossSpec("forward_kl", 0.6, 2.0), LossSpec("cross_entropy", 0.4)]
+    losses = [LossSpec("forward_kl", 0.6, 2.0), LossSpec("cross_entropy", 0.4), LossSpec("jsd", 0.1)]
     trainer = make_trainer(tmp_path, student, losses, teacher=teacher, chunk_size=chunk_size, vocab_size=250)
     counted = int((batch["labels"][:, 1:] != -100).sum())
     rows = _count_projected_rows(monkeypatch, student.lm_head.weight)

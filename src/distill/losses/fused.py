@@ -131,10 +131,16 @@ class Term:
     coef: float | torch.Tensor = 1.0
 
 
+def _payload_key(p: torch.Tensor | LinearLogits) -> tuple:
+    """Equal for the same data (each loss detaches its own view of the teacher, so the objects differ)."""
+    parts = (p.hidden, p.weight, p.bias) if isinstance(p, LinearLogits) else (p,)
+    return tuple(None if x is None else (x.data_ptr(), tuple(x.shape), x.stride(), x.dtype) for x in parts)
+
+
 def _chunk_terms(logits: torch.Tensor, terms: list[Term], b, s, start: int, sums: list) -> torch.Tensor:
     """sum_i coef_i * sum token_fn_i over one chunk's logits (n, vocab); each term's own sum is added to sums[i].
 
-    A teacher payload shared by several terms (the same tensor or LinearLogits) is gathered, or projected, once.
+    A teacher payload shared by several terms (the same data) is gathered, or projected, once per chunk.
     """
     cache: dict[int, torch.Tensor] = {}
     total = logits.new_zeros((), dtype=torch.float64 if logits.dtype == torch.float64 else torch.float32)
@@ -151,9 +157,10 @@ def _chunk_terms(logits: torch.Tensor, terms: list[Term], b, s, start: int, sums
             rows = rows[:, : term.vocab]
         rest = []
         for p in term.payload:
-            if id(p) not in cache:
-                cache[id(p)] = gather_rows(p, b, s)
-            rest.append(cache[id(p)] if sel is None else cache[id(p)][sel])
+            key = _payload_key(p)
+            if key not in cache:
+                cache[key] = gather_rows(p, b, s)
+            rest.append(cache[key] if sel is None else cache[key][sel])
         part = term.token_fn(rows, *rest).sum()
         sums[i] += part.detach()
         total = total + term.coef * part
