@@ -1,22 +1,24 @@
-"""Fused linear distillation loss vs the plain path: peak memory and CPU time of one training step.
+"""distill's fused linear loss vs a lean hand-written loss on the same rows: CPU time and peak memory of one step.
 
-A SmolLM2-shaped student (Llama, hidden 576, 9 heads / 3 KV heads, intermediate 1536, vocab 49,152, tied
-embeddings, 2 layers, random init) and a teacher of the same vocabulary (hidden 576, 2 layers), 4 x 512 tokens.
-One training step is `DistillationTrainer.compute_loss` forward + backward, as `distill train` runs it, for
-forward KL and JSD (online teacher, dense logits) and sparse top-20 forward KL (offline signal, tail bucket):
+The step is the loss head of a training step: final hidden states of the counted (completion) tokens and the
+lm_head weight in, loss forward + backward to both out. A SmolLM2-like width (hidden 576) and a teacher of the
+same vocabulary and width, at vocabularies 8,192 / 49,152 / 151,936 (Qwen's) by default.
 
-- plain:   the models project every position through lm_head, the loss runs on the whole (tokens x vocab)
-           logits (train.chunk_size=0);
-- chunked: the same logits, loss chunked over tokens (distill's default at vocab >= 32k before the fused path);
-- fused:   the models return final hidden states, the loss projects chunk by chunk (the default now).
+- hand:  what one writes by hand: project the rows (student with gradient, teacher without), fp32 log_softmax on
+         both, `kl_div(log_target=True)`; for a sparse teacher (top-k ids + logprobs + tail mass), the student's
+         log-probs gathered at the top-k ids plus a tail bucket log(1 - sum p_topk), KL over the k + 1 buckets;
+- fused: `distill.losses.LOSSES[loss]` on a `LinearLogits` student (and teacher), chunked with distill's default
+         chunk size (`distill.losses.fused.DEFAULT_CHUNK_SIZE`), as `distill train` and the Trainer run it.
 
-Each (loss, variant) runs in a fresh subprocess pinned to one thread: a warm-up step, then a timed step (CPU
-time of the process). Peak memory is the step's own: VmHWM (from /proc/self/status) at the end minus VmRSS
-before the first step (models, optimizer-free, and the batch are already allocated). The last line gives the
-worst ratio over the three losses: `fused/plain peak memory: P% time: T x` (targets P <= 40, T <= 1.0).
+Each (vocab, variant) runs in a fresh subprocess pinned to one thread, `--rounds` rounds interleaved
+(hand, fused, hand, fused, ...); a child times one step after a warm-up step with time.process_time (CPU seconds
+of the one-thread process) and reports its peak memory: VmHWM at the end minus VmRSS before the first step (inputs
+allocated; the gradients of hidden states and weight, which every variant produces, count).
+Printed per vocabulary: the median fused / hand time ratio over rounds (min-max spread), and the peak-memory
+ratio. Targets (issue 20): time <= 1.1x (dense) / 1.2x (sparse), memory <= 40% of the hand-written loss's.
 
-Run as:  OMP_NUM_THREADS=1 python benchmarks/fused_loss.py [--chunk-size 1024 --losses forward_kl jsd sparse]
-         (about 3 minutes on one core)
+Run as:  OMP_NUM_THREADS=1 python benchmarks/fused_loss.py [--vocab 8192 49152 151936 --tokens 384 --rounds 3
+         --losses forward_kl sparse]   (about 4 minutes on one core)
 """
 
 from __future__ import annotations
@@ -24,16 +26,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-VARIANTS = ("plain", "chunked", "fused")
-LOSSES = ("forward_kl", "jsd", "sparse")
-VOCAB, BATCH, SEQ, TOPK = 49_152, 4, 512, 20
+HIDDEN, TOPK = 576, 20
+VARIANTS = ("hand", "fused")
 
 
 def _status_kb(field: str) -> int:
@@ -43,92 +44,112 @@ def _status_kb(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def _llama(seed: int, layers: int):
+def hand_forward_kl(h, w, th, tw):
+    """Forward KL(teacher || student) summed over the rows, as one writes it by hand."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    import torch.nn.functional as F
 
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=576, intermediate_size=1536, num_hidden_layers=layers,
-                      num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
-                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0)  # fmt: skip
-    return LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        lt = F.log_softmax((th @ tw.T).float(), dim=-1)
+    ls = F.log_softmax((h @ w.T).float(), dim=-1)
+    return F.kl_div(ls, lt, reduction="sum", log_target=True)
 
 
-def _child(variant: str, loss: str, chunk_size: int) -> None:
+def hand_sparse(h, w, ids, logprobs, tail):
+    """Forward KL over the teacher's top-k ids + one tail bucket, as one writes it by hand."""
     import torch
-    from transformers import TrainingArguments
 
-    from distill.training.trainer import DistillationTrainer, LossSpec
+    s = (h @ w.T).float()
+    lse = torch.logsumexp(s, dim=-1, keepdim=True)
+    ls_top = s.gather(-1, ids) - lse
+    ls_tail = torch.log1p(-ls_top.exp().sum(-1, keepdim=True).clamp(max=1 - 1e-6))
+    ls = torch.cat([ls_top, ls_tail], dim=-1)
+    lt = torch.cat([logprobs, tail.clamp(min=1e-8).log().unsqueeze(-1)], dim=-1)
+    return (lt.exp() * (lt - ls)).sum()
+
+
+def _child(variant: str, loss: str, vocab: int, tokens: int) -> None:
+    import torch
+
+    from distill.losses import LOSSES, LinearLogits, fused
+    from distill.signals import SparseSignal
 
     torch.set_num_threads(1)
-    student = _llama(0, 2).train()
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(3, VOCAB, (BATCH, SEQ), generator=g)
-    labels = ids.clone()
-    labels[:, :32] = -100  # a prompt, not counted
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
-    teacher = None
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(tokens, HIDDEN, generator=g)
+    w = torch.randn(vocab, HIDDEN, generator=g) * 0.05
+    th = torch.randn(tokens, HIDDEN, generator=g)
+    tw = torch.randn(vocab, HIDDEN, generator=g) * 0.1
+    sparse = None
     if loss == "sparse":
-        logp = torch.log_softmax(torch.randn(BATCH, SEQ - 1, VOCAB, generator=g) * 3, -1)
-        top = logp.topk(TOPK, dim=-1)
-        batch.update(topk_ids=top.indices, topk_logprobs=top.values, topk_tail=1 - top.values.exp().sum(-1))
-        del logp, top
-    else:
-        teacher = _llama(2, 2)
-    spec = LossSpec("jsd", params={"beta": 0.5}) if loss == "jsd" else LossSpec("forward_kl")
-    chunk = None if variant == "plain" else chunk_size
-    with tempfile.TemporaryDirectory() as tmp:
-        args = TrainingArguments(output_dir=tmp, use_cpu=True, report_to=[], save_strategy="no", disable_tqdm=True)
-        trainer = DistillationTrainer(model=student, args=args, teacher=teacher, losses=[spec], chunk_size=chunk,
-                                      fused=variant == "fused", vocab_size=VOCAB)  # fmt: skip
-        num_items = (labels[:, 1:] != -100).sum()
-        before = _status_kb("VmRSS")
-        values = []
-        for step in range(2):
-            student.zero_grad(set_to_none=True)
-            start = time.process_time()
-            value = trainer.compute_loss(student, batch, num_items_in_batch=num_items)
-            value.backward()
-            seconds = time.process_time() - start
-            values.append(float(value.detach()))
+        with torch.no_grad():
+            top = torch.log_softmax(th @ tw.T, -1).topk(TOPK, dim=-1)
+        sparse = (top.indices, top.values, (1 - top.values.exp().sum(-1)).clamp(min=0))
+        del top
+    chunk = getattr(fused, "DEFAULT_CHUNK_SIZE", 1024)  # (1024: distill train's default before there was one)
+
+    hh, ww = h.requires_grad_(True), w.requires_grad_(True)
+
+    def step() -> float:
+        hh.grad = ww.grad = None
+        if variant == "hand":
+            value = hand_sparse(hh, ww, *sparse) if sparse else hand_forward_kl(hh, ww, th, tw)
+        else:
+            student = LinearLogits(hh[None], ww)
+            teacher = SparseSignal(*(x[None] for x in sparse)) if sparse else LinearLogits(th[None], tw)
+            value = LOSSES["forward_kl"](student, teacher, chunk_size=chunk, num_items_in_batch=1)
+        value.backward()
+        return float(value.detach())
+
+    before = _status_kb("VmRSS")
+    step()  # warm-up
+    start = time.process_time()
+    value = step()
+    seconds = time.process_time() - start
     peak = _status_kb("VmHWM")
-    print(json.dumps({"peak_mb": (peak - before) / 1024, "rss_peak_mb": peak / 1024, "seconds": seconds,
-                      "loss": values[-1]}))  # fmt: skip
+    print(json.dumps({"seconds": seconds, "peak_mb": (peak - before) / 1024, "loss": value, "chunk": chunk}))
 
 
-def _run(variant: str, loss: str, chunk_size: int) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "src")}
-    cmd = [sys.executable, __file__, "--child", variant, loss, "--chunk-size", str(chunk_size)]
+def _run(variant: str, loss: str, vocab: int, tokens: int, src: str) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": src}
+    cmd = [sys.executable, __file__, "--child", variant, loss, "--vocab", str(vocab), "--tokens", str(tokens)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--chunk-size", type=int, default=1024)
-    parser.add_argument("--losses", nargs="+", choices=LOSSES, default=list(LOSSES))
-    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument("--vocab", type=int, nargs="+", default=[8_192, 49_152, 151_936])
+    parser.add_argument("--tokens", type=int, default=384, help="counted (completion) tokens in the step")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--losses", nargs="+", choices=("forward_kl", "sparse"), default=["forward_kl", "sparse"])
+    parser.add_argument("--src", default=str(REPO / "src"),
+                        help="the distill source to measure (e.g. an export of main: `git archive main src | tar -x`)")
     parser.add_argument("--child", nargs=2, metavar=("VARIANT", "LOSS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        _child(*args.child, args.chunk_size)
+        _child(*args.child, args.vocab[0], args.tokens)
         return
-    if "plain" not in args.variants or "fused" not in args.variants:
-        parser.error("--variants must include plain and fused")
-    print(f"one training step (forward + backward), {BATCH} x {SEQ} tokens, vocab {VOCAB:,}, student hidden 576 x 2 "
-          f"layers, chunk_size {args.chunk_size}; logits tensor {BATCH * SEQ * VOCAB * 4 / 2**20:.0f} MB fp32")  # fmt: skip
-    mem_ratios, time_ratios = [], []
+    load = os.getloadavg()[0]
+    print(f"loss head step (forward + backward), {args.tokens} counted tokens, hidden {HIDDEN}, fp32, top-{TOPK} for "
+          f"sparse; {args.rounds} interleaved rounds, one thread, CPU seconds; load average {load:.1f}")  # fmt: skip
     for loss in args.losses:
-        runs = {variant: _run(variant, loss, args.chunk_size) for variant in args.variants}
-        for variant, r in runs.items():
-            print(f"  {loss:10s} {variant:8s} step peak {r['peak_mb']:7.0f} MB (process {r['rss_peak_mb']:6.0f} MB)  "
-                  f"CPU {r['seconds']:6.2f} s  loss {r['loss']:.6f}")  # fmt: skip
-        plain, fused = runs["plain"], runs["fused"]
-        mem_ratios.append(fused["peak_mb"] / plain["peak_mb"])
-        time_ratios.append(fused["seconds"] / plain["seconds"])
-        print(f"  {loss:10s} fused/plain: memory {mem_ratios[-1]:.1%}, time {time_ratios[-1]:.2f} x, "
-              f"|loss difference| {abs(fused['loss'] - plain['loss']):.1e}")  # fmt: skip
-    print(f"fused/plain peak memory: {max(mem_ratios) * 100:.0f}% time: {max(time_ratios):.2f} x")
+        for vocab in args.vocab:
+            runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
+            for _ in range(args.rounds):
+                for variant in VARIANTS:
+                    runs[variant].append(_run(variant, loss, vocab, args.tokens, args.src))
+            ratios = [f["seconds"] / h["seconds"] for f, h in zip(runs["fused"], runs["hand"])]
+            mem = statistics.median(r["peak_mb"] for r in runs["fused"]) / statistics.median(
+                r["peak_mb"] for r in runs["hand"]
+            )
+            diff = abs(runs["fused"][0]["loss"] - runs["hand"][0]["loss"]) / max(abs(runs["hand"][0]["loss"]), 1e-12)
+            print(f"  {loss:10s} vocab {vocab:7,d}: hand {statistics.median(r['seconds'] for r in runs['hand']):6.2f} s "
+                  f"{statistics.median(r['peak_mb'] for r in runs['hand']):6.0f} MB | fused (chunk "
+                  f"{runs['fused'][0]['chunk']}) {statistics.median(r['seconds'] for r in runs['fused']):6.2f} s "
+                  f"{statistics.median(r['peak_mb'] for r in runs['fused']):6.0f} MB | fused/hand time "
+                  f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f}), memory {mem:.0%}, "
+                  f"loss rel. diff {diff:.1e}", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -201,16 +201,19 @@ def test_trainer_fused_equals_plain_and_never_holds_tokens_x_vocab(tmp_path, sig
     assert fused[2] < tokens_x_vocab / 2  # ... the fused one at most a chunk's, and weight-sized gradients
 
 
-def test_fused_is_the_default_and_chunked_at_large_vocabularies(tmp_path):
+def test_fused_and_one_chunk_size_are_the_default_of_distill_train_and_the_trainer(tmp_path):
+    """One chunk-size default everywhere (issue 20: the Trainer's default, unchunked, differed from distill train's)."""
     from test_compute_loss import make_trainer
 
     from distill.config import load_config
+    from distill.losses.fused import DEFAULT_CHUNK_SIZE
     from distill.training.train import loss_chunk_size
 
     model = make_llama(64, hidden=16, seed=0)
-    assert load_config(None).train.fused and not load_config(None, ["train.fused=false"]).train.fused
-    trainer = make_trainer(tmp_path, model, [LossSpec("forward_kl")], chunk_size=loss_chunk_size(None, 49_152))
-    assert trainer.fused and trainer.chunk_size == 1024
+    cfg = load_config(None)
+    assert cfg.train.fused and not load_config(None, ["train.fused=false"]).train.fused
+    trainer = make_trainer(tmp_path, model, [LossSpec("forward_kl")])
+    assert trainer.fused and trainer.chunk_size == loss_chunk_size(cfg.train.chunk_size) == DEFAULT_CHUNK_SIZE
     assert not make_trainer(tmp_path, model, [LossSpec("forward_kl")], chunk_size=16, fused=False).fused
 
 
@@ -245,3 +248,68 @@ def test_bf16_weights_accumulate_their_gradient_in_fp32():
         grads[name] = wt.grad.double()
     err = {k: float((grads[k] - grads["ref"]).abs().max()) for k in ("plain", "fused")}
     assert err["fused"] <= 2 * err["plain"] + 1e-6, err
+
+
+def _count_projected_rows(monkeypatch, weight: torch.Tensor) -> list[int]:
+    """Rows projected through `weight` (F.linear calls, the model's own empty lm_head call included), per call."""
+    from distill.losses import fused
+
+    rows: list[int] = []
+    original = fused.F.linear
+
+    def linear(x, w, b=None):
+        if w.untyped_storage().data_ptr() == weight.untyped_storage().data_ptr():
+            rows.append(x.shape[:-1].numel())
+        return original(x, w, b)
+
+    monkeypatch.setattr(fused.F, "linear", linear)
+    return rows
+
+
+@pytest.mark.parametrize("signal", ["online", "offline"])
+@pytest.mark.parametrize("chunk_size", [4, None])
+def test_default_recipe_projects_each_counted_token_once(tmp_path, monkeypatch, signal, chunk_size):
+    """forward_kl + cross_entropy (the default recipe) share one lm_head projection per chunk (issue 18: main
+    projected the student's counted tokens once per loss), and an online teacher's rows are projected once too
+    (with a second teacher divergence, jsd)."""
+    from test_compute_loss import make_trainer
+
+    student = make_llama(256, hidden=32, seed=0).train()
+    teacher = make_llama(256, hidden=32, seed=1) if signal == "online" else None
+    batch = _batch(signal == "offline")
+    losses = [LossSpec("forward_kl", 0.6, 2.0), LossSpec("cross_entropy", 0.4), LossSpec("jsd", 0.1)]
+    trainer = make_trainer(tmp_path, student, losses, teacher=teacher, chunk_size=chunk_size, vocab_size=250)
+    counted = int((batch["labels"][:, 1:] != -100).sum())
+    rows = _count_projected_rows(monkeypatch, student.lm_head.weight)
+    teacher_rows = _count_projected_rows(monkeypatch, teacher.lm_head.weight) if teacher is not None else []
+    trainer.compute_loss(student, batch, num_items_in_batch=torch.tensor(counted)).backward()
+    assert sum(rows) == counted, rows
+    if chunk_size is not None:
+        assert max(rows) <= chunk_size
+    if teacher is not None:
+        assert sum(teacher_rows) == counted, teacher_rows
+
+
+def test_shared_projection_equals_plain_with_per_example_weights_and_logs_each_component(tmp_path):
+    """Per-example loss weights (chain of thought) and different masks per loss (cross_entropy skips the prompt,
+    a teacher-token mask may differ): one shared pass gives the plain path's loss, gradients and component logs."""
+    teacher = make_llama(256, hidden=32, seed=1)
+    batch = {**_batch(False), "loss_weight": torch.tensor([1.0, 0.25])}
+    losses = [LossSpec("forward_kl", 0.5, 1.5), LossSpec("cross_entropy", 0.3), LossSpec("tvd", 0.2)]
+    logged = {}
+    for fused in (False, True):
+        from test_compute_loss import make_trainer
+
+        student = make_llama(256, hidden=32, seed=0).train()
+        trainer = make_trainer(tmp_path, student, losses, teacher=teacher, chunk_size=5 if fused else None,
+                               fused=fused, vocab_size=250)  # fmt: skip
+        loss = trainer.compute_loss(student, batch, num_items_in_batch=torch.tensor(90))
+        loss.backward()
+        logged[fused] = (loss.detach(), {n: p.grad.clone() for n, p in student.named_parameters()},
+                         {k: v[0] for k, v in trainer._component_sums.items()})  # fmt: skip
+    torch.testing.assert_close(logged[True][0], logged[False][0], rtol=1e-5, atol=1e-6)
+    for name, grad in logged[False][1].items():
+        torch.testing.assert_close(logged[True][1][name], grad, rtol=1e-5, atol=1e-6, msg=name)
+    assert logged[True][2].keys() == {"forward_kl", "cross_entropy", "tvd"}
+    for name, value in logged[False][2].items():
+        assert abs(logged[True][2][name] - value) < 1e-5, name

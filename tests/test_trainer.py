@@ -217,10 +217,9 @@ def test_collator_pads_with_pad_id(tokenizer):
     assert batch["input_ids"].shape[0] == 2
 
 
-def test_loss_chunking_is_automatic_for_large_vocabularies():
+def test_loss_chunking_is_on_by_default():
     from distill.training.train import loss_chunk_size
 
-    assert loss_chunk_size(None, 300) is None
-    assert loss_chunk_size(None, 151_936) == 1024
-    assert loss_chunk_size(0, 151_936) is None
-    assert loss_chunk_size(256, 300) == 256
+    assert loss_chunk_size(None) == 1024
+    assert loss_chunk_size(0) is None
+    assert loss_chunk_size(256) == 256

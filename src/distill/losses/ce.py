@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from distill.losses.common import check_temperature, finish, token_sum, upcast
+from distill.losses.common import check_temperature, token_loss, upcast
 from distill.losses.fused import LinearLogits, chunked_argmax
 from distill.losses.registry import LogitSettings, LossParams, logit_loss
 from distill.losses.vocab import common_vocab, student_vocab
@@ -80,8 +80,5 @@ def cross_entropy(student_logits, teacher, mask, settings: LogitSettings, ignore
                 f"outside the student vocabulary [0, {vocab}) (use {ignore_index} for ignored positions)"
             )
     safe_target = torch.where(counted, target, 0)
-    total, count = token_sum(
-        lambda rows, tgt: _nll(rows, tgt, temperature), student_logits, (safe_target,), counted, vocab,
-        settings.chunk_size,
-    )  # fmt: skip
-    return finish(total, count, settings)
+    return token_loss(lambda rows, tgt: _nll(rows, tgt, temperature), student_logits, (safe_target,), counted,
+                      vocab, settings)  # fmt: skip

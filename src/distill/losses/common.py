@@ -26,7 +26,16 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from distill.losses.fused import LinearLogits, chunk_loss, cut_vocab, fused_token_sum, gather_rows, take_grads
+from distill.losses.fused import (
+    LinearLogits,
+    Term,
+    chunk_loss,
+    cut_vocab,
+    fused_terms,
+    fused_token_sum,
+    gather_rows,
+    take_grads,
+)
 from distill.losses.registry import LogitSettings, LossParams, NoParams, logit_loss
 from distill.losses.vocab import check_sparse_ids, common_vocab, student_vocab
 from distill.signals import SparseSignal
@@ -157,6 +166,91 @@ def dense_buckets(
     return torch.log_softmax(s, dim=-1), torch.log_softmax(t, dim=-1)
 
 
+class _DenseForwardKL(torch.autograd.Function):
+    """Per-token KL(teacher || student) of finite dense logits at temperature T: (n, V), (n, V) -> (n,).
+
+    The default loss's hot path with its gradient written by hand, (q - p) / T, and in-place arithmetic: about
+    three (n, V) buffers at its peak where autograd through log_softmax, exp, clamp, sub, mul keeps about a dozen. The same value as `kl(lt, ls)` on the finite path (log q floored at LOG_Q_FLOOR).
+    """
+
+    @staticmethod
+    def forward(ctx, s, t, temperature):  # type: ignore[override]
+        x, y = upcast(s), upcast(t)
+        if temperature != 1.0:
+            x, y = x / temperature, y / temperature
+        lt = torch.log_softmax(y, dim=-1)
+        p = lt.exp()
+        del y
+        ls = torch.log_softmax(x, dim=-1)
+        floored = bool((ls < LOG_Q_FLOOR).any())
+        # sum p (lt - lq) formed in lt's buffer and summed by torch's cascade sum: two separate sums would cancel when
+        # the KL is small next to the entropy, and a BLAS dot over 152k terms loses ~1e-4 in fp32
+        value = lt.sub_(ls.clamp(min=LOG_Q_FLOOR) if floored else ls).mul_(p).sum(-1)
+        del lt
+        ctx.save_for_backward(ls, p)
+        ctx.temperature, ctx.floored, ctx.dtype = temperature, floored, s.dtype
+        return value
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        ls, p = ctx.saved_tensors
+        scale = (grad / ctx.temperature).to(ls.dtype).unsqueeze(-1)
+        if ctx.floored:  # d/ds of -sum p_i max(lq_i, floor): q * (p-mass above the floor) - p above the floor
+            above = ls >= LOG_Q_FLOOR
+            p = torch.where(above, p, 0.0)
+            out = ls.exp().mul_(p.sum(-1, keepdim=True)).sub_(p)
+        else:
+            out = ls.exp().sub_(p)
+        return out.mul_(scale).to(ctx.dtype), None, None
+
+
+def dense_forward_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(teacher || student) per row of finite dense logits (n, V) at temperature T -> (n,) (see _DenseForwardKL)."""
+    return _DenseForwardKL.apply(student, teacher.detach(), temperature)
+
+
+class _TailBuckets(torch.autograd.Function):
+    """Student log-probs over the teacher's top-k ids and one tail bucket (every other id), at T = 1.
+
+    s: (n, V) float32/64 logits; ids: (n, k) long, any in-range id at invalid slots; valid: (n, k) bool ->
+    (n, k + 1): log p at the valid ids (-inf at the others), then log(mass outside the valid ids), summed over
+    those ids directly (no 1 - sum p_topk cancellation). The same values as gathering log_softmax(s) and a
+    log-sum-exp over the masked rows, in four passes over the (n, V) rows instead of about twenty (two
+    log-sum-exps, the mask, their autograd backwards), and a gradient written in one:
+    d ls_j / d s_i = [i = id_j] - p_i, d ls_tail / d s_i = [i outside the top-k] e_i / tail - p_i.
+    """
+
+    @staticmethod
+    def forward(ctx, s, ids, valid):  # type: ignore[override]
+        m = s.amax(-1, keepdim=True)
+        e = torch.exp(s - m)
+        z = e.sum(-1, keepdim=True)
+        e_top = e.gather(-1, ids)
+        covered = torch.zeros(s.shape, dtype=torch.uint8, device=s.device)
+        covered.scatter_reduce_(-1, ids, valid.to(torch.uint8), reduce="amax")
+        e.masked_fill_(covered.bool(), 0.0)
+        del covered
+        tail = e.sum(-1, keepdim=True)
+        log_z = z.log()
+        top = torch.where(valid, s.gather(-1, ids) - m - log_z, NEG_INF)
+        ctx.save_for_backward(e, e_top, z, tail, ids, valid)
+        return torch.cat([top, tail.log() - log_z], dim=-1)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        e, e_top, z, tail, ids, valid = ctx.saved_tensors
+        g_top = torch.where(valid, grad[:, :-1], 0.0)
+        g_tail = grad[:, -1:]
+        g_sum = g_top.sum(-1, keepdim=True) + g_tail
+        # ids outside the top-k: e_i * (g_tail / tail - g_sum / z); e is 0 at the top-k ids
+        out = e * (torch.where(tail > 0, g_tail / tail, 0.0) - g_sum / z)
+        # top-k ids: g_j (summed over slots holding the id) - p_i * g_sum, the p_i term once per distinct id
+        same = (ids.unsqueeze(-1) == ids.unsqueeze(-2)) & valid.unsqueeze(-1) & valid.unsqueeze(-2)
+        first = valid & ~same.tril(diagonal=-1).any(-1)
+        out.scatter_add_(-1, ids, g_top - torch.where(first, e_top / z * g_sum, 0.0))
+        return out, None, None
+
+
 def sparse_buckets(
     student: torch.Tensor,
     ids: torch.Tensor,
@@ -185,14 +279,10 @@ def sparse_buckets(
             safe_log_softmax(lp / temperature),
         )
     vocab = s.shape[-1]
-    lse = torch.logsumexp(s, dim=-1, keepdim=True)
-    covered = torch.zeros(s.shape, dtype=torch.uint8, device=s.device)
-    covered.scatter_reduce_(-1, ids, valid.to(torch.uint8), reduce="amax")
-    s_tail = torch.logsumexp(torch.where(covered.bool(), NEG_INF, s), dim=-1, keepdim=True) - lse
     has_tail = valid.sum(-1, keepdim=True) < vocab
     t_tail = log_tail.detach().to(s.dtype).unsqueeze(-1)
     t_tail = torch.where(has_tail, t_tail.clamp(min=LOG_TAIL_FLOOR), NEG_INF)
-    ls = torch.cat([gathered - lse, s_tail], dim=-1)
+    ls = _TailBuckets.apply(s, ids, valid)
     lt = torch.cat([lp, t_tail], dim=-1)
     if temperature != 1.0:
         ls, lt = ls / temperature, lt / temperature
@@ -248,21 +338,32 @@ class _ChunkedTokenSum(torch.autograd.Function):
         return (grad, None, None, None, None, None, None)
 
 
-def token_sum(
+def finish(total: torch.Tensor, count: int, settings: LogitSettings) -> torch.Tensor:
+    """Normalise a token sum (global or local count) and scale by T^2 unless turned off."""
+    loss = normalise(total, count, settings.num_items_in_batch)
+    return loss * settings.temperature**2 if settings.scale_temperature else loss
+
+
+def token_loss(
     token_fn: TokenFn,
     student_logits: torch.Tensor | LinearLogits,
     payload: tuple[torch.Tensor | LinearLogits, ...],
     mask: torch.Tensor | None,
     vocab: int,
-    chunk_size: int | None,
-) -> tuple[torch.Tensor, int]:
-    """Sum token_fn over counted tokens -> (scalar fp32 sum, number of counted tokens).
+    settings: LogitSettings,
+) -> torch.Tensor:
+    """The end of every logit loss: token_fn summed over the counted tokens, normalised, T^2.
 
     student_logits: (batch, seq, vocab_full) logits, or a `LinearLogits` (hidden states + lm_head, projected per
     chunk inside the loss: the fused path); payload: teacher tensors shaped (batch, seq, ...) or LinearLogits,
     indexed with the same tokens; only the first `vocab` student rows are used. Masked tokens are dropped
-    before anything is computed on them.
+    before anything is computed on them. Inside `shared_projection()`, a LinearLogits student's loss is deferred
+    to the shared pass (which projects each chunk once for all the losses) and a zero placeholder is returned.
     """
+    shared = _SHARED.get()
+    if shared is not None and isinstance(student_logits, LinearLogits):
+        return shared.add(token_fn, student_logits, payload, mask, vocab, settings)
+    chunk_size = settings.chunk_size
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1 or None, got {chunk_size}")
     b_idx, s_idx = select_tokens(mask, student_logits.shape)
@@ -275,13 +376,109 @@ def token_sum(
         total = token_fn(rows, *[gather_rows(p, b_idx, s_idx) for p in payload]).sum()
     else:
         total = _ChunkedTokenSum.apply(student_logits, b_idx, s_idx, vocab, chunk_size, token_fn, payload)
-    return total, int(b_idx.numel())
+    return finish(total, int(b_idx.numel()), settings)
 
 
-def finish(total: torch.Tensor, count: int, settings: LogitSettings) -> torch.Tensor:
-    """Normalise a token sum (global or local count) and scale by T^2 unless turned off."""
-    loss = normalise(total, count, settings.num_items_in_batch)
-    return loss * settings.temperature**2 if settings.scale_temperature else loss
+class SharedProjection:
+    """The fused logit losses of one training step, run in one pass that projects each chunk through lm_head once.
+
+    forward_kl + cross_entropy (the default recipe) would otherwise project the student's counted tokens twice
+    (and an online teacher's twice). Losses called inside `with shared_projection() as shared:` register their
+    per-token function (`add`) under the current `component(key, weight)` and return 0; `run()` then returns the
+    weighted total (with gradient) and each component's value (detached, for logging).
+    """
+
+    def __init__(self) -> None:
+        # (student, term, counted (batch, seq) mask, component key, component weight, chunk_size)
+        self._terms: list[tuple[LinearLogits, Term, torch.Tensor, object, float, int | None]] = []
+        self._key: object = None
+        self._weight = 1.0
+        self._scale = 1.0
+
+    @contextlib.contextmanager
+    def _using(self, **state: object) -> Iterator[None]:
+        saved = {name: getattr(self, name) for name in state}
+        self.__dict__.update(state)
+        try:
+            yield
+        finally:
+            self.__dict__.update(saved)
+
+    def component(self, key: object, weight: float = 1.0) -> contextlib.AbstractContextManager[None]:
+        """Losses called in here count towards component `key`, weighted by `weight` in the total."""
+        return self._using(_key=key, _weight=weight)
+
+    def scaled(self, factor: float) -> contextlib.AbstractContextManager[None]:
+        """Losses called in here are multiplied by `factor`, in the component's value too (per-example weights)."""
+        return self._using(_scale=self._scale * factor)
+
+    def add(self, token_fn: TokenFn, student: LinearLogits, payload: tuple, mask: torch.Tensor | None, vocab: int,
+            settings: LogitSettings) -> torch.Tensor:  # fmt: skip
+        if settings.chunk_size is not None and settings.chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1 or None, got {settings.chunk_size}")
+        b_idx, _ = select_tokens(mask, student.shape)
+        counted = torch.zeros(student.shape[:2], dtype=torch.bool, device=student.device)
+        if mask is None:
+            counted[:] = True
+        else:
+            counted |= mask.bool().to(student.device)
+        scale = finish(torch.ones((), device=student.device), int(b_idx.numel()), settings) * self._scale
+        payload = tuple(p.detach() for p in payload)
+        term = Term(token_fn, payload, None, vocab, scale)
+        self._terms.append((student, term, counted, self._key, self._weight, settings.chunk_size))
+        return torch.zeros((), device=student.device)
+
+    def run(self) -> tuple[torch.Tensor | None, dict]:
+        """(weighted total of the deferred losses, with gradient, or None when there were none;
+        {component key: its deferred value, detached})."""
+        total, values = None, {}
+        groups: dict[tuple, list] = {}
+        for entry in self._terms:
+            student = entry[0]
+            groups.setdefault((id(student.hidden), id(student.weight), id(student.bias), entry[5]), []).append(entry)
+        for entries in groups.values():
+            student, chunk_size = entries[0][0], entries[0][5]
+            union = torch.zeros_like(entries[0][2])
+            for _, _, counted, *_ in entries:
+                union |= counted
+            b_idx, s_idx = union.nonzero(as_tuple=True)
+            terms = []
+            for _, term, counted, _, weight, _ in entries:
+                member = counted[b_idx, s_idx]
+                terms.append(Term(term.token_fn, term.payload, None if bool(member.all()) else member, term.vocab,
+                                  term.coef * weight))  # fmt: skip
+            part, sums = fused_terms(student, b_idx, s_idx, terms, chunk_size)
+            total = part if total is None else total + part
+            for (_, term, _, key, _, _), value in zip(entries, sums):
+                values[key] = values.get(key, 0.0) + (term.coef * value).detach()
+        self._terms.clear()
+        return total, values
+
+
+_SHARED: contextvars.ContextVar[SharedProjection | None] = contextvars.ContextVar("distill_shared", default=None)
+
+
+@contextlib.contextmanager
+def shared_scale(factor: float) -> Iterator[None]:
+    """Inside shared_projection(): the deferred losses called in here count `factor` times (a caller that
+    multiplies a loss's returned value by `factor` gets 0 x factor from the placeholder); outside: nothing."""
+    shared = _SHARED.get()
+    if shared is None:
+        yield
+        return
+    with shared.scaled(factor):
+        yield
+
+
+@contextlib.contextmanager
+def shared_projection() -> Iterator[SharedProjection]:
+    """Defer the fused logit losses called inside to one shared pass (see SharedProjection)."""
+    shared = SharedProjection()
+    token = _SHARED.set(shared)
+    try:
+        yield shared
+    finally:
+        _SHARED.reset(token)
 
 
 def divergence_loss(
@@ -290,6 +487,7 @@ def divergence_loss(
     teacher: torch.Tensor | LinearLogits | SparseSignal,
     mask: torch.Tensor | None,
     settings: LogitSettings,
+    dense: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """The shared body of every logit divergence: buckets per teacher shape, token sum, normalise, T^2.
 
@@ -335,7 +533,10 @@ def divergence_loss(
         def token_fn(s, t):
             # One finiteness check of the teacher rows instead of guards in every kl / log_mix pass. The student
             # rows are model logits of counted tokens (finite unless training already diverged).
-            finite = bool(torch.isfinite(t).all())
+            # (the sum of finite logits is finite, short of ~1e38; inf, -inf and NaN all make it non-finite)
+            finite = bool(torch.isfinite(t.sum()))
+            if finite and dense is not None:
+                return dense(s, t, temperature)
             with assume_finite(finite):
                 return divergence(*dense_buckets(s, t, temperature))
 
@@ -344,17 +545,22 @@ def divergence_loss(
             f"teacher must be dense float logits or a SparseSignal, got {type(teacher).__name__}"
             + (f" of dtype {teacher.dtype}" if isinstance(teacher, torch.Tensor) else "")
         )
-    total, count = token_sum(token_fn, student_logits, payload, mask, vocab, chunk_size=settings.chunk_size)
-    return finish(total, count, settings)
+    return token_loss(token_fn, student_logits, payload, mask, vocab, settings)
 
 
-def divergence(name: str, params: type[LossParams | NoParams] = NoParams) -> Callable[[Divergence], Callable]:
+def divergence(
+    name: str,
+    params: type[LossParams | NoParams] = NoParams,
+    dense: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor] | None = None,
+) -> Callable[[Divergence], Callable]:
     """Register a per-token divergence `formula(ls, lt, **params) -> (n,)` over log-probs (student, teacher) as
-    the logit loss `name` (dense and sparse teachers); returns the public loss function."""
+    the logit loss `name` (dense and sparse teachers); returns the public loss function. `dense(student rows,
+    teacher rows, T) -> (n,)`: the same value on finite dense logits, computed faster (a hand-written gradient)."""
 
     def wrap(formula: Callable[..., torch.Tensor]) -> Callable:
         def body(student_logits, teacher, mask, settings: LogitSettings, **p):
-            return divergence_loss(lambda ls, lt: formula(ls, lt, **p), student_logits, teacher, mask, settings)
+            return divergence_loss(lambda ls, lt: formula(ls, lt, **p), student_logits, teacher, mask, settings,
+                                   dense)  # fmt: skip
 
         body.__doc__, body.__module__ = formula.__doc__, formula.__module__
         return logit_loss(name, params=params)(body)

@@ -23,8 +23,12 @@ import torch.nn.functional as F
 
 # Largest chunk of logits the fused path holds, in elements (32 MB in fp32): chunk_size tokens at most, fewer at
 # large vocabularies (170 tokens at 49k, 55 at 152k), as Liger sizes its chunks by vocab / hidden. Smaller chunks
-# cost no speed on CPU (measured: 128 vs 1024 tokens at 49k, benchmarks/fused_loss.py) and bound the peak.
+# cost no speed on CPU (measured at 152k: 55 vs 384 tokens, benchmarks/fused_loss.py; the matmuls stay
+# compute-bound at 55 rows) and bound the peak.
 CHUNK_ELEMENTS = 2**23
+# Tokens per loss chunk unless configured: the one default of `distill train` (train.chunk_size) and of
+# DistillationTrainer(chunk_size=...); CHUNK_ELEMENTS lowers it at large vocabularies.
+DEFAULT_CHUNK_SIZE = 1024
 
 
 @dataclass
@@ -111,42 +115,100 @@ def take_grads(ctx, what: str):
     return grads
 
 
-class _FusedLinearTokenSum(torch.autograd.Function):
-    """Sum of token_fn(hidden[b, s] @ weight.T + bias, *payload rows) over the tokens (b_idx, s_idx).
+@dataclass
+class Term:
+    """One loss's share of a fused pass: the sum of token_fn over the pass's tokens it counts, times `coef`.
 
-    Forward walks the tokens `chunk_size` at a time: project, loss, d loss / d logits, then
-    d hidden = g @ W, d W += g^T h, d bias += sum g; only those three gradient buffers outlive a chunk.
-    Backward scales them by the incoming gradient (one backward pass: the buffers are handed over).
+    token_fn: (rows (n, vocab), *payload rows) -> (n,); payload: teacher tensors shaped (batch, seq, ...) or
+    LinearLogits; member: (tokens of the pass,) bool, the tokens this term counts (None: all of them); vocab: the
+    student rows it reads (the first `vocab`); coef: a float or a scalar tensor (normalisation, T^2, weights).
+    """
+
+    token_fn: Callable[..., torch.Tensor]
+    payload: tuple
+    member: torch.Tensor | None
+    vocab: int
+    coef: float | torch.Tensor = 1.0
+
+
+def _payload_key(p: torch.Tensor | LinearLogits) -> tuple:
+    """Equal for the same data (each loss detaches its own view of the teacher, so the objects differ)."""
+    parts = (p.hidden, p.weight, p.bias) if isinstance(p, LinearLogits) else (p,)
+    return tuple(None if x is None else (x.data_ptr(), tuple(x.shape), x.stride(), x.dtype) for x in parts)
+
+
+def _chunk_terms(logits: torch.Tensor, terms: list[Term], b, s, start: int, sums: list) -> torch.Tensor:
+    """sum_i coef_i * sum token_fn_i over one chunk's logits (n, vocab); each term's own sum is added to sums[i].
+
+    A teacher payload shared by several terms (the same data) is gathered, or projected, once per chunk.
+    """
+    cache: dict[int, torch.Tensor] = {}
+    total = logits.new_zeros((), dtype=torch.float64 if logits.dtype == torch.float64 else torch.float32)
+    for i, term in enumerate(terms):
+        rows, sel = logits, None
+        if term.member is not None:
+            member = term.member[start : start + logits.shape[0]]
+            if not bool(member.all()):
+                sel = member.nonzero().squeeze(1)
+                if sel.numel() == 0:
+                    continue
+                rows = rows[sel]
+        if term.vocab < rows.shape[-1]:
+            rows = rows[:, : term.vocab]
+        rest = []
+        for p in term.payload:
+            key = _payload_key(p)
+            if key not in cache:
+                cache[key] = gather_rows(p, b, s)
+            rest.append(cache[key] if sel is None else cache[key][sel])
+        part = term.token_fn(rows, *rest).sum()
+        sums[i] += part.detach()
+        total = total + term.coef * part
+    return total
+
+
+class _FusedLinearTerms(torch.autograd.Function):
+    """sum_i coef_i * sum token_fn_i(hidden[b, s] @ weight.T + bias, *payload_i rows) over the tokens (b_idx, s_idx).
+
+    Forward walks the tokens `chunk_size` at a time: project once, every term's loss on that projection, d loss /
+    d logits, then d hidden = g @ W, d W += g^T h, d bias += sum g; only those three gradient buffers outlive a
+    chunk. Backward scales them by the incoming gradient (one backward pass: the buffers are handed over).
+    Each term's own (unscaled) sum is added to `sums` (detached), for logging.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, b_idx, s_idx, chunk_size, token_fn, payload):  # type: ignore[override]
+    def forward(ctx, hidden, weight, bias, b_idx, s_idx, chunk_size, terms, sums):  # type: ignore[override]
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         need_b = need_b and bias is not None
         grad_h = torch.zeros_like(hidden) if need_h else None
         # bf16 / fp16 weights: their gradients are summed over chunks in fp32 (one rounding at the end, as one
         # big matmul would give), at the price of a weight-sized fp32 buffer
         acc = torch.float32 if weight.dtype in (torch.bfloat16, torch.float16) else weight.dtype
-        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
-        grad_b = torch.zeros(bias.shape, dtype=acc, device=bias.device) if need_b else None
+        grad_w = grad_b = None  # the first chunk's product, then summed into (no weight-sized zero fill)
         total = torch.zeros(
             (), dtype=torch.float64 if weight.dtype == torch.float64 else torch.float32, device=hidden.device
         )
         for start in range(0, b_idx.numel(), chunk_size):
             b, s = b_idx[start : start + chunk_size], s_idx[start : start + chunk_size]
             h = hidden[b, s].to(weight.dtype)
-            rest = [gather_rows(p, b, s) for p in payload]
-            loss, g = chunk_loss(token_fn, F.linear(h, weight, bias), rest, need_h or need_w or need_b)
+            loss, g = chunk_loss(lambda rows: _chunk_terms(rows, terms, b, s, start, sums), F.linear(h, weight, bias),
+                                 [], need_h or need_w or need_b)  # fmt: skip
             if grad_h is not None:
                 grad_h[b, s] = (g @ weight).to(grad_h.dtype)
-            if grad_w is not None and acc == weight.dtype:
+            if need_w and grad_w is None:
+                grad_w = (g.t() @ h).to(acc)
+            elif need_w and acc == weight.dtype:
                 grad_w.addmm_(g.t(), h)
-            elif grad_w is not None:
+            elif need_w:
                 grad_w.add_(g.t() @ h)
-            if grad_b is not None:
-                grad_b.add_(g.sum(0))
+            if need_b:
+                grad_b = g.sum(0).to(acc) if grad_b is None else grad_b.add_(g.sum(0))
             total += loss
-            del h, rest, loss, g
+            del h, loss, g
+        if need_w and grad_w is None:  # no token counted
+            grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device)
+        if need_b and grad_b is None:
+            grad_b = torch.zeros(bias.shape, dtype=acc, device=bias.device)
         ctx.grads = (grad_h, grad_w, grad_b)
         ctx.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         return total
@@ -158,6 +220,29 @@ class _FusedLinearTokenSum(torch.autograd.Function):
         return (*scaled, None, None, None, None, None)
 
 
+def fused_terms(
+    student: LinearLogits, b_idx: torch.Tensor, s_idx: torch.Tensor, terms: list[Term], chunk_size: int | None
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(sum_i coef_i * term_i's token sum, [term_i's token sum, detached]) with the student's logits projected
+    inside the loss, once per chunk for all the terms.
+
+    chunk_size None: the rows are projected at once under plain autograd (exact, not memory-saving, but it still
+    projects only the counted tokens, not the prompt and padding). Otherwise chunks hold at most chunk_size
+    tokens and CHUNK_ELEMENTS logits.
+    """
+    student = student.cut(max(term.vocab for term in terms))
+    dtype = torch.float64 if student.weight.dtype == torch.float64 else torch.float32
+    sums = [torch.zeros((), dtype=dtype, device=student.device) for _ in terms]
+    if chunk_size is None:
+        logits = student.project(student.hidden[b_idx, s_idx])
+        return _chunk_terms(logits, terms, b_idx, s_idx, 0, sums), sums
+    chunk_size = max(1, min(chunk_size, CHUNK_ELEMENTS // student.weight.shape[0]))
+    total = _FusedLinearTerms.apply(
+        student.hidden, student.weight, student.bias, b_idx, s_idx, chunk_size, terms, sums
+    )
+    return total, sums
+
+
 def fused_token_sum(
     token_fn: Callable[..., torch.Tensor],
     student: LinearLogits,
@@ -166,19 +251,9 @@ def fused_token_sum(
     payload: tuple,
     chunk_size: int | None,
 ) -> torch.Tensor:
-    """Sum of token_fn over the selected tokens with the student's logits projected inside the loss.
-
-    chunk_size None: the selected rows are projected at once under plain autograd (exact, not memory-saving, but
-    it still projects only the counted tokens, not the prompt and padding). Otherwise chunks hold at most
-    chunk_size tokens and CHUNK_ELEMENTS logits.
-    """
-    if chunk_size is None:
-        rows = student.project(student.hidden[b_idx, s_idx])
-        return token_fn(rows, *[gather_rows(p, b_idx, s_idx) for p in payload]).sum()
-    chunk_size = max(1, min(chunk_size, CHUNK_ELEMENTS // student.weight.shape[0]))
-    return _FusedLinearTokenSum.apply(
-        student.hidden, student.weight, student.bias, b_idx, s_idx, chunk_size, token_fn, payload
-    )
+    """Sum of token_fn over the selected tokens with the student's logits projected inside the loss (one term)."""
+    term = Term(token_fn, payload, None, student.weight.shape[0])
+    return fused_terms(student, b_idx, s_idx, [term], chunk_size)[0]
 
 
 # ------------------------------------------------------------------------------------ models without projecting

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from distill.losses.common import divergence, kl, log_mix
+from distill.losses.common import dense_forward_kl, divergence, kl, log_mix
 from distill.losses.registry import LossParams
 
 
@@ -19,7 +19,7 @@ class SkewParams(LossParams):
     alpha: float = Field(0.1, ge=0.0, le=1.0, description="share of the other side mixed in (0: plain KL)")
 
 
-@divergence("forward_kl")
+@divergence("forward_kl", dense=dense_forward_kl)
 def forward_kl(ls: torch.Tensor, lt: torch.Tensor) -> torch.Tensor:
     """KL(teacher || student): mean-seeking, the classic KD objective (Hinton et al.)."""
     return kl(lt, ls)

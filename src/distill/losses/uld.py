@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from pydantic import Field
 
-from distill.losses.common import check_temperature, finish, token_sum, upcast
+from distill.losses.common import check_temperature, token_loss, upcast
 from distill.losses.fused import LinearLogits, cut_vocab
 from distill.losses.jsd import _jsd
 from distill.losses.registry import LogitSettings, LossParams, logit_loss
@@ -223,8 +223,7 @@ def _uld(
             return _hybrid_tokens(s, t, temperature, t_ids, s_ids, weight, beta, e)
 
     payload = (teacher,) if exact is None or matched is None else (teacher, exact.to(torch.float32)[..., None])
-    total, count = token_sum(token_fn, student_logits, payload, mask, vocab, settings.chunk_size)
-    return finish(total, count, settings)
+    return token_loss(token_fn, student_logits, payload, mask, vocab, settings)
 
 
 _CROSS = {"params": UldParams, "teacher": "tokenizer", "signals": frozenset({"dense"})}

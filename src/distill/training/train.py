@@ -28,6 +28,7 @@ from distill.data.encoding import uses_template
 from distill.data.prompt_format import save_prompt_format, training_prompt_format
 from distill.data.prompts import DataError, iter_rows, record_from_row, render_prompt
 from distill.errors import ConfigError, UserError, disk_error_message, disk_errors
+from distill.losses.fused import DEFAULT_CHUNK_SIZE
 from distill.modeling import load_model, load_tokenizer_for
 from distill.preflight import TRACKER_PACKAGES, preflight
 from distill.progress import is_live, quiet_library_bars, trainer_callback
@@ -40,9 +41,6 @@ def _as_config(config: Config | str | Path | dict, overrides: list[str] | None =
     if isinstance(config, Config):
         return config if not overrides else load_config(config.model_dump(mode="json"), overrides)
     return load_config(config, overrides)
-
-
-AUTO_CHUNK, AUTO_CHUNK_VOCAB = 1024, 32768
 
 
 def seed_everything(seed: int) -> None:
@@ -229,12 +227,12 @@ def _check_onpolicy(cfg: Config, local_teacher: bool, names: set[str], cross):
     return None
 
 
-def loss_chunk_size(configured: int | None, vocab: int) -> int | None:
-    """Chunk the loss over tokens for large vocabularies unless told otherwise: the plain path holds about ten
-    tokens x vocab float32 tensors (8 GB at 4,096 tokens x 49k), the chunked one a fifth of that; with the fused
-    path (train.fused, the default) no (tokens x vocab) tensor exists at all, only a chunk's."""
+def loss_chunk_size(configured: int | None) -> int | None:
+    """Tokens per loss chunk: train.chunk_size, or the one default (distill.losses.fused.DEFAULT_CHUNK_SIZE, the
+    Trainer's too) when unset; 0 turns chunking off. With the fused path (train.fused, the default) a chunk's
+    logits are all that exists of the (tokens x vocab) tensors; the plain path holds about ten of them."""
     if configured is None:
-        return AUTO_CHUNK if vocab >= AUTO_CHUNK_VOCAB else None
+        return DEFAULT_CHUNK_SIZE
     return configured or None
 
 
@@ -429,7 +427,7 @@ def train_student(cfg: Config, scfg: StudentConfig) -> Path:
         losses=[LossSpec(t.name, t.weight, t.temperature, t.params) for t in cfg.train.losses],
         sparse_mode=cfg.train.sparse_mode,
         scale_temperature=cfg.train.scale_temperature,
-        chunk_size=loss_chunk_size(cfg.train.chunk_size, len(sides.tokenizer)),
+        chunk_size=loss_chunk_size(cfg.train.chunk_size),
         fused=cfg.train.fused,
         vocab_size=len(sides.tokenizer),
         projections=hidden_projections(cfg, student, teacher) if names & HIDDEN_LOSSES else None,

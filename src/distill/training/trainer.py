@@ -20,7 +20,8 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from distill.losses import LOSSES, LinearLogits, align_responses, place_counted
-from distill.losses.fused import forward_unprojected, output_head
+from distill.losses.common import shared_projection, shared_scale
+from distill.losses.fused import DEFAULT_CHUNK_SIZE, forward_unprojected, output_head
 from distill.modeling import eos_token_ids
 from distill.signals import SparseSignal
 from distill.training.checkpoints import check_finite_loss, finite_weights_guard
@@ -59,7 +60,7 @@ class DistillationTrainer(Trainer):
         losses: list[LossSpec] | None = None,
         sparse_mode: str = "tail",
         scale_temperature: bool = True,
-        chunk_size: int | None = None,
+        chunk_size: int | None = DEFAULT_CHUNK_SIZE,
         fused: bool = True,
         vocab_size: int | None = None,
         projections: torch.nn.Module | None = None,
@@ -224,7 +225,8 @@ class DistillationTrainer(Trainer):
         for w in weights.unique().tolist():
             if w != 0:
                 rows = (weights == w).to(mask.device)[:, None]
-                value = value + w * fn(logits, teacher, mask & rows, **kwargs)
+                with shared_scale(w):  # a loss deferred to the shared projection pass is weighted there
+                    value = value + w * fn(logits, teacher, mask & rows, **kwargs)
         return value
 
     def _teacher_sides(self, entries: list, inputs: dict, extra: dict, targets, mask, needs_hidden: bool,
@@ -285,10 +287,18 @@ class DistillationTrainer(Trainer):
         else:
             sides = self._teacher_sides(entries, inputs, extra, targets, mask, needs_hidden, fused)
             total = torch.zeros((), dtype=torch.float32, device=mask.device)
-        for spec, entry in entries:
-            value = self._component(spec, entry, logits, outputs, sides, labels, num_items, extra)
+        # the fused logit losses are deferred to one pass that projects each chunk through lm_head once for all
+        with shared_projection() as shared:
+            values = []
+            for i, (spec, entry) in enumerate(entries):
+                with shared.component(i, spec.weight):
+                    values.append(self._component(spec, entry, logits, outputs, sides, labels, num_items, extra))
+        fused_total, fused_values = shared.run()
+        if fused_total is not None:
+            total = total + fused_total
+        for i, ((spec, _), value) in enumerate(zip(entries, values)):
             total = total + spec.weight * value
-            self._record(spec.name, value, model)
+            self._record(spec.name, value + fused_values.get(i, 0.0), model)
         if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
             # DDP averages gradients over processes; our loss is already divided by the global count.
             total = total * self.accelerator.num_processes
