@@ -52,9 +52,9 @@ def plain(dirs):
     return _serve_all(dirs, None)
 
 
-@pytest.mark.parametrize("draft", ["same", "other"])
-def test_greedy_output_with_a_draft_is_the_teachers(dirs, plain, draft):
-    outs, health = _serve_all(dirs, draft)
+def test_greedy_output_with_a_draft_is_the_teachers(dirs, plain):
+    """An unrelated draft (most proposals rejected): the served text and logprobs are the teacher's own."""
+    outs, health = _serve_all(dirs, "other")
     ref, ref_health = plain
     assert "draft" not in ref_health
     for got, want in zip(outs, ref):
@@ -64,11 +64,8 @@ def test_greedy_output_with_a_draft_is_the_teachers(dirs, plain, draft):
         assert lp["token_logprobs"] == pytest.approx(want_lp["token_logprobs"], abs=1e-4)
         assert [list(t) for t in lp["top_logprobs"]] == [list(t) for t in want_lp["top_logprobs"]]
     d = health["draft"]
-    assert d["rows"] == len(PROMPTS) and d["proposed"] > 0 and d["verifications"] > 0
-    if draft == "same":  # the teacher as its own draft: every proposal accepted, several tokens per forward
-        assert d["acceptance"] == 1.0 and d["tokens_per_teacher_forward"] > 2
-    else:
-        assert 0 <= d["accepted"] < d["proposed"]
+    assert d["rows"] == len(PROMPTS) and d["verifications"] > 0
+    assert 0 <= d["accepted"] < d["proposed"]
 
 
 def test_streaming_stops_and_limits_with_a_draft(dirs):
@@ -130,12 +127,12 @@ def test_speculative_sampling_keeps_the_teachers_distribution():
     q = torch.tensor([0.1, 0.4, 0.1, 0.1, 0.3])
     gen = torch.Generator().manual_seed(0)
     counts = torch.zeros(5)
-    trials = 20000
+    trials = 8000
     for _ in range(trials):
         d = int(torch.multinomial(q, 1, generator=gen))
         replacement = accept_or_replace(p, q, d, gen)
         counts[d if replacement is None else replacement] += 1
-    assert (counts / trials - p).abs().max() < 0.015  # 3+ standard errors at 20,000 draws
+    assert (counts / trials - p).abs().max() < 0.02  # 3.5 standard errors at 8,000 draws
 
 
 def test_a_draft_with_another_vocabulary_is_refused_in_one_line(dirs, tmp_path):
@@ -163,3 +160,29 @@ def test_drafter_rejects_nothing_when_it_is_the_teacher(dirs):
         Engine(teacher, tok).generate([w])
     assert _texts(events) == _texts(ref_events)
     assert engine.stats.draft_accepted == engine.stats.draft_proposed > 0
+    assert engine.stats.draft_verifications < engine.stats.generated_tokens / 2  # several tokens per forward
+
+
+def test_sampling_with_a_draft_is_seeded_and_a_cancelled_row_stops(dirs):
+    from distill.exporting.export import load_student
+
+    teacher, tok, _ = load_student(dirs["teacher"], device="cpu")
+    engine = Engine(teacher, tok, draft=load_draft(dirs["other"], tok, teacher, "auto", 3))
+    texts = []
+    for _ in range(2):
+        events: list = []
+        params = SamplingParams(max_tokens=20, temperature=1.0, top_p=0.9, seed=123)
+        engine.generate([Row(tok(PROMPTS[0])["input_ids"], params, events.append)])
+        assert events[-1].finish_reason in ("stop", "length")
+        texts.append("".join(ev.text for ev in events))
+    assert texts[0] == texts[1] and texts[0]  # the row's seed drives both the draft's and the teacher's draws
+
+    events = []
+
+    def sink(ev):  # the client leaves after the first streamed piece
+        events.append(ev)
+        row.cancelled.set()
+
+    row = Row(tok(PROMPTS[1])["input_ids"], SamplingParams(max_tokens=30, temperature=0), sink)
+    engine.generate([row])
+    assert engine.stats.cancelled == 1 and sum(len(ev.tokens) for ev in events) < 30
