@@ -64,7 +64,7 @@ def test_greedy_output_with_a_draft_is_the_teachers(dirs, plain):
         assert lp["token_logprobs"] == pytest.approx(want_lp["token_logprobs"], abs=1e-4)
         assert [list(t) for t in lp["top_logprobs"]] == [list(t) for t in want_lp["top_logprobs"]]
     d = health["draft"]
-    assert d["rows"] == len(PROMPTS) and d["verifications"] > 0
+    assert d["rows"] == len(PROMPTS) and d["verifications"] > 0 and d["tokens_per_teacher_forward"] >= 1
     assert 0 <= d["accepted"] < d["proposed"]
 
 

@@ -130,8 +130,7 @@ def _draft_health(s) -> dict:
     return {"rows": s.drafted_rows, "verifications": s.draft_verifications, "proposed": s.draft_proposed,
             "accepted": s.draft_accepted,
             "acceptance": s.draft_accepted / s.draft_proposed if s.draft_proposed else None,
-            "tokens_per_teacher_forward": (s.draft_accepted + s.draft_verifications) / s.draft_verifications
-            if s.draft_verifications else None}
+            "tokens_per_teacher_forward": s.verified_tokens / s.draft_verifications if s.draft_verifications else None}
 
 
 # ---- request handling ------------------------------------------------------------------------------

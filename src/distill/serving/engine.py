@@ -89,9 +89,11 @@ class EngineStats:
     cancelled: int = 0  # rows dropped (queued or mid-decode) because their request was abandoned
     failed: int = 0  # rows answered with an error event
     # with a draft model (distill.serving.speculative): rows decoded draft-verify, teacher forwards that
-    # verified drafts, draft tokens proposed and accepted (acceptance = accepted / proposed)
+    # verified drafts, the tokens those forwards produced, draft tokens proposed and accepted (acceptance =
+    # accepted / proposed)
     drafted_rows: int = 0
     draft_verifications: int = 0
+    verified_tokens: int = 0
     draft_proposed: int = 0
     draft_accepted: int = 0
 

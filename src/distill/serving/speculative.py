@@ -143,6 +143,7 @@ class Drafter:
             engine.stats.failed += 1
             st.fail(exc)
         engine.stats.generated_tokens += 1
+        engine.stats.verified_tokens += 1
 
     @staticmethod
     def _hand_over(engine: Engine, st: RowState, seq: list[int], seen: int, cache, join: bool) -> None:
