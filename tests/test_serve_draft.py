@@ -186,3 +186,14 @@ def test_sampling_with_a_draft_is_seeded_and_a_cancelled_row_stops(dirs):
     row = Row(tok(PROMPTS[1])["input_ids"], SamplingParams(max_tokens=30, temperature=0), sink)
     engine.generate([row])
     assert engine.stats.cancelled == 1 and sum(len(ev.tokens) for ev in events) < 30
+
+
+def test_the_draft_recipe_trains_for_acceptance():
+    """DistillSpec: TVD (1 - TVD is the expected acceptance) on the student's own samples, after an offline phase."""
+    from pathlib import Path
+
+    from distill.config import load_config
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "examples" / "recipes" / "draft.yaml")
+    assert "tvd" in {loss.name for loss in cfg.train.losses} and cfg.train.signal == "online"
+    assert 0 < cfg.train.onpolicy.lmbda and 0 < cfg.train.onpolicy.start_step < cfg.train.max_steps
