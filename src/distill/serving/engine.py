@@ -427,14 +427,14 @@ class Engine:
                              use_cache=True, **{self.cache_kw: cache})
             cache, logits = cache_of(out), out.logits[:, -1, :]
             room = self.max_batch_size - len(live)
-            if join and room > 0 and not self._queue.empty() and _joinable(cache):
+            if join and room > 0 and not self._queue.empty() and plain_dynamic_cache(cache):
                 new_rows = self._take(room)
                 if new_rows:
                     self._running.extend(new_rows)
                     n_live, n_mask, n_pos, n_cache, n_logits = self.prefill(new_rows)
                     if not n_live:
                         continue
-                    if _joinable(n_cache):
+                    if plain_dynamic_cache(n_cache):
                         mask = _stack_left_padded(mask, n_mask)
                         _stack_caches(cache, n_cache)
                         pos, logits = torch.cat([pos, n_pos]), torch.cat([logits, n_logits])
@@ -520,7 +520,7 @@ def _eos_ids(model, tokenizer) -> set[int]:
     return set(eos_token_ids(tokenizer, getattr(model, "generation_config", None), model.config))
 
 
-def _joinable(cache) -> bool:
+def plain_dynamic_cache(cache) -> bool:
     """Only plain dynamic (full attention) caches are stacked; sliding-window or static ones are not."""
     layers = getattr(cache, "layers", None)
     return bool(layers) and all(type(x).__name__ == "DynamicLayer" and getattr(x, "keys", None) is not None

@@ -24,7 +24,16 @@ from dataclasses import dataclass
 
 import torch
 
-from distill.serving.engine import Engine, Row, RowState, cache_kwarg, cache_of, draw, sampling_probs
+from distill.serving.engine import (
+    Engine,
+    Row,
+    RowState,
+    cache_kwarg,
+    cache_of,
+    draw,
+    plain_dynamic_cache,
+    sampling_probs,
+)
 
 
 @dataclass
@@ -45,8 +54,11 @@ class Drafter:
     @torch.inference_mode()
     def generate(self, engine: Engine, row: Row, join: bool) -> None:
         """Decode one row draft-verify until it finishes, or until other rows queue up (then batched)."""
-        live, _, _, cache, logits = engine.prefill([row])
+        live, mask, pos, cache, logits = engine.prefill([row])
         if not live or live[0].finished:
+            return
+        if not plain_dynamic_cache(cache):  # sliding-window or static caches are not cut back here
+            engine.decode(live, mask, pos, cache, logits, join=join)
             return
         st, width = live[0], logits.shape[-1]
         engine.step([st], logits)  # the first token comes from the prefill, as without a draft
