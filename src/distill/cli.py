@@ -275,6 +275,10 @@ def serve(
         False, help="logprob tokens as 'token_id:N' unless a request says otherwise (vLLM's flag)"),
     dtype: str = typer.Option("auto", help="auto | float32 | bfloat16 | float16"),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
+    draft: Optional[Path] = typer.Option(
+        None, help="speculative decoding: a smaller model with MODEL_DIR's vocabulary (e.g. its student) drafts, "
+        "MODEL_DIR verifies; same output, faster when the draft is accepted often"),
+    draft_tokens: int = typer.Option(5, help="draft tokens proposed per verification at first (adapts per row)"),
 ) -> None:
     """Serve MODEL_DIR behind an OpenAI-compatible API (/v1/completions, /v1/chat/completions, /v1/models)."""
     from distill.serving.serve import serve as run_serve
@@ -282,7 +286,8 @@ def serve(
     run_serve(model_dir, host=host, port=port, api_key=api_key, served_model_name=served_model_name,
               max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms, max_prompt_tokens=max_prompt_tokens,
               max_tokens_limit=max_tokens_limit, max_body_bytes=max_body_bytes, max_request_rows=max_request_rows,
-              return_tokens_as_token_ids=return_tokens_as_token_ids, dtype=dtype, device=device)
+              return_tokens_as_token_ids=return_tokens_as_token_ids, dtype=dtype, device=device, draft=draft,
+              draft_tokens=draft_tokens)
 
 
 @app.command()

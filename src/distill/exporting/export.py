@@ -13,6 +13,7 @@ Run as: `distill export runs/demo/students/small --out dist/small --quantize int
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -86,7 +87,8 @@ def export(model_dir: str | Path, out_dir: str | Path, quantize: str | None = No
     out = save_model(model, tokenizer, out_dir)
     report: dict = {"source": info, "architecture": type(model).__name__,
                     "parameters": count_parameters(model), "dtype": str(next(model.parameters()).dtype),
-                    "bytes": _bytes(out, "*.safetensors")}
+                    "bytes": _bytes(out, "*.safetensors"),
+                    "prompt_format": _copy_prompt_format(Path(info["adapter"] or info["source"]), out)}
     if quantize == "int8":
         saved = save_int8(out, out / "int8", scheme=int8_scheme)
         reloaded = load_int8(out / "int8")  # measure what a user will load, not the in-memory object
@@ -120,6 +122,17 @@ def _check_out_dir(out: Path) -> None:
                 what = "is an existing file" if folder == out else f"is inside {folder}, an existing file"
                 raise ValueError(f"--out {out}: {what}, not a directory; give a directory path (it is created)")
             return
+
+
+def _copy_prompt_format(source: Path, out: Path) -> bool:
+    """Copy the student's prompt_format.json (how `distill train` rendered its prompts) into the export, so
+    `distill serve OUT` renders chat requests as in training, not with the bare chat template."""
+    from distill.data.prompt_format import PROMPT_FORMAT_FILE
+
+    if not (source / PROMPT_FORMAT_FILE).is_file():
+        return False
+    shutil.copyfile(source / PROMPT_FORMAT_FILE, Path(out) / PROMPT_FORMAT_FILE)
+    return True
 
 
 def _export_gguf(model, tokenizer, out: Path, gguf_type: str) -> dict:

@@ -89,7 +89,8 @@ def create_app(engine: Engine, options: ServeOptions | None = None) -> FastAPI:
         return {"status": "ok", "model": opts.served_model_name, "batches": s.batches, "rows": s.rows,
                 "joined": s.joined, "max_rows_in_batch": s.max_rows_in_batch,
                 "mean_rows_per_step": s.step_rows / max(s.steps, 1), "generated_tokens": s.generated_tokens,
-                "cancelled": s.cancelled, "failed": s.failed, "queued": engine.queued, "running": engine.running}
+                "cancelled": s.cancelled, "failed": s.failed, "queued": engine.queued, "running": engine.running,
+                **({"draft": _draft_health(s)} if engine.draft is not None else {})}
 
     def model_card() -> dict:
         return {"id": opts.served_model_name, "object": "model", "created": created, "owned_by": "distill",
@@ -121,6 +122,15 @@ def create_app(engine: Engine, options: ServeOptions | None = None) -> FastAPI:
         return await _respond(request, engine, opts, req, prompts, chat=True)
 
     return app
+
+
+def _draft_health(s) -> dict:
+    """Speculative decoding counters: acceptance (accepted / proposed draft tokens) and tokens per teacher
+    forward while drafting (1.0 would mean the draft never helped)."""
+    return {"rows": s.drafted_rows, "verifications": s.draft_verifications, "proposed": s.draft_proposed,
+            "accepted": s.draft_accepted,
+            "acceptance": s.draft_accepted / s.draft_proposed if s.draft_proposed else None,
+            "tokens_per_teacher_forward": s.verified_tokens / s.draft_verifications if s.draft_verifications else None}
 
 
 # ---- request handling ------------------------------------------------------------------------------

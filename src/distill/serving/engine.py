@@ -88,6 +88,14 @@ class EngineStats:
     generated_tokens: int = 0
     cancelled: int = 0  # rows dropped (queued or mid-decode) because their request was abandoned
     failed: int = 0  # rows answered with an error event
+    # with a draft model (distill.serving.speculative): rows decoded draft-verify, teacher forwards that
+    # verified drafts, the tokens those forwards produced, draft tokens proposed and accepted (acceptance =
+    # accepted / proposed)
+    drafted_rows: int = 0
+    draft_verifications: int = 0
+    verified_tokens: int = 0
+    draft_proposed: int = 0
+    draft_accepted: int = 0
 
 
 def _bytes_decoder() -> dict[str, int]:
@@ -200,8 +208,9 @@ class Engine:
     """Owns the model; `submit(rows)` from any thread, events come back through each row's sink."""
 
     def __init__(self, model, tokenizer, max_batch_size: int = 8, batch_wait_ms: float = 5.0,
-                 continuous: bool = True):
+                 continuous: bool = True, draft=None):
         self.model, self.tok = model.eval(), tokenizer
+        self.draft = draft  # a distill.serving.speculative.Drafter: rows decoding alone are drafted
         self.max_batch_size, self.batch_wait = max(1, max_batch_size), batch_wait_ms / 1000.0
         self.continuous = continuous
         self._running: list[Row] = []
@@ -317,7 +326,7 @@ class Engine:
                 _fail(r, exc)
         return states
 
-    def _prefill(self, rows: list[Row]):
+    def prefill(self, rows: list[Row]):
         """One forward over the left-padded prompts: (states, mask, last positions, cache, next-token logits).
 
         Rows that ask for prompt logprobs get them here, from the same forward; rows with max_tokens 0
@@ -393,17 +402,21 @@ class Engine:
 
         Finished rows leave the batch; with `join`, queued rows join it between steps (their prompts are
         prefilled, and the two KV caches are left-padded to one length and stacked), so a long batch never
-        makes new requests wait for all of it: continuous batching on a plain HF model."""
-        self._decode(*self._prefill(rows), join=join)
+        makes new requests wait for all of it: continuous batching on a plain HF model. With a draft model a
+        row decoding alone is drafted and verified (distill.serving.speculative) until others queue up."""
+        if self.draft is not None and len(rows) == 1:
+            self.draft.generate(self, rows[0], join=join)
+            return
+        self.decode(*self.prefill(rows), join=join)
 
-    def _decode(self, live: list[RowState], mask, pos, cache, logits, join: bool) -> None:
+    def decode(self, live: list[RowState], mask, pos, cache, logits, join: bool) -> None:
         """The decode loop of `generate`, from prefilled rows."""
         while live:
             # finished rows leave the batch: later steps only pay for rows still generating
             live, mask, pos, logits, going = self._keep(live, cache, mask, pos, logits)
             if not going:
                 return
-            self._step(live, logits)
+            self.step(live, logits)
             live, mask, pos, _, going = self._keep(live, cache, mask, pos, None)
             if not going:
                 return
@@ -414,23 +427,23 @@ class Engine:
                              use_cache=True, **{self.cache_kw: cache})
             cache, logits = cache_of(out), out.logits[:, -1, :]
             room = self.max_batch_size - len(live)
-            if join and room > 0 and not self._queue.empty() and _joinable(cache):
+            if join and room > 0 and not self._queue.empty() and plain_dynamic_cache(cache):
                 new_rows = self._take(room)
                 if new_rows:
                     self._running.extend(new_rows)
-                    n_live, n_mask, n_pos, n_cache, n_logits = self._prefill(new_rows)
+                    n_live, n_mask, n_pos, n_cache, n_logits = self.prefill(new_rows)
                     if not n_live:
                         continue
-                    if _joinable(n_cache):
+                    if plain_dynamic_cache(n_cache):
                         mask = _stack_left_padded(mask, n_mask)
                         _stack_caches(cache, n_cache)
                         pos, logits = torch.cat([pos, n_pos]), torch.cat([logits, n_logits])
                         live = live + n_live
                         self.stats.joined += len(new_rows)
                     else:  # an unusual cache type: decode the newcomers on their own first
-                        self._decode(n_live, n_mask, n_pos, n_cache, n_logits, join=False)
+                        self.decode(n_live, n_mask, n_pos, n_cache, n_logits, join=False)
 
-    def _step(self, live: list[RowState], logits: torch.Tensor) -> None:
+    def step(self, live: list[RowState], logits: torch.Tensor) -> None:
         """Choose and push one token for every row still generating; a row that fails here fails alone."""
         self.stats.max_rows_in_batch = max(self.stats.max_rows_in_batch, len(live))
         self.stats.steps += 1
@@ -466,15 +479,34 @@ class Engine:
     @staticmethod
     def _sample(logits: torch.Tensor, st: RowState) -> int:
         """Nucleus sampling for one row (temperature > 0), with the row's own seeded generator if any."""
-        probs = torch.softmax(logits.float() / st.p.temperature, dim=-1)
-        if st.p.top_p < 1.0:
-            sp, si = probs.sort(descending=True)
-            keep = sp.cumsum(-1) - sp < st.p.top_p  # always keeps the most likely token
-            probs = torch.zeros_like(probs).scatter(0, si[keep], sp[keep])
-        gen = st.generator
-        if gen is not None and gen.device != probs.device:
-            probs = probs.cpu()
-        return int(torch.multinomial(probs, 1, generator=gen).item())
+        return draw(sampling_probs(logits, st.p), st.generator)
+
+    def token_info(self, tid: int, logp: torch.Tensor, n_alt: int) -> TokenInfo:
+        """Token `tid` with its logprob and top `n_alt` alternatives from one position's log-softmax (vocab,)."""
+        alts: tuple[Alt, ...] = ()
+        if n_alt:
+            top = logp.topk(n_alt)
+            alts = tuple(Alt(j, *self.pieces.get(j), lp) for j, lp in zip(top.indices.tolist(), top.values.tolist()))
+        return TokenInfo(tid, *self.pieces.get(tid), float(logp[tid]), alts)
+
+
+def sampling_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """The distribution a row samples from (vocab,): softmax at its temperature, cut to its top_p nucleus
+    (the most likely token always kept), renormalised."""
+    probs = torch.softmax(logits.float() / p.temperature, dim=-1)
+    if p.top_p < 1.0:
+        sp, si = probs.sort(descending=True)
+        keep = sp.cumsum(-1) - sp < p.top_p
+        probs = torch.zeros_like(probs).scatter(0, si[keep], sp[keep])
+        probs = probs / probs.sum()
+    return probs
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator | None) -> int:
+    """One token from `probs` (vocab,), with a row's seeded (CPU) generator if it has one."""
+    if generator is not None and generator.device != probs.device:
+        probs = probs.cpu()
+    return int(torch.multinomial(probs, 1, generator=generator).item())
 
 
 def _fail(row: Row, exc: BaseException) -> None:
@@ -488,7 +520,7 @@ def _eos_ids(model, tokenizer) -> set[int]:
     return set(eos_token_ids(model, tokenizer))
 
 
-def _joinable(cache) -> bool:
+def plain_dynamic_cache(cache) -> bool:
     """Only plain dynamic (full attention) caches are stacked; sliding-window or static ones are not."""
     layers = getattr(cache, "layers", None)
     return bool(layers) and all(type(x).__name__ == "DynamicLayer" and getattr(x, "keys", None) is not None

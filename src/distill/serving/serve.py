@@ -15,7 +15,11 @@ Bodies must be `Content-Type: application/json` (415), one request asks for at m
 sequences (prompts x n; 400), and requests share the batcher round-robin. /health, /docs and /openapi.json
 need no API key.
 
+With `--draft STUDENT_DIR` a teacher is served losslessly faster: the student drafts, the teacher verifies
+(distill.serving.speculative); /health reports the draft's acceptance.
+
 Run as: `distill serve runs/demo/students/small --port 8000 --api-key $KEY`
+        `distill serve TEACHER_DIR --draft runs/demo/students/distilled`
 """
 
 from __future__ import annotations
@@ -95,16 +99,21 @@ def build_app(
     return_tokens_as_token_ids: bool = False,
     dtype: str = "auto",
     device: str = "auto",
+    draft: str | Path | None = None,
+    draft_tokens: int = 5,
 ):
     """Load MODEL_DIR (a full model or a LoRA adapter dir, merged) and wrap it in the app. Chats are rendered
-    as the student was trained (its prompt_format.json), else with its chat template, else refused."""
+    as the student was trained (its prompt_format.json), else with its chat template, else refused. With
+    `draft` (a smaller model with the same vocabulary, e.g. a student of MODEL_DIR), MODEL_DIR's output is
+    decoded speculatively (distill.serving.speculative)."""
     from distill.data.prompt_format import load_prompt_format
     from distill.exporting.export import load_student
     from distill.serving import Engine, ServeOptions, create_app
 
     check_model_path(model_dir)
     model, tokenizer, _ = load_student(model_dir, dtype=dtype, device=device)
-    engine = Engine(model, tokenizer, max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms)
+    drafter = load_draft(draft, tokenizer, model, dtype, draft_tokens) if draft is not None else None
+    engine = Engine(model, tokenizer, max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms, draft=drafter)
     options = ServeOptions(
         served_model_name=served_model_name or Path(str(model_dir)).name,
         api_key=api_key if api_key is not None else (os.environ.get(API_KEY_ENV) or None),
@@ -116,6 +125,25 @@ def build_app(
         prompt_format=load_prompt_format(model_dir) if Path(str(model_dir)).is_dir() else None,
     )
     return create_app(engine, options)
+
+
+def load_draft(path: str | Path, tokenizer, model, dtype: str, tokens: int):
+    """The draft model on the served model's device, refused in one line unless it has the same vocabulary
+    (its proposals are token ids the served model verifies)."""
+    from distill.evaluation.generation import vocabulary_mismatch
+    from distill.exporting.export import load_student
+    from distill.serving.speculative import Drafter
+
+    if tokens < 1:
+        raise ConfigError(f"--draft-tokens {tokens}: propose at least 1 draft token per step (e.g. 5)")
+    check_model_path(path)
+    device = str(next(model.parameters()).device)
+    draft, draft_tok, _ = load_student(path, dtype=dtype, device=device)
+    reason = vocabulary_mismatch(draft_tok, tokenizer)
+    if reason:
+        raise UserError(f"--draft {path}: its vocabulary differs from the served model's ({reason}); a draft "
+                        "must share the served model's tokenizer (e.g. a student distilled from it)")
+    return Drafter(draft.to(device), tokens=tokens)
 
 
 def serve(model_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
