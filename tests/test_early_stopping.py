@@ -124,3 +124,14 @@ def test_stalled_evaluations_counts_from_the_best_by_more_than_min_delta():
     assert stalled_evaluations(log + [{"eval_loss": 1.89}], 0.1) == 0  # ...until together they do
     assert stalled_evaluations([{"eval_loss": 1.0}, {"eval_loss": 1.0}], 0.0) == 1  # equal is no improvement
     assert stalled_evaluations([{"loss": 1.0}], 0.0) == 0  # no evaluation yet
+
+
+def test_patience_running_out_on_the_last_step_is_the_budget(tmp_path):
+    from types import SimpleNamespace
+
+    from distill.training.early_stopping import stop_reason
+
+    t = load_config({"train": {"eval_fraction": 0.1, "max_steps": 100, "early_stopping": True}}).train
+    log = [{"eval_loss": 1.0}] * 4  # patience 3 used up
+    assert stop_reason(SimpleNamespace(log_history=log, global_step=80, max_steps=100), t).startswith("early stopping")
+    assert stop_reason(SimpleNamespace(log_history=log, global_step=100, max_steps=100), t) == "max_steps"

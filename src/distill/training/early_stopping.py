@@ -30,9 +30,11 @@ def stopped_early(log_history: Iterable[dict], es) -> bool:
     return es.enabled and stalled_evaluations(log_history, es.min_delta) >= es.patience
 
 
-def stop_reason(log_history: list[dict], t) -> str:
-    """Why a finished training ended, for train_summary.json: early stopping or the configured budget."""
-    if stopped_early(log_history, t.early_stopping):
+def stop_reason(state, t) -> str:
+    """Why a finished training ended, for train_summary.json: early stopping before the budget ran out, or the
+    budget (patience running out on the budget's last step counts as the budget)."""
+    before_the_end = not state.max_steps or state.global_step < state.max_steps
+    if before_the_end and stopped_early(state.log_history, t.early_stopping):
         return f"early stopping: no improvement in {t.early_stopping.patience} evaluations"
     return "max_steps" if t.max_steps > 0 else "num_train_epochs"
 

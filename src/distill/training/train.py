@@ -489,7 +489,7 @@ def _save_outputs(trainer, out: Path, tokenizer, cfg: Config, scfg: StudentConfi
             "train_loss": result.training_loss if result is not None else _last_train_loss(trainer.state),
             "train_runtime_s": round(runtime, 2),
             # why training ended, and with early stopping the evaluated step whose weights are the student
-            "stop_reason": stop_reason(trainer.state.log_history, cfg.train),
+            "stop_reason": stop_reason(trainer.state, cfg.train),
             "best_step": trainer.state.best_global_step if trainer.args.load_best_model_at_end else None,
             "best_eval_loss": trainer.state.best_metric if trainer.args.load_best_model_at_end else None,
             "resumed_from": resume,
