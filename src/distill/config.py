@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import ValidationInfo
 
 from distill.errors import ConfigError, not_found, short_repr, write_atomic
 from distill.evaluation.metrics import METRICS, check_metric_name  # stdlib only: config stays light
@@ -203,6 +204,27 @@ class CotConfig(Section):
     )
 
 
+class EarlyStoppingConfig(Section):
+    """Train until the held-out loss stops improving (train.eval_fraction's split, evaluated every
+    train.eval_steps); the checkpoint with the lowest held-out loss becomes the student. `early_stopping: true`
+    is short for `{enabled: true}`."""
+
+    enabled: bool = Field(
+        False, description="stop when the held-out loss has not improved for `patience` evaluations (max_steps or "
+        "num_train_epochs stay the ceiling); a checkpoint is written at every evaluation (train.save_steps is "
+        "ignored) and the best one is saved as the student"
+    )
+    patience: int = Field(3, ge=1, description="evaluations in a row without an improvement before training stops")
+    min_delta: float = Field(
+        0.0, ge=0, description="an evaluation improves only when its loss is more than this below the best so far"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, value: Any) -> Any:
+        return {"enabled": value} if isinstance(value, bool) else value
+
+
 class TrainConfig(Section):
     """Student training; any TrainingArguments field can go in `args`."""
 
@@ -247,6 +269,18 @@ class TrainConfig(Section):
     args: dict[str, Any] = Field(default_factory=dict, description="extra transformers.TrainingArguments")
     onpolicy: OnPolicyConfig = Field(default_factory=OnPolicyConfig, description="on-policy distillation (GKD)")
     cot: CotConfig = Field(default_factory=CotConfig, description="chain-of-thought distillation")
+    early_stopping: EarlyStoppingConfig = Field(
+        default_factory=EarlyStoppingConfig, description="train until the held-out loss stops improving"
+    )
+
+    @field_validator("early_stopping")
+    @classmethod
+    def _early_stopping_needs_held_out(cls, es: EarlyStoppingConfig, info: ValidationInfo) -> EarlyStoppingConfig:
+        # refused rather than defaulted: a split takes examples out of training, which the user should choose
+        if es.enabled and info.data.get("eval_fraction", 1.0) == 0:
+            raise ValueError("needs a held-out split whose loss decides when to stop: set train.eval_fraction "
+                             "(e.g. 0.1), or train.early_stopping.enabled=false")
+        return es
 
     @field_validator("args")
     @classmethod

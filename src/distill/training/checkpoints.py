@@ -20,6 +20,7 @@ from pathlib import Path
 
 from distill.config import STUDENT_CONFIG_FILE, Config
 from distill.errors import UserError
+from distill.training.early_stopping import stopped_early
 
 CHECKPOINT_COMPLETE = "distill_complete.json"  # written after the Trainer has written everything else
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors",
@@ -189,12 +190,27 @@ def finished(resume: str | None, t) -> dict | None:
     if resume is None:
         return None
     state = checkpoint_state(Path(resume)) or {}
+    if stopped_early(state.get("log_history") or [], t.early_stopping):  # out of patience: done, whatever the budget
+        return state
     steps, total = state.get("global_step"), state.get("max_steps")
     if not isinstance(steps, int) or not isinstance(total, int) or total <= 0 or steps < total:
         return None
     if t.max_steps > 0:
         return state if t.max_steps == total else None
     return state if float(state.get("num_train_epochs", -1)) == float(t.num_train_epochs) else None
+
+
+def student_checkpoint(resume: str, args) -> str:
+    """The checkpoint whose weights are the student of a finished training: the best one (lowest held-out loss)
+    when the Trainer loads the best model at the end, else the last one. Found by step under the checkpoint
+    directory, not by the recorded path, which is stale once run_dir moved."""
+    state = checkpoint_state(Path(resume)) or {}
+    best = state.get("best_global_step")
+    if args.load_best_model_at_end and isinstance(best, int) and best > 0:
+        path = Path(resume).parent / f"checkpoint-{best}"
+        if checkpoint_state(path) is not None:
+            return str(path)
+    return resume
 
 
 def already_trained(cfg: Config, out: Path, name: str) -> bool:

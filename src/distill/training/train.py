@@ -34,7 +34,14 @@ from distill.preflight import TRACKER_PACKAGES, preflight
 from distill.progress import is_live, quiet_library_bars, trainer_callback
 from distill.students.build import build_student
 from distill.teachers.registry import backend_spec
-from distill.training.checkpoints import already_trained, finished, last_checkpoint, mark_complete
+from distill.training.checkpoints import (
+    already_trained,
+    finished,
+    last_checkpoint,
+    mark_complete,
+    student_checkpoint,
+)
+from distill.training.early_stopping import early_stopping, stop_reason
 
 
 def _as_config(config: Config | str | Path | dict, overrides: list[str] | None = None) -> Config:
@@ -188,6 +195,9 @@ def _training_args(cfg: Config, out: Path, name: str):
         kwargs["warmup_steps"] = t.warmup_ratio  # transformers 5: a float < 1 is a ratio
     if t.eval_fraction > 0:  # held-out loss curve on a split of the training data, next to the training loss
         kwargs.update(eval_strategy="steps", eval_steps=t.eval_steps or t.logging_steps)
+    if t.early_stopping.enabled:  # a checkpoint at every evaluation, so the best one exists and is loaded at the end
+        kwargs.update(save_steps=kwargs["eval_steps"], load_best_model_at_end=True, metric_for_best_model="eval_loss",
+                      greater_is_better=False)
     if "include_num_input_tokens_seen" in fields:  # tokens seen, for the report's training table
         kwargs["include_num_input_tokens_seen"] = "non_padding"
     kwargs.update(t.args)  # names and types checked when the config loaded (config.coerce_training_args)
@@ -378,7 +388,7 @@ def _fit(trainer, cfg: Config, output_dir: str):
     with disk_errors(output_dir, f"checkpoints already written in {output_dir} are kept"), \
             _tracker_errors(cfg.train.report_to, output_dir):
         if finished(resume, cfg.train) is not None:  # trained to the end before: load, do not step again
-            trainer._load_from_checkpoint(resume)
+            trainer._load_from_checkpoint(student_checkpoint(resume, trainer.args))
             trainer.state = type(trainer.state).load_from_json(str(Path(resume) / "trainer_state.json"))
             result = None
         else:
@@ -438,6 +448,8 @@ def train_student(cfg: Config, scfg: StudentConfig) -> Path:
     trainer.add_callback(mark_complete())
     if args.disable_tqdm:
         trainer.add_callback(trainer_callback(f"train {scfg.name}"))
+    if cfg.train.early_stopping.enabled:
+        trainer.add_callback(early_stopping(cfg.train.early_stopping))
     result, resume, runtime = _fit(trainer, cfg, args.output_dir)
     with disk_errors(out, f"checkpoints already written in {args.output_dir} are kept"):
         _save_outputs(trainer, out, sides.tokenizer, cfg, scfg, info, examples, result, runtime, resume)
@@ -478,6 +490,10 @@ def _save_outputs(trainer, out: Path, tokenizer, cfg: Config, scfg: StudentConfi
             "learning_rate": trainer.args.learning_rate,
             "train_loss": result.training_loss if result is not None else _last_train_loss(trainer.state),
             "train_runtime_s": round(runtime, 2),
+            # why training ended, and with early stopping the evaluated step whose weights are the student
+            "stop_reason": stop_reason(trainer.state, cfg.train),
+            "best_step": trainer.state.best_global_step if trainer.args.load_best_model_at_end else None,
+            "best_eval_loss": trainer.state.best_metric if trainer.args.load_best_model_at_end else None,
             "resumed_from": resume,
             "world_size": int(os.environ.get("WORLD_SIZE", "1")),
         }
