@@ -7,7 +7,7 @@ from distill.data.batching import DistillCollator, encode_example, tokenize_pair
 def test_labels_mask_prompt_and_keep_eos_when_pad_is_eos(tokenizer):
     ex = tokenize_pair(tokenizer, "Q: 1 + 1? A:", " 2.", max_length=64)
     n_prompt = ex["prompt_len"]
-    assert all(l == -100 for l in ex["labels"][:n_prompt])
+    assert all(label == -100 for label in ex["labels"][:n_prompt])
     assert ex["labels"][-1] == tokenizer.eos_token_id
     collate = DistillCollator(pad_token_id=tokenizer.eos_token_id)  # pad == eos
     short = tokenize_pair(tokenizer, "Q: 2? A:", " 2.", max_length=64)

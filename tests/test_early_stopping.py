@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
+from test_resume import _cfg as resume_cfg
 
 from distill.config import load_config
 from distill.errors import ConfigError
 from distill.training.early_stopping import stalled_evaluations
 from distill.training.train import train
-from test_resume import _cfg as resume_cfg
 
 
 def _cfg(tmp_path: Path, teacher_dir, max_steps: int = 30, patience: int = 2, **train):

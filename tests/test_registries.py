@@ -100,9 +100,9 @@ def test_metric_registry_drives_validation_lookup_and_docs():
 
 
 def test_eos_token_ids_collects_every_source():
-    from transformers import GenerationConfig, LlamaConfig
-
     from types import SimpleNamespace
+
+    from transformers import GenerationConfig, LlamaConfig
 
     tok = make_tokenizer()
     model = SimpleNamespace(generation_config=GenerationConfig(eos_token_id=[7, 5]),

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import torch
-
 from conftest import make_llama
+
 from distill.evaluation.speculative import draft_check
 
 

@@ -9,7 +9,6 @@ import functools
 import logging
 import os
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 from rich.console import Console
@@ -51,7 +50,7 @@ CONFIG_ARG = typer.Argument(..., help="YAML config file", exists=False)
 OVERRIDES_ARG = typer.Argument(None, help="dotted overrides, e.g. train.learning_rate=3e-4")
 
 
-def _config(path: Path, overrides: Optional[List[str]]):
+def _config(path: Path, overrides: list[str] | None):
     return load_config(path, overrides or [])
 
 
@@ -106,8 +105,8 @@ def main_guard(fn):
 @main_guard
 def generate(
     config: Path = CONFIG_ARG,
-    overrides: Optional[List[str]] = OVERRIDES_ARG,
-    shard: Optional[str] = typer.Option(None, "--shard", help="'i/n': this worker takes every n-th prompt from i"),
+    overrides: list[str] | None = OVERRIDES_ARG,
+    shard: str | None = typer.Option(None, "--shard", help="'i/n': this worker takes every n-th prompt from i"),
 ) -> None:
     """Teacher outputs for generate.input into the store (resumable); prints the store path and its stats."""
     from distill.store.shards import StoreError, store_stats
@@ -145,7 +144,7 @@ def config_(section: str | None = typer.Argument(None, help="a section (train, e
 
 @app.command()
 @main_guard
-def train(config: Path = CONFIG_ARG, overrides: Optional[List[str]] = OVERRIDES_ARG) -> None:
+def train(config: Path = CONFIG_ARG, overrides: list[str] | None = OVERRIDES_ARG) -> None:
     """Train the student(s) of CONFIG; writes run_dir/students/NAME (HF format) and its training log.
 
     Every setting (train.*, student.*, ...) with its type, default and meaning: `distill config train`.
@@ -161,7 +160,7 @@ def train(config: Path = CONFIG_ARG, overrides: Optional[List[str]] = OVERRIDES_
 @main_guard
 def run(
     config: Path = CONFIG_ARG,
-    overrides: Optional[List[str]] = OVERRIDES_ARG,
+    overrides: list[str] | None = OVERRIDES_ARG,
     force: bool = typer.Option(False, "--force", help="rerun every stage even when its inputs are unchanged"),
 ) -> None:
     """generate → train → eval → report; a stage is skipped when its inputs (hashed) are unchanged and its
@@ -178,10 +177,10 @@ def run(
 @main_guard
 def sweep(
     config: Path = CONFIG_ARG,
-    overrides: Optional[List[str]] = OVERRIDES_ARG,
-    sizes: Optional[str] = typer.Option(None, "--sizes", help="how many times smaller than the teacher, comma-"
+    overrides: list[str] | None = OVERRIDES_ARG,
+    sizes: str | None = typer.Option(None, "--sizes", help="how many times smaller than the teacher, comma-"
                                         "separated (default: 3,10,30,100, those the teacher's shape can reach)"),
-    init: Optional[str] = typer.Option(None, "--init", help="config (fresh) | minitron (cut from the teacher); "
+    init: str | None = typer.Option(None, "--init", help="config (fresh) | minitron (cut from the teacher); "
                                        "default: student.init when it is one of them, else config"),
     threshold: float = typer.Option(0.9, "--threshold", help="fraction of the teacher's score the shipped student "
                                     "must keep at the 95% lower bound"),
@@ -204,11 +203,11 @@ def sweep(
 def demo(
     quick: bool = typer.Option(False, "--quick", help="a fast smoke run (tiny data, a few steps)"),
     run_dir: Path = typer.Option(Path("runs/demo"), help="where every artifact goes"),
-    teacher: Optional[Path] = typer.Option(None, help="another teacher directory (default: the shipped one)"),
+    teacher: Path | None = typer.Option(None, help="another teacher directory (default: the shipped one)"),
     threads: int = typer.Option(2, help="torch CPU threads (pinned for stable timings)"),
     force: bool = typer.Option(False, "--force", help="rerun every stage"),
     seed: int = typer.Option(0, help="draws the problems and seeds the students' init and data order"),
-    overrides: Optional[List[str]] = OVERRIDES_ARG,
+    overrides: list[str] | None = OVERRIDES_ARG,
 ) -> None:
     """The built-in math-tutor demo: teacher → store → distilled student + labels-only baseline → report."""
     from rich.table import Table
@@ -233,7 +232,7 @@ def demo(
 
 @app.command("eval")
 @main_guard
-def eval_(config: Path = CONFIG_ARG, overrides: Optional[List[str]] = OVERRIDES_ARG) -> None:
+def eval_(config: Path = CONFIG_ARG, overrides: list[str] | None = OVERRIDES_ARG) -> None:
     """Teacher and students on eval.input: score, % of teacher kept, agreement, KL, speed, memory, $/M tokens."""
     from distill.evaluation.evaluate import evaluate as run_eval
     from distill.teachers import TeacherError
@@ -249,7 +248,7 @@ def eval_(config: Path = CONFIG_ARG, overrides: Optional[List[str]] = OVERRIDES_
 
 @app.command()
 @main_guard
-def report(config: Path = CONFIG_ARG, overrides: Optional[List[str]] = OVERRIDES_ARG) -> None:
+def report(config: Path = CONFIG_ARG, overrides: list[str] | None = OVERRIDES_ARG) -> None:
     """report.md + self-contained report.html (tables, plots, samples) and a model card in each student dir."""
     from distill.reporting.report import report as run_report
 
@@ -263,11 +262,11 @@ def serve(
     model_dir: Path = typer.Argument(..., help="student directory (HF format, or a LoRA adapter dir)"),
     host: str = typer.Option("127.0.0.1", help="interface to bind; 0.0.0.0 exposes it to the network"),
     port: int = typer.Option(8000, help="TCP port"),
-    api_key: Optional[str] = typer.Option(None, help="required bearer key (default: $DISTILL_API_KEY; none if unset)"),
-    served_model_name: Optional[str] = typer.Option(None, help="the `model` clients send (default: dir name)"),
+    api_key: str | None = typer.Option(None, help="required bearer key (default: $DISTILL_API_KEY; none if unset)"),
+    served_model_name: str | None = typer.Option(None, help="the `model` clients send (default: dir name)"),
     max_batch_size: int = typer.Option(8, help="most rows (prompt x n) generated together"),
     batch_wait_ms: float = typer.Option(5.0, help="how long the batcher waits for more requests"),
-    max_prompt_tokens: Optional[int] = typer.Option(None, help="prompt length limit (default: context length)"),
+    max_prompt_tokens: int | None = typer.Option(None, help="prompt length limit (default: context length)"),
     max_tokens_limit: int = typer.Option(1024, help="largest max_tokens a request may ask for"),
     max_body_bytes: int = typer.Option(1_000_000, help="request body size limit (413 above)"),
     max_request_rows: int = typer.Option(1024, help="most sequences (prompts x n) one request may ask for (400 above)"),
@@ -275,7 +274,7 @@ def serve(
         False, help="logprob tokens as 'token_id:N' unless a request says otherwise (vLLM's flag)"),
     dtype: str = typer.Option("auto", help="auto | float32 | bfloat16 | float16"),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
-    draft: Optional[Path] = typer.Option(
+    draft: Path | None = typer.Option(
         None, help="speculative decoding: a smaller model with MODEL_DIR's vocabulary (e.g. its student) drafts, "
         "MODEL_DIR verifies; same output, faster when the draft is accepted often"),
     draft_tokens: int = typer.Option(5, help="draft tokens proposed per verification at first (adapts per row)"),
@@ -295,12 +294,12 @@ def serve(
 def export(
     model_dir: Path = typer.Argument(..., help="student directory (HF format, or a LoRA adapter dir)"),
     out: Path = typer.Option(..., "--out", help="output directory"),
-    quantize: Optional[str] = typer.Option(None, help="int8: torchao int8 copy in OUT/int8 + parity report"),
+    quantize: str | None = typer.Option(None, help="int8: torchao int8 copy in OUT/int8 + parity report"),
     int8_scheme: str = typer.Option("weight-only", help="int8 (torchao): weight-only | dynamic (int8 activations too)"),
     gguf: bool = typer.Option(False, "--gguf", help="also write OUT/NAME-TYPE.gguf (llama.cpp, Ollama, LM Studio)"),
     gguf_type: str = typer.Option("f16", help="GGUF weights: f16 | q8_0"),
     onnx: bool = typer.Option(False, "--onnx", help="also write OUT/onnx/model.onnx, checked with onnxruntime"),
-    prompts: Optional[Path] = typer.Option(None, help="held-out prompts file for the int8 parity report"),
+    prompts: Path | None = typer.Option(None, help="held-out prompts file for the int8 parity report"),
     limit: int = typer.Option(32, help="at most this many held-out prompts"),
 ) -> None:
     """Merged HF model + model card in OUT; optional int8, GGUF and ONNX, each checked; OUT/export_report.json."""

@@ -14,8 +14,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic import ValidationInfo
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from distill.errors import ConfigError, not_found, short_repr, write_atomic
 from distill.evaluation.metrics import METRICS, check_metric_name  # stdlib only: config stays light
@@ -401,7 +408,7 @@ class Config(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig, description="teacher vs students on held-out prompts")
 
     @model_validator(mode="after")
-    def _unique_student_names(self) -> "Config":
+    def _unique_student_names(self) -> Config:
         names = [s.name for s in self.all_students()]
         dupes = {n for n in names if names.count(n) > 1}
         if dupes:
@@ -425,13 +432,13 @@ class Config(Section):
     def all_students(self) -> list[StudentConfig]:
         return list(self.students) if self.students else [self.student]
 
-    def train_for(self, student: StudentConfig) -> "TrainConfig":
+    def train_for(self, student: StudentConfig) -> TrainConfig:
         """The train section with this student's overrides applied (validated like the section itself)."""
         if not student.train:
             return self.train
         return TrainConfig.model_validate({**self.train.model_dump(mode="json"), **student.train})
 
-    def for_student(self, student: StudentConfig) -> "Config":
+    def for_student(self, student: StudentConfig) -> Config:
         """This config as one student's training sees it (student set, train overrides applied)."""
         return self.model_copy(update={"train": self.train_for(student), "student": student})
 

@@ -28,7 +28,7 @@ class SparseSignal:
     logprobs: torch.Tensor
     tail: torch.Tensor | None = None
 
-    def to(self, device: torch.device | str) -> "SparseSignal":
+    def to(self, device: torch.device | str) -> SparseSignal:
         return SparseSignal(
             self.ids.to(device),
             self.logprobs.to(device),
@@ -39,7 +39,7 @@ class SparseSignal:
     def k(self) -> int:
         return int(self.ids.shape[-1])
 
-    def __getitem__(self, index) -> "SparseSignal":
+    def __getitem__(self, index) -> SparseSignal:
         """Index the leading (batch, seq) dims, e.g. signal[:, a:b] for chunking."""
         return SparseSignal(
             self.ids[index], self.logprobs[index], None if self.tail is None else self.tail[index]

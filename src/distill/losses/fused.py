@@ -191,7 +191,7 @@ class _FusedLinearTerms(torch.autograd.Function):
         for start in range(0, b_idx.numel(), chunk_size):
             b, s = b_idx[start : start + chunk_size], s_idx[start : start + chunk_size]
             h = hidden[b, s].to(weight.dtype)
-            loss, g = chunk_loss(lambda rows: _chunk_terms(rows, terms, b, s, start, sums), F.linear(h, weight, bias),
+            loss, g = chunk_loss(lambda rows, b=b, s=s, start=start: _chunk_terms(rows, terms, b, s, start, sums), F.linear(h, weight, bias),
                                  [], need_h or need_w or need_b)  # fmt: skip
             if grad_h is not None:
                 grad_h[b, s] = (g @ weight).to(grad_h.dtype)
