@@ -199,6 +199,10 @@ def test_two_runs_share_one_store_and_neither_retrains(run_cfg, tmp_path, monkey
     outcome_b = run(b)
     assert outcome_b["train:pruned"] == "ran"  # run B's own students, once
     assert outputs_signature([store]) == before  # nothing left to generate: nothing written
+    stages_a = json.loads((Path(a.run_dir) / "stages.json").read_text())
+    stages_b = json.loads((Path(b.run_dir) / "stages.json").read_text())
+    assert stages_a["generate"]["seconds"] is not None
+    assert stages_b["generate"]["seconds"] is None  # B did not pay for the store: no generation cost claimed
     assert set(run(a).values()) == {"skipped"}
     assert set(run(b).values()) == {"skipped"}
     assert calls["train"] == ["run:pruned", "run:small", "run_b:pruned", "run_b:small"]

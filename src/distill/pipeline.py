@@ -221,11 +221,17 @@ def run(config: Config | str | Path | dict, overrides: list[str] | None = None, 
     store_changed = False
     if "generate" in fps:
         before = log.data.get("generate", {}).get("outputs")
+        seconds_before = log.data.get("generate", {}).get("seconds")
+        store_before = outputs_signature(stage_outputs(cfg, "generate"))
         ran = _run_stage(log, "generate", fps["generate"], lambda: generate(cfg), force, outs("generate"))
         outcome["generate"] = "ran" if ran else "skipped"
         warn_if_teacher_fails(cfg)
         # a generate that found nothing to do (a store shared with another run) wrote nothing: no retraining
         store_changed = ran and log.data["generate"].get("outputs") != before
+        if ran and outputs_signature(stage_outputs(cfg, "generate")) == store_before:
+            # it wrote nothing (the store was filled elsewhere): its seconds were loading the teacher, not the store's cost
+            entry = {k: v for k, v in log.data["generate"].items() if k not in ("fingerprint", "status", "time")}
+            log.mark("generate", fps["generate"], "done", **{**entry, "seconds": seconds_before})
 
     for s in cfg.all_students():
         name = f"train:{s.name}"

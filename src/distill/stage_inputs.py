@@ -48,7 +48,8 @@ _TAGGED = {
         train.signal train.input train.store train.text_field train.response_field train.losses train.sparse_mode
         train.scale_temperature train.chunk_size train.fused train.max_length train.learning_rate
         train.num_train_epochs train.max_steps train.per_device_train_batch_size train.gradient_accumulation_steps
-        train.warmup_ratio train.weight_decay train.lr_scheduler_type train.eval_fraction train.early_stopping train.args
+        train.warmup_ratio train.weight_decay train.lr_scheduler_type train.eval_fraction train.early_stopping.enabled train.early_stopping.patience
+        train.early_stopping.min_delta train.args
         train.onpolicy.lmbda train.onpolicy.max_new_tokens train.onpolicy.temperature train.onpolicy.top_p
         train.onpolicy.start_step train.cot.mode train.cot.alpha train.cot.answer_prefix
         train.cot.rationale_prefix train.cot.rationale_with_answer train.cot.inference""",
