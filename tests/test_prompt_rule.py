@@ -81,7 +81,7 @@ def test_same_record_same_prompt_ids_in_every_stage(kind, tmp_path):
 
     # serving: chat messages (the server applies the template) when there is one, else the plain prompt
     if templated:
-        serving = _chat_prompt([ChatMessage(role="user", content=PROMPT)], tok)
+        serving = _chat_prompt([ChatMessage(role="user", content=PROMPT)], tok, None)
     else:
         serving = _completion_prompts(CompletionRequest(model="m", prompt=PROMPT), _Engine(tok, model))[0][0]
 
