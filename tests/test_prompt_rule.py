@@ -15,7 +15,7 @@ from distill.data.crosstok import add_teacher_side
 from distill.data.encoding import encode_prompt, special_prefix, uses_template
 from distill.data.prompts import Record, render_prompt
 from distill.evaluation.generation import generate_batch
-from distill.serving.app import _chat_prompt, _completion_prompts
+from distill.serving.app import ServeOptions, _chat_prompt, _completion_prompts
 from distill.serving.protocol import ChatMessage, CompletionRequest
 from distill.teachers.base import Prompt
 from distill.teachers.hf import HFTeacher
@@ -83,7 +83,7 @@ def test_same_record_same_prompt_ids_in_every_stage(kind, tmp_path):
     if templated:
         serving = _chat_prompt([ChatMessage(role="user", content=PROMPT)], tok, None)
     else:
-        serving = _completion_prompts(CompletionRequest(model="m", prompt=PROMPT), _Engine(tok, model))[0][0]
+        serving = _completion_prompts(CompletionRequest(model="m", prompt=PROMPT), _Engine(tok, model), ServeOptions())[0][0]
 
     # on-policy sampling reads the prompt back out of the training batch
     batch = DistillCollator(pad_token_id=tok.pad_token_id)([ex])
